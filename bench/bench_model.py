@@ -1,0 +1,186 @@
+"""Training and inference throughput of DeiT-SCM against timm's DeiT of the same dimensions.
+
+Prints progress to stderr and one JSON object as the last line of stdout:
+
+    {"device": ..., "config": {...}, "results": {variant: {"train_img_s", "infer_img_s", ...}},
+     "ratios": {"train_vs_timm": {variant: r}, "infer_vs_timm": {variant: r}}}
+
+Variants, all timed in the same run with the same batch, interleaved round by round so that load on a
+shared machine hits them alike (the median round is reported):
+    timm          timm `deit_*_patch16_224` (fused attention), 3 classes
+    paper, cxr    ours with the two SCM variants (fused attention)
+    eager         ours, paper variant, with the explicit softmax(QK^T)V attention
+    *_compiled    the same under torch.compile, with --compile
+
+CPU by default: DeiT-Tiny dimensions at 224x224, batch 8, fp32 (about half a minute on 2 cores).
+On CUDA: DeiT-Small, batch 256, bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configuration_deit_scm import BACKBONE_PRESETS, DeiTSCMConfig  # noqa: E402
+from modeling_deit_scm import DeiTSCMForImageClassification  # noqa: E402
+
+logger = logging.getLogger("bench_model")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="DeiT-SCM vs timm DeiT throughput")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", choices=sorted(BACKBONE_PRESETS), default=None)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--variants", default="timm,paper,cxr,eager")
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.preset = args.preset or ("deit-small" if cuda else "deit-tiny")
+    args.batch_size = args.batch_size or (256 if cuda else 8)
+    args.steps = args.steps or (10 if cuda else 2)
+    args.bf16 = cuda if args.bf16 is None else args.bf16
+    return args
+
+
+def build_model(variant: str, args: argparse.Namespace) -> torch.nn.Module:
+    base = variant.removesuffix("_compiled")
+    if base == "timm":
+        import timm
+
+        name = "deit_" + args.preset.split("-")[1] + "_patch16_224"
+        model = timm.create_model(name, pretrained=False, num_classes=3, img_size=args.image_size)
+    else:
+        scm_variant = "paper" if base == "eager" else base
+        config = DeiTSCMConfig.from_preset(args.preset, scm_variant, image_size=args.image_size)
+        model = DeiTSCMForImageClassification(config)
+        model.set_fused_attention(base != "eager")
+    return model.to(args.device)
+
+
+def logits_of(output: object) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output  # type: ignore[return-value]
+
+
+def make_steps(model: torch.nn.Module, args: argparse.Namespace, compiled: bool) -> tuple[Callable, Callable]:
+    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+    forward = torch.compile(model) if compiled else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator).to(args.device)
+    labels = torch.randint(0, 3, (args.batch_size,), generator=generator).to(args.device)
+
+    def train_step() -> None:
+        model.train()
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = F.cross_entropy(logits_of(forward(pixels)).float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def infer_step() -> None:
+        model.eval()
+        with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.bf16):
+            logits_of(forward(pixels))
+
+    return train_step, infer_step
+
+
+def timed(step: Callable, steps: int, device: str) -> float:
+    """Images per second over `steps` calls."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    variants = args.variants.split(",")
+    if args.compile:
+        variants += [f"{v}_compiled" for v in variants if v != "eager"]
+    runners: dict[str, dict[str, Callable]] = {}
+    peak_memory: dict[str, float] = {}
+    for variant in variants:
+        model = build_model(variant, args)
+        train_step, infer_step = make_steps(model, args, variant.endswith("_compiled"))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        train_step()  # warm-up (and compilation)
+        train_step()
+        if cuda:
+            peak_memory[variant] = torch.cuda.max_memory_allocated() / 2**30
+        infer_step()
+        infer_step()
+        runners[variant] = {"train": train_step, "infer": infer_step}
+        logger.info("built and warmed %s", variant)
+    seconds: dict[str, dict[str, list[float]]] = {v: {"train": [], "infer": []} for v in variants}
+    for round_index in range(args.rounds):
+        for variant in variants:
+            for mode in ("train", "infer"):
+                seconds[variant][mode].append(timed(runners[variant][mode], args.steps, args.device))
+        logger.info("round %d/%d done", round_index + 1, args.rounds)
+    images = args.batch_size * args.steps
+    results = {
+        variant: {
+            "train_img_s": round(images / statistics.median(seconds[variant]["train"]), 2),
+            "infer_img_s": round(images / statistics.median(seconds[variant]["infer"]), 2),
+            **({"train_peak_mem_gib": round(peak_memory[variant], 3)} if variant in peak_memory else {}),
+        }
+        for variant in variants
+    }
+    ratios: dict[str, dict[str, float]] = {"train_vs_timm": {}, "infer_vs_timm": {}}
+    for variant in variants:
+        if variant.removesuffix("_compiled") == "timm":
+            continue
+        reference = results["timm_compiled" if variant.endswith("_compiled") else "timm"]
+        for mode in ("train", "infer"):
+            ratios[f"{mode}_vs_timm"][variant] = round(
+                results[variant][f"{mode}_img_s"] / reference[f"{mode}_img_s"], 3
+            )
+    device_name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    report = {
+        "device": device_name,
+        "config": {
+            "preset": args.preset,
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "steps_per_round": args.steps,
+            "rounds": args.rounds,
+            "bf16": args.bf16,
+            "torch": torch.__version__,
+        },
+        "results": results,
+        "ratios": ratios,
+    }
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

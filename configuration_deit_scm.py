@@ -1,0 +1,251 @@
+"""Configuration of DeiT-SCM: a DeiT backbone with the Semantic/Spatial Calibration Module.
+
+SCM is from Bai et al., "Weakly Supervised Object Localization via Transformer with Implicit
+Spatial Calibration", ECCV 2022 (arXiv:2207.10447). DeiT is from Touvron et al., "Training
+data-efficient image transformers & distillation through attention", ICML 2021.
+
+This file is uploaded next to the weights and loaded as remote code, so it imports only installed
+packages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+from transformers import PretrainedConfig
+
+DEFAULT_ID2LABEL = {0: "Atelectasis", 1: "Other_pathologies", 2: "No_pathologies"}
+
+# timm's `deit_{tiny,small,base}_patch16_224` dimensions.
+BACKBONE_PRESETS: dict[str, dict[str, int]] = {
+    "deit-tiny": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768},
+    "deit-small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},
+    "deit-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+}
+
+SCM_VARIANTS: dict[str, dict[str, Any]] = {
+    # The official SCM code (hbai98/SCM, lib/models/deit.py): CLS->patch attention summed over all
+    # layers, loss_rate (lambda) 1, thred (beta) 0.5, four encoder blocks, Newton-Schulz with 16
+    # iterations in the first block and 4 in the others; plain cross-entropy.
+    "paper": {
+        "scm_attention_layers": "all",
+        "scm_lambda_init": 1.0,
+        "scm_beta_init": 0.5,
+        "scm_num_blocks": 4,
+        "scm_first_block_iterations": 16,
+        "scm_iterations": 4,
+        "class_weights": None,
+        "label_smoothing": 0.0,
+    },
+    # This project's chest X-ray defaults (the original training scripts): last-layer attention only,
+    # lambda 2, beta 0.1, four blocks of four diffusion steps, class weights for the imbalanced
+    # three-class NIH set, label smoothing 0.1.
+    "cxr": {
+        "scm_attention_layers": "last",
+        "scm_lambda_init": 2.0,
+        "scm_beta_init": 0.1,
+        "scm_num_blocks": 4,
+        "scm_first_block_iterations": 4,
+        "scm_iterations": 4,
+        "class_weights": [0.7045, 0.1181, 0.1774],
+        "label_smoothing": 0.1,
+    },
+}
+
+_ATTENTION_LAYER_CHOICES = ("all", "last")
+_CONNECTIVITY_CHOICES = (4, 8)
+_SOLVER_CHOICES = ("polynomial", "newton_schulz")
+
+
+def _pair(value: Union[int, Sequence[int]]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"expected an int or a pair of ints, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+class DeiTSCMConfig(PretrainedConfig):
+    r"""Configuration of [`DeiTSCMForImageClassification`].
+
+    Backbone fields carry the names transformers' ViT/DeiT configurations use; the defaults are
+    DeiT-Small at 224x224 with the official SCM semantics (`scm_variant="paper"`).
+
+    Args:
+        image_size (`int` or `(int, int)`, defaults to 224): input resolution the position embeddings
+            are made for; other sizes are served by interpolating them.
+        patch_size (`int` or `(int, int)`, defaults to 16): side of the square patches.
+        num_channels (`int`, defaults to 3): input channels. A 3-channel model also accepts
+            1-channel input, repeated to 3 channels.
+        hidden_size (`int`, defaults to 384): token width.
+        num_hidden_layers (`int`, defaults to 12): transformer blocks.
+        num_attention_heads (`int`, defaults to 6): heads per block; must divide `hidden_size`.
+        intermediate_size (`int`, defaults to 1536): MLP width.
+        hidden_act (`str`, defaults to `"gelu"`): MLP activation (a key of `transformers.activations.ACT2FN`).
+        layer_norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon (DeiT uses 1e-6).
+        qkv_bias (`bool`, defaults to `True`): bias on the query/key/value projection.
+        hidden_dropout_prob (`float`, defaults to 0.0): dropout after the attention projection and the MLP.
+        attention_probs_dropout_prob (`float`, defaults to 0.0): dropout on the attention probabilities.
+        drop_path_rate (`float`, defaults to 0.0): stochastic depth, increasing linearly with depth to this value.
+        initializer_range (`float`, defaults to 0.02): std of the truncated-normal initializer.
+        scm_num_blocks (`int`, defaults to 4): SCM diffusion blocks run in training.
+        scm_lambda_init (`float`, defaults to 1.0): initial lambda of each block (learnable; scales the
+            semantic similarity in L = lap * (lambda * E - 1)).
+        scm_beta_init (`float`, defaults to 0.5): initial beta of each block (learnable; the tanhshrink
+            threshold relative to the map's maximum).
+        scm_first_block_iterations (`int`, defaults to 16): Newton-Schulz iterations in the first block.
+        scm_iterations (`int`, defaults to 4): Newton-Schulz iterations in every later block.
+        scm_schulz_alpha (`float`, defaults to 0.002): Newton-Schulz start X0 = alpha * L^T.
+        scm_attention_layers (`str`, defaults to `"all"`): which layers' CLS->patch attention forms
+            the initial map: `"all"` (summed over layers, as the official code) or `"last"`.
+        scm_connectivity (`int`, defaults to 4): neighbours per patch in the grid graph: 4 or 8.
+        scm_solver (`str`, defaults to `"polynomial"`): how X^T F is computed. `"newton_schulz"` runs
+            the official dense iteration (X0 built without gradient). `"polynomial"` uses that L is
+            symmetric, so the k-th iterate is the closed-form polynomial
+            X_k = alpha * L * sum_{j < 2^k} (I - alpha L^2)^j: same values, fewer dense products, and
+            the gradient of the whole expression (the official code omits the path through X0).
+        class_weights (`list[float]`, *optional*): per-class weights of the cross-entropy loss.
+        label_smoothing (`float`, defaults to 0.0): label smoothing of the cross-entropy loss.
+        id2label / label2id: defaults to Atelectasis / Other_pathologies / No_pathologies.
+    """
+
+    model_type = "deit_scm"
+
+    def __init__(
+        self,
+        image_size: Union[int, Sequence[int]] = 224,
+        patch_size: Union[int, Sequence[int]] = 16,
+        num_channels: int = 3,
+        hidden_size: int = 384,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 6,
+        intermediate_size: int = 1536,
+        hidden_act: str = "gelu",
+        layer_norm_eps: float = 1e-6,
+        qkv_bias: bool = True,
+        hidden_dropout_prob: float = 0.0,
+        attention_probs_dropout_prob: float = 0.0,
+        drop_path_rate: float = 0.0,
+        initializer_range: float = 0.02,
+        scm_num_blocks: int = 4,
+        scm_lambda_init: float = 1.0,
+        scm_beta_init: float = 0.5,
+        scm_first_block_iterations: int = 16,
+        scm_iterations: int = 4,
+        scm_schulz_alpha: float = 0.002,
+        scm_attention_layers: str = "all",
+        scm_connectivity: int = 4,
+        scm_solver: str = "polynomial",
+        class_weights: Optional[Sequence[float]] = None,
+        label_smoothing: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        if "id2label" not in kwargs and "num_labels" not in kwargs:
+            kwargs["id2label"] = dict(DEFAULT_ID2LABEL)
+            kwargs.setdefault("label2id", {name: index for index, name in DEFAULT_ID2LABEL.items()})
+        self.image_size = list(image_size) if not isinstance(image_size, int) else image_size
+        self.patch_size = list(patch_size) if not isinstance(patch_size, int) else patch_size
+        self.num_channels = num_channels
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.qkv_bias = qkv_bias
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.drop_path_rate = drop_path_rate
+        self.initializer_range = initializer_range
+        self.scm_num_blocks = scm_num_blocks
+        self.scm_lambda_init = scm_lambda_init
+        self.scm_beta_init = scm_beta_init
+        self.scm_first_block_iterations = scm_first_block_iterations
+        self.scm_iterations = scm_iterations
+        self.scm_schulz_alpha = scm_schulz_alpha
+        self.scm_attention_layers = scm_attention_layers
+        self.scm_connectivity = scm_connectivity
+        self.scm_solver = scm_solver
+        self.class_weights = list(class_weights) if class_weights is not None else None
+        self.label_smoothing = label_smoothing
+        super().__init__(**kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the field when a value cannot build a model."""
+        image_hw = _pair(self.image_size)
+        patch_hw = _pair(self.patch_size)
+        for name, value in (
+            ("num_channels", self.num_channels),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("patch_size", min(patch_hw)),
+            ("image_size", min(image_hw)),
+            ("scm_first_block_iterations", self.scm_first_block_iterations),
+            ("scm_iterations", self.scm_iterations),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.scm_num_blocks, int) or self.scm_num_blocks < 0:
+            raise ValueError(f"scm_num_blocks must be a non-negative integer, got {self.scm_num_blocks!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if image_hw[0] % patch_hw[0] or image_hw[1] % patch_hw[1]:
+            raise ValueError(f"image_size {image_hw} must be divisible by patch_size {patch_hw}")
+        if self.scm_attention_layers not in _ATTENTION_LAYER_CHOICES:
+            raise ValueError(
+                f"scm_attention_layers must be one of {_ATTENTION_LAYER_CHOICES}, got {self.scm_attention_layers!r}"
+            )
+        if self.scm_connectivity not in _CONNECTIVITY_CHOICES:
+            raise ValueError(f"scm_connectivity must be one of {_CONNECTIVITY_CHOICES}, got {self.scm_connectivity!r}")
+        if self.scm_solver not in _SOLVER_CHOICES:
+            raise ValueError(f"scm_solver must be one of {_SOLVER_CHOICES}, got {self.scm_solver!r}")
+        if not 0.0 < self.scm_schulz_alpha:
+            raise ValueError(f"scm_schulz_alpha must be positive, got {self.scm_schulz_alpha!r}")
+        if self.scm_beta_init == 0:
+            raise ValueError("scm_beta_init must be non-zero (it divides the diffused map)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.class_weights is not None:
+            if len(self.class_weights) != self.num_labels:
+                raise ValueError(
+                    f"class_weights has {len(self.class_weights)} entries but num_labels is {self.num_labels}"
+                )
+            if any(w < 0 for w in self.class_weights):
+                raise ValueError(f"class_weights must be non-negative, got {self.class_weights}")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, columns) at `image_size`."""
+        image_hw, patch_hw = _pair(self.image_size), _pair(self.patch_size)
+        return image_hw[0] // patch_hw[0], image_hw[1] // patch_hw[1]
+
+    @classmethod
+    def from_preset(cls, backbone: str = "deit-small", scm_variant: str = "paper", **overrides: Any) -> DeiTSCMConfig:
+        """Build a configuration from a named backbone and SCM variant.
+
+        Args:
+            backbone: `"deit-tiny"`, `"deit-small"` or `"deit-base"` (timm's `deit_*_patch16_224`).
+            scm_variant: `"paper"` (the official SCM code's semantics) or `"cxr"` (this project's
+                chest X-ray defaults). See `SCM_VARIANTS`.
+            **overrides: any configuration field, applied last.
+        """
+        if backbone not in BACKBONE_PRESETS:
+            raise ValueError(f"backbone must be one of {sorted(BACKBONE_PRESETS)}, got {backbone!r}")
+        if scm_variant not in SCM_VARIANTS:
+            raise ValueError(f"scm_variant must be one of {sorted(SCM_VARIANTS)}, got {scm_variant!r}")
+        kwargs: dict[str, Any] = {**BACKBONE_PRESETS[backbone], **SCM_VARIANTS[scm_variant], **overrides}
+        return cls(**kwargs)
+
+
+__all__ = ["DeiTSCMConfig", "BACKBONE_PRESETS", "SCM_VARIANTS"]

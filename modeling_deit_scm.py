@@ -1,0 +1,668 @@
+"""DeiT with the Semantic/Spatial Calibration Module (SCM) for weakly supervised localization.
+
+References:
+    Bai, Zhang, Wang, Wan. "Weakly Supervised Object Localization via Transformer with Implicit
+    Spatial Calibration." ECCV 2022 (arXiv:2207.10447); official code: hbai98/SCM.
+    Touvron et al. "Training data-efficient image transformers & distillation through attention."
+    ICML 2021.
+    Gao et al. "TS-CAM: Token Semantic Coupled Attention Map for Weakly Supervised Object
+    Localization." ICCV 2021 (the conv head on patch tokens and the F0 * S0 map).
+
+The model classifies from image labels only and returns, per class, a localization map on the patch
+grid. This file is uploaded with the weights and run as remote code: it imports only torch,
+transformers and the configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+try:
+    from .configuration_deit_scm import DeiTSCMConfig
+except ImportError:
+    from configuration_deit_scm import DeiTSCMConfig
+
+_MINMAX_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DeiTSCMModelOutput(ModelOutput):
+    """Output of [`DeiTSCMModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, 1 + h * w, hidden_size)`):
+            tokens after the final LayerNorm, CLS first.
+        cls_attention (`torch.FloatTensor` of shape `(batch, h, w)`):
+            CLS->patch attention (softmax row of the CLS query, mean over heads), summed over the
+            layers `config.scm_attention_layers` selects; not normalized.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): the embeddings and the output of
+            every layer, each `(batch, 1 + h * w, hidden_size)`, when `output_hidden_states=True`.
+    """
+
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    cls_attention: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+@dataclass
+class DeiTSCMImageClassifierOutput(ModelOutput):
+    """Output of [`DeiTSCMForImageClassification`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): class-weighted, label-smoothed
+            cross-entropy, when `labels` are given.
+        logits (`torch.FloatTensor` of shape `(batch, num_labels)`): global average of the semantic
+            maps: after the SCM blocks when they ran (training), of S0 otherwise.
+        localization_maps (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`): F0 * S0, the
+            map the paper localizes with at inference.
+        attention_maps (`torch.FloatTensor` of shape `(batch, h, w)`): F0, the min-max normalized
+            CLS->patch attention.
+        semantic_maps (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`): S0, the conv head on
+            the patch tokens.
+        calibrated_attention_maps (`torch.FloatTensor` of shape `(batch, h, w)`, *optional*): F after
+            the last SCM block, when the blocks ran.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): as in [`DeiTSCMModelOutput`].
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    localization_maps: Optional[torch.FloatTensor] = None
+    attention_maps: Optional[torch.FloatTensor] = None
+    semantic_maps: Optional[torch.FloatTensor] = None
+    calibrated_attention_maps: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbone
+# --------------------------------------------------------------------------------------------------
+
+
+def _pair(value: Union[int, list, tuple]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def interpolate_position_embeddings(
+    position_embeddings: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], num_prefix: int = 1
+) -> torch.Tensor:
+    """Resize `(1, num_prefix + h*w, D)` position embeddings to another patch grid, bicubically.
+
+    The prefix (CLS) embeddings are kept as they are.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return position_embeddings
+    prefix, grid = position_embeddings[:, :num_prefix], position_embeddings[:, num_prefix:]
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+    # Bicubic in fp32: half-precision bicubic is not implemented on every device.
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False)
+    grid = grid.to(position_embeddings.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class DeiTSCMPatchEmbeddings(nn.Module):
+    """Non-overlapping patches projected to tokens by a strided convolution."""
+
+    def __init__(self, config: DeiTSCMConfig) -> None:
+        super().__init__()
+        patch = _pair(config.patch_size)
+        self.num_channels = config.num_channels
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=patch, stride=patch)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}")
+        channels = pixel_values.shape[1]
+        if channels != self.num_channels:
+            if channels == 1:
+                # Radiographs are grayscale: a 3-channel (ImageNet-pretrained) model takes them repeated.
+                pixel_values = pixel_values.expand(-1, self.num_channels, -1, -1)
+            else:
+                raise ValueError(f"pixel_values has {channels} channels, the model expects {self.num_channels} (or 1)")
+        patches = self.projection(pixel_values)
+        grid = (patches.shape[-2], patches.shape[-1])
+        return patches.flatten(2).transpose(1, 2), grid
+
+
+class DeiTSCMEmbeddings(nn.Module):
+    """CLS token + patch embeddings + learned position embeddings (interpolated for other sizes)."""
+
+    def __init__(self, config: DeiTSCMConfig) -> None:
+        super().__init__()
+        self.grid_size = config.grid_size
+        self.patch_embeddings = DeiTSCMPatchEmbeddings(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        num_positions = self.grid_size[0] * self.grid_size[1] + 1
+        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        tokens, grid = self.patch_embeddings(pixel_values)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        tokens = torch.cat([cls, tokens], dim=1)
+        position = interpolate_position_embeddings(self.position_embeddings, self.grid_size, grid)
+        return self.dropout(tokens + position), grid
+
+
+class DeiTSCMAttention(nn.Module):
+    """Multi-head self-attention that also returns the CLS query's attention row.
+
+    The output always comes from `scaled_dot_product_attention` (fused). When SCM needs the CLS->token
+    row, it is recomputed from this layer's own q and K: softmax(q_cls K^T / sqrt(d)), mean over
+    heads. That is one row per head instead of the full (N+1)^2 matrix, so the fused kernel stays
+    in use. `fused_attn = False` switches to the explicit softmax(QK^T)V path, kept for testing.
+    """
+
+    def __init__(self, config: DeiTSCMConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.fused_attn = True
+
+    def forward(
+        self, hidden: torch.Tensor, need_cls_attention: bool = False
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        batch, tokens, dim = hidden.shape
+        qkv = self.qkv(hidden).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        dropout = self.attention_dropout if self.training else 0.0
+        cls_attention = None
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            if need_cls_attention:
+                scores = (q[:, :, :1].float() * self.scale) @ k.float().transpose(-2, -1)
+                cls_attention = scores.softmax(dim=-1).mean(dim=1)[:, 0]
+        else:
+            probs = ((q * self.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+            if need_cls_attention:
+                cls_attention = probs[:, :, 0].mean(dim=1)
+            probs = F.dropout(probs.to(v.dtype), p=dropout, training=self.training)
+            out = probs @ v
+        out = out.transpose(1, 2).reshape(batch, tokens, dim)
+        return self.proj_dropout(self.proj(out)), cls_attention
+
+
+class DeiTSCMMLP(nn.Module):
+    def __init__(self, config: DeiTSCMConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(hidden)))))
+
+
+class DeiTSCMDropPath(nn.Module):
+    """Stochastic depth (Huang et al., ECCV 2016): drops the residual branch per sample."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden
+        keep = 1.0 - self.drop_prob
+        mask = hidden.new_empty((hidden.shape[0],) + (1,) * (hidden.ndim - 1)).bernoulli_(keep)
+        return hidden * mask / keep
+
+
+class DeiTSCMLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: DeiTSCMConfig, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = DeiTSCMAttention(config)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = DeiTSCMMLP(config)
+        self.drop_path = DeiTSCMDropPath(drop_path)
+
+    def forward(
+        self, hidden: torch.Tensor, need_cls_attention: bool = False
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        attended, cls_attention = self.attention(self.layernorm_before(hidden), need_cls_attention)
+        hidden = hidden + self.drop_path(attended)
+        hidden = hidden + self.drop_path(self.mlp(self.layernorm_after(hidden)))
+        return hidden, cls_attention
+
+
+class DeiTSCMEncoder(nn.Module):
+    def __init__(self, config: DeiTSCMConfig) -> None:
+        super().__init__()
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layer = nn.ModuleList([DeiTSCMLayer(config, rate) for rate in rates])
+        last = config.num_hidden_layers - 1
+        self.attention_layers = (
+            frozenset(range(config.num_hidden_layers)) if config.scm_attention_layers == "all" else frozenset({last})
+        )
+
+    def forward(
+        self, hidden: torch.Tensor, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+        all_hidden = (hidden,) if output_hidden_states else None
+        cls_attention = None
+        for index, layer in enumerate(self.layer):
+            hidden, row = layer(hidden, need_cls_attention=index in self.attention_layers)
+            if row is not None:
+                cls_attention = row if cls_attention is None else cls_attention + row
+            if output_hidden_states:
+                all_hidden = all_hidden + (hidden,)
+        return hidden, cls_attention, all_hidden
+
+
+# --------------------------------------------------------------------------------------------------
+# SCM
+# --------------------------------------------------------------------------------------------------
+
+
+def minmax_normalize(maps: torch.Tensor, start_dim: int = 1) -> torch.Tensor:
+    """(x - min) / (max - min) over the dimensions from `start_dim` on; constant maps become 0."""
+    flat = maps.flatten(start_dim)
+    low = flat.amin(dim=-1, keepdim=True)
+    high = flat.amax(dim=-1, keepdim=True)
+    return ((flat - low) / (high - low).clamp_min(_MINMAX_EPS)).view_as(maps)
+
+
+def grid_offsets(connectivity: int) -> list[tuple[int, int]]:
+    """Neighbour offsets (dy, dx) of a patch in the 4- or 8-connected grid graph."""
+    offsets = [(-1, 0), (1, 0), (0, -1), (0, 1)]
+    if connectivity == 8:
+        offsets += [(-1, -1), (-1, 1), (1, -1), (1, 1)]
+    return offsets
+
+
+def _shifted(padded: torch.Tensor, dy: int, dx: int, height: int, width: int) -> torch.Tensor:
+    """From a grid zero-padded by one on dims 1 and 2, the view whose (y, x) holds (y + dy, x + dx)."""
+    return padded[:, 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+
+
+class GridOperator:
+    """L = lap * (lambda * E - 1) on the patch grid, stored as a stencil.
+
+    lap = D - A is the Laplacian of the 4- (or 8-) connected grid graph, E the cosine similarity of
+    the patches' class vectors. Only the diagonal and the grid neighbours of L are non-zero:
+        L_ii = deg_i * (lambda * E_ii - 1),   L_ij = 1 - lambda * E_ij  for neighbours j,
+    so L @ Y costs (1 + connectivity) * N * M instead of N^2 * M, and E is never formed. Both lap and
+    E are symmetric, hence so is L.
+    """
+
+    def __init__(self, semantic: torch.Tensor, lam: torch.Tensor, connectivity: int) -> None:
+        batch, _, self.height, self.width = semantic.shape
+        self.offsets = grid_offsets(connectivity)
+        unit = F.normalize(semantic, dim=1, eps=_MINMAX_EPS).permute(0, 2, 3, 1)  # (B, h, w, C)
+        padded = F.pad(unit, (0, 0, 1, 1, 1, 1))
+        inside = F.pad(unit.new_ones(1, self.height, self.width, 1), (0, 0, 1, 1, 1, 1))
+        coefficients, degree = [], 0
+        for dy, dx in self.offsets:
+            valid = _shifted(inside, dy, dx, self.height, self.width)[..., 0]
+            similarity = (unit * _shifted(padded, dy, dx, self.height, self.width)).sum(dim=-1)
+            coefficients.append(valid * (1.0 - lam * similarity))
+            degree = degree + valid
+        self.coefficients = torch.stack(coefficients, dim=-1).unsqueeze(-1)  # (B, h, w, K, 1)
+        self.diagonal = (degree * (lam * unit.square().sum(dim=-1) - 1.0)).unsqueeze(-1)  # (B, h, w, 1)
+
+    def matmul(self, other: torch.Tensor) -> torch.Tensor:
+        """L @ other for `other` of shape (batch, h * w, M)."""
+        batch, _, cols = other.shape
+        grid = other.reshape(batch, self.height, self.width, cols)
+        padded = F.pad(grid, (0, 0, 1, 1, 1, 1))
+        out = self.diagonal * grid
+        for k, (dy, dx) in enumerate(self.offsets):
+            out = out + self.coefficients[:, :, :, k] * _shifted(padded, dy, dx, self.height, self.width)
+        return out.reshape(batch, -1, cols)
+
+    def dense(self) -> torch.Tensor:
+        """L as a dense (batch, N, N) matrix."""
+        batch = self.diagonal.shape[0]
+        size = self.height * self.width
+        eye = torch.eye(size, device=self.diagonal.device, dtype=self.diagonal.dtype)
+        return self.matmul(eye.expand(batch, size, size))
+
+
+def newton_schulz_inverse(operator: GridOperator, iterations: int, alpha: float) -> torch.Tensor:
+    """Approximate L^-1 with Newton-Schulz: X0 = alpha * L^T, X <- X (2I - L X).
+
+    As in the official code, X0 is built without gradient; L carries the gradient into every
+    iteration. 2X - X (L X) is one batched GEMM with the stencil product L X as its operand.
+    """
+    with torch.no_grad():
+        inverse = alpha * operator.dense().transpose(-2, -1)
+    for _ in range(iterations):
+        inverse = torch.baddbmm(inverse, inverse, operator.matmul(inverse), beta=2.0, alpha=-1.0)
+    return inverse
+
+
+# Up to this many Newton-Schulz iterations the polynomial is summed term by term (2^k - 1
+# matrix-vector products); beyond it by doubling (k - 1 dense squarings).
+_HORNER_MAX_ITERATIONS = 5
+
+
+def newton_schulz_apply(operator: GridOperator, vectors: torch.Tensor, iterations: int, alpha: float) -> torch.Tensor:
+    """X_k^T v for the k-th Newton-Schulz iterate from X0 = alpha * L^T, without forming X_k.
+
+    For symmetric L every iterate is a polynomial in L. With r_k(t) = 1 - t p_k(t) the recursion
+    X_{k+1} = X_k (2I - L X_k) gives r_{k+1} = r_k^2, r_0 = 1 - alpha t^2, so
+
+        X_k = alpha * L * sum_{j < 2^k} P^j,    P = I - alpha * L^2,
+
+    which is also X_k^T. The sum is taken by Horner's rule with matrix-vector products for small k,
+    and by doubling (s_2m = s_m + P^m s_m, P^2m = P^m P^m) for large k.
+
+    Args:
+        vectors: (batch, N) attention maps F.
+    Returns:
+        (batch, N) X_k^T F.
+    """
+    dense = operator.dense()
+    power = torch.eye(dense.shape[-1], device=dense.device, dtype=dense.dtype) - alpha * operator.matmul(dense)
+    start = vectors.unsqueeze(-1)
+    total = start
+    if iterations <= _HORNER_MAX_ITERATIONS:
+        for _ in range(2**iterations - 1):
+            total = torch.baddbmm(start, power, total)
+    else:
+        for step in range(iterations):
+            total = torch.baddbmm(total, power, total)
+            if step < iterations - 1:
+                power = torch.bmm(power, power)
+    return alpha * operator.matmul(total).squeeze(-1)
+
+
+class DeiTSCMDiffusionBlock(nn.Module):
+    r"""One SCM block: activation diffusion of the attention map on the semantic-aware grid graph.
+
+    With S the class maps (B, C, h, w) and F the attention map (B, N):
+
+    .. math::
+        E = \cos(S_i, S_j), \quad L = \mathrm{lap} \odot (\lambda E - 1), \quad X \approx L^{-1}
+        \text{ (Newton-Schulz)}, \\
+        F' = \mathrm{minmax}\big(\mathrm{tanhshrink}(X^\top F / (\beta \max F))\big), \quad
+        S \leftarrow S + S \odot F', \quad F \leftarrow F + F'.
+
+    lambda (`lam`) and beta are learnable scalars, one each per block.
+    """
+
+    def __init__(self, config: DeiTSCMConfig, iterations: int) -> None:
+        super().__init__()
+        self.iterations = iterations
+        self.alpha = config.scm_schulz_alpha
+        self.connectivity = config.scm_connectivity
+        self.solver = config.scm_solver
+        self.lam = nn.Parameter(torch.full((1,), float(config.scm_lambda_init)))
+        self.beta = nn.Parameter(torch.full((1,), float(config.scm_beta_init)))
+
+    def forward(self, semantic: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        operator = GridOperator(semantic, self.lam, self.connectivity)
+        if self.solver == "newton_schulz":
+            inverse = newton_schulz_inverse(operator, self.iterations, self.alpha)
+            diffused = torch.bmm(attention.unsqueeze(1), inverse).squeeze(1)  # X^T F
+        else:
+            diffused = newton_schulz_apply(operator, attention, self.iterations, self.alpha)
+        # A constant (all-zero) attention map would divide by zero; the official code returns NaN.
+        threshold = self.beta * attention.amax(dim=1, keepdim=True).clamp_min(_MINMAX_EPS)
+        diffused = F.tanhshrink(diffused / threshold)
+        diffused = minmax_normalize(diffused)
+        semantic = semantic + semantic * diffused.view(-1, 1, operator.height, operator.width)
+        return semantic, attention + diffused
+
+
+class DeiTSCMSpatialCalibration(nn.Module):
+    """The stack of SCM blocks (16 Newton-Schulz iterations in the first, 4 after, by default)."""
+
+    def __init__(self, config: DeiTSCMConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [
+                DeiTSCMDiffusionBlock(config, config.scm_first_block_iterations if i == 0 else config.scm_iterations)
+                for i in range(config.scm_num_blocks)
+            ]
+        )
+
+    def forward(self, semantic: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """semantic (B, C, h, w), attention (B, N) in [0, 1] -> calibrated (semantic, attention)."""
+        # Newton-Schulz needs fp32: in bf16 the iteration does not converge to the inverse.
+        with torch.autocast(device_type=semantic.device.type, enabled=False):
+            dtype = torch.promote_types(semantic.dtype, torch.float32)
+            semantic, attention = semantic.to(dtype), attention.to(dtype)
+            for block in self.blocks:
+                semantic, attention = block(semantic, attention)
+        return semantic, attention
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretrained models
+# --------------------------------------------------------------------------------------------------
+
+_AUTO_MAP = {
+    "AutoConfig": "configuration_deit_scm.DeiTSCMConfig",
+    "AutoModel": "modeling_deit_scm.DeiTSCMModel",
+    "AutoModelForImageClassification": "modeling_deit_scm.DeiTSCMForImageClassification",
+}
+
+# Parameters that take no weight decay besides biases and norm weights.
+_NO_DECAY_NAMES = ("cls_token", "position_embeddings", "lam", "beta")
+
+
+class DeiTSCMPreTrainedModel(PreTrainedModel):
+    config_class = DeiTSCMConfig
+    base_model_prefix = "deit"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["DeiTSCMLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, DeiTSCMEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+        elif isinstance(module, DeiTSCMDiffusionBlock):
+            init.constant_(module.lam, float(self.config.scm_lambda_init))
+            init.constant_(module.beta, float(self.config.scm_beta_init))
+
+    def set_fused_attention(self, fused: bool = True) -> None:
+        """Switch every attention layer between the fused kernel and the explicit (testing) path."""
+        for module in self.modules():
+            if isinstance(module, DeiTSCMAttention):
+                module.fused_attn = fused
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        # Remote code: every Auto class resolves to this repository's files.
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class DeiTSCMModel(DeiTSCMPreTrainedModel):
+    """The DeiT backbone: tokens after the final LayerNorm and the CLS->patch attention."""
+
+    def __init__(self, config: DeiTSCMConfig) -> None:
+        super().__init__(config)
+        self.embeddings = DeiTSCMEmbeddings(config)
+        self.encoder = DeiTSCMEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def forward_features(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], Optional[tuple[torch.Tensor, ...]]]:
+        """Tokens after the final norm, CLS attention (B, N), patch grid (h, w), hidden states."""
+        hidden, grid = self.embeddings(pixel_values)
+        hidden, cls_attention, all_hidden = self.encoder(hidden, output_hidden_states)
+        return self.layernorm(hidden), cls_attention, grid, all_hidden
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Union[DeiTSCMModelOutput, tuple]:
+        output_hidden_states = bool(
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        hidden, cls_attention, grid, all_hidden = self.forward_features(pixel_values, output_hidden_states)
+        patch_attention = cls_attention[:, 1:].reshape(-1, grid[0], grid[1])
+        output = DeiTSCMModelOutput(last_hidden_state=hidden, cls_attention=patch_attention, hidden_states=all_hidden)
+        return output if return_dict is not False else output.to_tuple()
+
+
+class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
+    """DeiT + conv head + SCM: classification and per-class localization maps from image labels.
+
+    * S0 = Conv3x3(hidden -> num_labels) over the final-LayerNorm patch tokens (TS-CAM's head).
+    * F0 = minmax(sum over the selected layers of the head-mean CLS->patch attention).
+    * Training (or `run_scm=True`): the SCM blocks calibrate (S, F); logits = global average of S.
+    * Inference: blocks skipped; logits = global average of S0; localization map of class c is
+      F0 * S0[c].
+    """
+
+    def __init__(self, config: DeiTSCMConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.deit = DeiTSCMModel(config)
+        self.head = nn.Conv2d(config.hidden_size, config.num_labels, kernel_size=3, padding=1)
+        self.scm = DeiTSCMSpatialCalibration(config)
+        weights = torch.tensor(config.class_weights, dtype=torch.float32) if config.class_weights else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        run_scm: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Union[DeiTSCMImageClassifierOutput, tuple]:
+        """
+        Args:
+            pixel_values: `(batch, channels, height, width)`; any size divisible by the patch size.
+            labels: `(batch,)` class indices; when given, `loss` is computed.
+            run_scm: run the SCM blocks; defaults to `self.training`, as in the paper.
+        """
+        output_hidden_states = bool(
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        hidden, cls_attention, (height, width), all_hidden = self.deit.forward_features(
+            pixel_values, output_hidden_states
+        )
+        patches = hidden[:, 1:].transpose(1, 2).reshape(hidden.shape[0], -1, height, width)
+        semantic = self.head(patches)
+        attention = minmax_normalize(cls_attention[:, 1:].float())
+        calibrated = None
+        if self.training if run_scm is None else run_scm:
+            final_semantic, calibrated = self.scm(semantic, attention)
+            logits = final_semantic.mean(dim=(2, 3))
+            calibrated = calibrated.view(-1, height, width)
+        else:
+            logits = semantic.mean(dim=(2, 3))
+        attention = attention.view(-1, 1, height, width)
+        loss = self.compute_loss(logits, labels) if labels is not None else None
+        output = DeiTSCMImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            localization_maps=attention * semantic,
+            attention_maps=attention[:, 0],
+            semantic_maps=semantic,
+            calibrated_attention_maps=calibrated,
+            hidden_states=all_hidden,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with `config.class_weights` and `config.label_smoothing` (PyTorch semantics:
+        the mean is weighted by the target classes' weights)."""
+        weights = self.class_weights.to(logits.device) if self.class_weights is not None else None
+        return F.cross_entropy(
+            logits.float(), labels.to(logits.device).long(), weight=weights, label_smoothing=self.config.label_smoothing
+        )
+
+    def parameter_groups(
+        self, learning_rate: float = 5e-5, scm_learning_rate: float = 5e-4, weight_decay: float = 0.05
+    ) -> list[dict[str, Any]]:
+        """AdamW parameter groups: backbone vs SCM and head, each split into decay / no decay.
+
+        No decay on biases, norm weights, the CLS token, position embeddings and SCM's lambda/beta.
+        The original scripts trained the backbone at 5e-5 and SCM with the head at 5e-4.
+        """
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, parameter in self.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            is_backbone = name.startswith(f"{self.base_model_prefix}.")
+            no_decay = parameter.ndim <= 1 or name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES
+            groups.setdefault((is_backbone, no_decay), []).append(parameter)
+        return [
+            {
+                "params": params,
+                "lr": learning_rate if is_backbone else scm_learning_rate,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "name": f"{'backbone' if is_backbone else 'scm_head'}{'_no_decay' if no_decay else ''}",
+            }
+            for (is_backbone, no_decay), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))
+        ]
+
+
+def select_class_maps(
+    maps: torch.Tensor, labels: Optional[torch.Tensor] = None, logits: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Pick one class's map per image: `maps` (B, C, h, w) -> (B, h, w).
+
+    Uses `labels` when given (ground-truth-known localization), else the argmax of `logits`.
+    """
+    if labels is None:
+        if logits is None:
+            raise ValueError("select_class_maps needs labels or logits")
+        labels = logits.argmax(dim=-1)
+    index = labels.to(maps.device).long().view(-1, 1, 1, 1).expand(-1, 1, *maps.shape[-2:])
+    return maps.gather(1, index)[:, 0]
+
+
+DeiTSCMConfig.register_for_auto_class()
+DeiTSCMModel.register_for_auto_class("AutoModel")
+DeiTSCMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "DeiTSCMModelOutput",
+    "DeiTSCMImageClassifierOutput",
+    "DeiTSCMPreTrainedModel",
+    "DeiTSCMModel",
+    "DeiTSCMForImageClassification",
+    "DeiTSCMSpatialCalibration",
+    "DeiTSCMDiffusionBlock",
+    "GridOperator",
+    "newton_schulz_inverse",
+    "newton_schulz_apply",
+    "minmax_normalize",
+    "select_class_maps",
+    "interpolate_position_embeddings",
+]

@@ -1,0 +1,490 @@
+"""Tests of the DeiT-SCM configuration and model (tiny configs, CPU, offline)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from configuration_deit_scm import BACKBONE_PRESETS, DeiTSCMConfig
+from modeling_deit_scm import (
+    DeiTSCMForImageClassification,
+    DeiTSCMModel,
+    GridOperator,
+    interpolate_position_embeddings,
+    select_class_maps,
+)
+
+
+def tiny_config(**overrides) -> DeiTSCMConfig:
+    values = dict(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    values.update(overrides)
+    return DeiTSCMConfig(**values)
+
+
+def tiny_model(seed: int = 0, **overrides) -> DeiTSCMForImageClassification:
+    torch.manual_seed(seed)
+    return DeiTSCMForImageClassification(tiny_config(**overrides))
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+class TestConfig:
+    def test_defaults_are_three_cxr_labels(self):
+        config = DeiTSCMConfig()
+        assert config.num_labels == 3
+        assert config.id2label == {0: "Atelectasis", 1: "Other_pathologies", 2: "No_pathologies"}
+        assert config.label2id["No_pathologies"] == 2
+
+    @pytest.mark.parametrize(
+        "overrides, field",
+        [
+            (dict(hidden_size=30, num_attention_heads=4), "hidden_size"),
+            (dict(image_size=30, patch_size=8), "image_size"),
+            (dict(scm_attention_layers="first"), "scm_attention_layers"),
+            (dict(scm_connectivity=6), "scm_connectivity"),
+            (dict(scm_solver="lu"), "scm_solver"),
+            (dict(scm_iterations=0), "scm_iterations"),
+            (dict(scm_first_block_iterations=-2), "scm_first_block_iterations"),
+            (dict(class_weights=[1.0, 2.0]), "class_weights"),
+            (dict(label_smoothing=1.5), "label_smoothing"),
+        ],
+    )
+    def test_invalid_values_name_the_field(self, overrides, field):
+        with pytest.raises(ValueError, match=field):
+            tiny_config(**overrides)
+
+    def test_unknown_preset_names(self):
+        with pytest.raises(ValueError, match="backbone"):
+            DeiTSCMConfig.from_preset("deit-huge")
+        with pytest.raises(ValueError, match="scm_variant"):
+            DeiTSCMConfig.from_preset("deit-tiny", scm_variant="fancy")
+
+    def test_presets(self):
+        paper = DeiTSCMConfig.from_preset("deit-small", "paper")
+        assert (paper.hidden_size, paper.num_attention_heads, paper.intermediate_size) == (384, 6, 1536)
+        assert paper.scm_attention_layers == "all"
+        assert (paper.scm_lambda_init, paper.scm_beta_init) == (1.0, 0.5)
+        assert (paper.scm_num_blocks, paper.scm_first_block_iterations, paper.scm_iterations) == (4, 16, 4)
+        cxr = DeiTSCMConfig.from_preset("deit-base", "cxr", image_size=256)
+        assert (cxr.hidden_size, cxr.num_hidden_layers, cxr.image_size) == (768, 12, 256)
+        assert cxr.scm_attention_layers == "last"
+        assert (cxr.scm_lambda_init, cxr.scm_beta_init) == (2.0, 0.1)
+        assert (cxr.scm_first_block_iterations, cxr.scm_iterations) == (4, 4)
+        assert cxr.class_weights == [0.7045, 0.1181, 0.1774] and cxr.label_smoothing == 0.1
+        assert BACKBONE_PRESETS["deit-tiny"]["hidden_size"] == 192
+
+    def test_save_load_round_trip(self, tmp_path):
+        config = DeiTSCMConfig.from_preset("deit-tiny", "cxr")
+        config.save_pretrained(tmp_path)
+        loaded = DeiTSCMConfig.from_pretrained(tmp_path)
+        assert loaded.to_dict() == config.to_dict()
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+class TestShapes:
+    @pytest.mark.parametrize("channels", [1, 3])
+    @pytest.mark.parametrize("size", [(32, 32), (48, 40)])
+    @pytest.mark.parametrize("training", [False, True])
+    def test_every_output_shape(self, channels, size, training):
+        model = tiny_model()
+        model.train(training)
+        pixels = torch.randn(2, channels, *size)
+        out = model(pixels, labels=torch.tensor([0, 2]), output_hidden_states=True)
+        grid = (size[0] // 8, size[1] // 8)
+        assert out.loss.shape == ()
+        assert out.logits.shape == (2, 3)
+        assert out.localization_maps.shape == (2, 3, *grid)
+        assert out.attention_maps.shape == (2, *grid)
+        assert out.semantic_maps.shape == (2, 3, *grid)
+        if training:
+            assert out.calibrated_attention_maps.shape == (2, *grid)
+        else:
+            assert out.calibrated_attention_maps is None
+        assert len(out.hidden_states) == 3
+        assert all(h.shape == (2, 1 + grid[0] * grid[1], 32) for h in out.hidden_states)
+        assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+
+    def test_one_channel_model(self):
+        model = tiny_model(num_channels=1).eval()
+        assert model(torch.randn(2, 1, 32, 32)).logits.shape == (2, 3)
+        with pytest.raises(ValueError, match="channels"):
+            model(torch.randn(2, 3, 32, 32))
+
+    def test_grayscale_input_equals_repeated_rgb(self):
+        model = tiny_model().eval()
+        gray = torch.randn(2, 1, 32, 32)
+        torch.testing.assert_close(model(gray).logits, model(gray.repeat(1, 3, 1, 1)).logits)
+
+    def test_base_model_output(self):
+        torch.manual_seed(0)
+        model = DeiTSCMModel(tiny_config()).eval()
+        out = model(torch.randn(2, 3, 48, 32))
+        assert out.last_hidden_state.shape == (2, 1 + 6 * 4, 32)
+        assert out.cls_attention.shape == (2, 6, 4)
+        # Sum over 2 layers of softmax rows restricted to the patches: in (0, 2).
+        assert (out.cls_attention > 0).all() and (out.cls_attention.sum(dim=(1, 2)) < 2).all()
+
+    def test_position_embedding_interpolation_identity_and_prefix(self):
+        position = torch.randn(1, 1 + 16, 8)
+        assert interpolate_position_embeddings(position, (4, 4), (4, 4)) is position
+        resized = interpolate_position_embeddings(position, (4, 4), (6, 5))
+        assert resized.shape == (1, 1 + 30, 8)
+        torch.testing.assert_close(resized[:, 0], position[:, 0])
+        # A constant grid stays constant under bicubic resampling.
+        constant = torch.cat([position[:, :1], torch.full((1, 16, 8), 0.25)], dim=1)
+        torch.testing.assert_close(
+            interpolate_position_embeddings(constant, (4, 4), (7, 3))[:, 1:], torch.full((1, 21, 8), 0.25)
+        )
+
+
+# ----------------------------------------------------------------------------- attention paths
+
+
+class TestAttention:
+    @pytest.mark.parametrize("variant", ["all", "last"])
+    @pytest.mark.parametrize("training", [False, True])
+    def test_fused_equals_eager(self, variant, training):
+        model = tiny_model(scm_attention_layers=variant).train(training)
+        pixels = torch.randn(3, 3, 40, 32)
+        fused = model(pixels)
+        model.set_fused_attention(False)
+        eager = model(pixels)
+        for name in ("logits", "localization_maps", "attention_maps", "semantic_maps", "calibrated_attention_maps"):
+            if getattr(fused, name) is None:
+                continue
+            torch.testing.assert_close(getattr(fused, name), getattr(eager, name), atol=1e-5, rtol=1e-5, msg=name)
+
+    def test_all_and_last_select_different_layers(self):
+        pixels = torch.randn(2, 3, 32, 32)
+        all_layers = tiny_model(scm_attention_layers="all").eval()(pixels).attention_maps
+        last_layer = tiny_model(scm_attention_layers="last").eval()(pixels).attention_maps
+        assert (all_layers - last_layer).abs().max() > 1e-3
+        # With a single layer, "all" and "last" are the same layer.
+        one_all = tiny_model(num_hidden_layers=1, scm_attention_layers="all").eval()(pixels).attention_maps
+        one_last = tiny_model(num_hidden_layers=1, scm_attention_layers="last").eval()(pixels).attention_maps
+        torch.testing.assert_close(one_all, one_last)
+
+    def test_cls_attention_matches_explicit_softmax(self):
+        """The CLS row equals softmax(q_cls K^T / sqrt(d)) of the last layer, computed from its weights."""
+        model = tiny_model(scm_attention_layers="last").eval()
+        pixels = torch.randn(2, 3, 32, 32)
+        captured = {}
+        last = model.deit.encoder.layer[-1]
+        handle = last.layernorm_before.register_forward_hook(lambda m, i, o: captured.setdefault("x", o))
+        out = model.deit(pixels)
+        handle.remove()
+        x = captured["x"]
+        heads, dim = 4, 8
+        q, k, _ = last.attention.qkv(x).reshape(2, 17, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        probs = torch.softmax(q @ k.transpose(-2, -1) / dim**0.5, dim=-1)
+        expected = probs[:, :, 0, 1:].mean(dim=1).reshape(2, 4, 4)
+        torch.testing.assert_close(out.cls_attention, expected, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- SCM
+
+
+def grid_laplacian(height: int, width: int, connectivity: int) -> torch.Tensor:
+    """Dense D - A of the grid graph, written from the definition."""
+    size = height * width
+    adjacency = torch.zeros(size, size, dtype=torch.float64)
+    for (y1, x1), (y2, x2) in itertools.product(itertools.product(range(height), range(width)), repeat=2):
+        dy, dx = abs(y1 - y2), abs(x1 - x2)
+        neighbour = dy + dx == 1 if connectivity == 4 else max(dy, dx) == 1
+        if neighbour:
+            adjacency[y1 * width + x1, y2 * width + x2] = 1
+    return torch.diag(adjacency.sum(dim=0)) - adjacency
+
+
+def reference_scm(semantic, attention, lambdas, betas, iterations, connectivity=4, alpha=0.002, detach_start=True):
+    """The straightforward dense SCM (official code's order of operations), for comparison.
+
+    `detach_start=True` builds X0 without gradient, as the official code does."""
+    batch, classes, height, width = semantic.shape
+    lap = grid_laplacian(height, width, connectivity).to(semantic.dtype)
+    eye = torch.eye(height * width, dtype=semantic.dtype)
+    for lam, beta, steps in zip(lambdas, betas, iterations):
+        tokens = semantic.flatten(2).transpose(1, 2)
+        norms = tokens.norm(dim=-1)
+        similarity = (tokens @ tokens.transpose(1, 2)) / (norms[:, :, None] * norms[:, None, :])
+        laplacian = lap * (lam * similarity - 1)
+        inverse = alpha * laplacian.transpose(1, 2)
+        if detach_start:
+            inverse = inverse.detach()
+        for _ in range(steps):
+            inverse = inverse @ (2 * eye - laplacian @ inverse)
+        diffused = torch.einsum("bhw,bw->bh", inverse.transpose(1, 2), attention)
+        diffused = F.tanhshrink(diffused / (beta * attention.max(dim=1, keepdim=True).values))
+        diffused = diffused - diffused.min(dim=1, keepdim=True).values
+        diffused = diffused / diffused.max(dim=1, keepdim=True).values
+        semantic = semantic + semantic * diffused.view(batch, 1, height, width)
+        attention = attention + diffused
+    return semantic, attention
+
+
+class TestSCM:
+    @pytest.mark.parametrize("solver", ["newton_schulz", "polynomial"])
+    @pytest.mark.parametrize("connectivity", [4, 8])
+    @pytest.mark.parametrize("variant", ["paper", "cxr"])
+    def test_matches_dense_reference_values_and_gradients(self, solver, connectivity, variant):
+        """Both solvers give the dense iteration's values; newton_schulz also its gradient (X0
+        detached, as the official code), polynomial the gradient of the whole expression."""
+        config = tiny_config(scm_connectivity=connectivity, scm_solver=solver, **_variant_fields(variant))
+        torch.manual_seed(1)
+        model = DeiTSCMForImageClassification(config)
+        with torch.no_grad():
+            for i, block in enumerate(model.scm.blocks):
+                block.lam.add_(0.1 * i)
+                block.beta.add_(0.05 * i)
+        semantic = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+        attention = torch.rand(2, 20, dtype=torch.float64)
+        attention = (attention - attention.min(1, keepdim=True).values) / (
+            attention.max(1, keepdim=True).values - attention.min(1, keepdim=True).values
+        )
+        attention.requires_grad_(True)
+        scm = model.scm.double()
+        ours = scm(semantic, attention)
+        lambdas = [b.lam for b in scm.blocks]
+        betas = [b.beta for b in scm.blocks]
+        steps = [b.iterations for b in scm.blocks]
+        assert steps == ([16, 4, 4, 4] if variant == "paper" else [4, 4, 4, 4])
+        ref = reference_scm(
+            semantic, attention, lambdas, betas, steps, connectivity, detach_start=solver == "newton_schulz"
+        )
+        for got, want in zip(ours, ref):
+            torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-7)
+        loss_ours = (ours[0] ** 2).sum() + ours[1].sum()
+        loss_ref = (ref[0] ** 2).sum() + ref[1].sum()
+        inputs = [semantic, attention, *lambdas, *betas]
+        grads_ours = torch.autograd.grad(loss_ours, inputs)
+        grads_ref = torch.autograd.grad(loss_ref, inputs)
+        for got, want in zip(grads_ours, grads_ref):
+            torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-6)
+
+    @pytest.mark.parametrize("variant", ["paper", "cxr"])
+    def test_polynomial_solver_matches_newton_schulz_in_fp32(self, variant):
+        """At DeiT's 14x14 grid, on class maps of a trained-like scale, fp32, within 1e-4 relative."""
+        torch.manual_seed(0)
+        fields = _variant_fields(variant)
+        semantic = torch.randn(4, 3, 14, 14) * 2 + torch.linspace(-1, 1, 14).view(1, 1, 14, 1)
+        attention = torch.rand(4, 196)
+        attention = (attention - attention.amin(1, keepdim=True)) / (
+            attention.amax(1, keepdim=True) - attention.amin(1, keepdim=True)
+        )
+        results = {}
+        for solver in ("newton_schulz", "polynomial"):
+            model = DeiTSCMForImageClassification(tiny_config(scm_solver=solver, **fields))
+            with torch.no_grad():
+                results[solver] = model.scm(semantic, attention)
+        for got, want in zip(results["polynomial"], results["newton_schulz"]):
+            assert ((got - want).norm() / want.norm()).item() < 1e-4
+
+    def test_grid_operator_dense_matches_definition(self):
+        semantic = torch.randn(1, 3, 3, 4, dtype=torch.float64)
+        lam = torch.tensor([1.7], dtype=torch.float64)
+        operator = GridOperator(semantic, lam, 4)
+        tokens = F.normalize(semantic.flatten(2).transpose(1, 2), dim=-1)
+        expected = grid_laplacian(3, 4, 4) * (lam * tokens @ tokens.transpose(1, 2) - 1)
+        torch.testing.assert_close(operator.dense(), expected)
+        other = torch.randn(1, 12, 5, dtype=torch.float64)
+        torch.testing.assert_close(operator.matmul(other), expected @ other)
+
+    def test_constant_attention_does_not_produce_nan(self):
+        model = tiny_model().train()
+        out = model.scm(torch.randn(2, 3, 4, 4), torch.zeros(2, 16))
+        assert all(torch.isfinite(t).all() for t in out)
+
+
+def _variant_fields(variant: str) -> dict:
+    preset = DeiTSCMConfig.from_preset("deit-tiny", variant)
+    keys = (
+        "scm_attention_layers",
+        "scm_lambda_init",
+        "scm_beta_init",
+        "scm_num_blocks",
+        "scm_first_block_iterations",
+        "scm_iterations",
+    )
+    return {k: getattr(preset, k) for k in keys}
+
+
+# ----------------------------------------------------------------------------- train / eval paths
+
+
+class TestTrainEval:
+    def test_eval_logits_are_mean_of_semantic_maps_and_maps_are_products(self):
+        model = tiny_model().eval()
+        out = model(torch.randn(2, 3, 32, 32))
+        torch.testing.assert_close(out.logits, out.semantic_maps.mean(dim=(2, 3)))
+        torch.testing.assert_close(out.localization_maps, out.attention_maps[:, None] * out.semantic_maps)
+        flat = out.attention_maps.flatten(1)
+        torch.testing.assert_close(flat.min(1).values, torch.zeros(2))
+        torch.testing.assert_close(flat.max(1).values, torch.ones(2))
+
+    def test_train_logits_come_from_calibrated_semantic_maps(self):
+        model = tiny_model().train()
+        pixels = torch.randn(2, 3, 32, 32)
+        out = model(pixels)
+        semantic, attention = model.scm(out.semantic_maps, out.attention_maps.flatten(1))
+        torch.testing.assert_close(out.logits, semantic.mean(dim=(2, 3)))
+        torch.testing.assert_close(out.calibrated_attention_maps, attention.view(2, 4, 4))
+        assert (out.logits - out.semantic_maps.mean(dim=(2, 3))).abs().max() > 1e-4
+        # The blocks can be run at inference too, and skipped in training.
+        model.eval()
+        torch.testing.assert_close(model(pixels, run_scm=True).logits, out.logits)
+        model.train()
+        torch.testing.assert_close(model(pixels, run_scm=False).logits, out.semantic_maps.mean(dim=(2, 3)))
+
+    def test_every_trainable_parameter_gets_gradient_in_train_mode(self):
+        model = tiny_model().train()
+        out = model(torch.randn(4, 3, 32, 32), labels=torch.tensor([0, 1, 2, 1]))
+        out.loss.backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+        assert missing == []
+        assert len(model.scm.blocks) == 4 and all(
+            b.lam.grad is not None and b.beta.grad is not None for b in model.scm.blocks
+        )
+
+    def test_scm_parameters_get_no_gradient_in_eval_path(self):
+        model = tiny_model().eval()
+        model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1])).loss.backward()
+        assert all(b.lam.grad is None for b in model.scm.blocks)
+
+    def test_loss_equals_hand_computation(self):
+        weights, smoothing = [0.7045, 0.1181, 0.1774], 0.1
+        model = tiny_model(class_weights=weights, label_smoothing=smoothing).eval()
+        labels = torch.tensor([0, 2, 1, 0])
+        out = model(torch.randn(4, 3, 32, 32), labels=labels)
+        log_p = out.logits.log_softmax(dim=-1)
+        w = torch.tensor(weights)
+        classes = 3
+        # PyTorch's weighted, smoothed CE: per sample (1-e) w_y (-log p_y) + e/C sum_c w_c (-log p_c),
+        # averaged with the target weights w_y as denominator.
+        per_sample = (1 - smoothing) * w[labels] * -log_p[torch.arange(4), labels] + smoothing / classes * (
+            w * -log_p
+        ).sum(dim=1)
+        expected = per_sample.sum() / w[labels].sum()
+        torch.testing.assert_close(out.loss, expected)
+
+    def test_unweighted_loss_is_plain_cross_entropy(self):
+        model = tiny_model().eval()
+        labels = torch.tensor([2, 0])
+        out = model(torch.randn(2, 3, 32, 32), labels=labels)
+        expected = -out.logits.log_softmax(-1)[torch.arange(2), labels].mean()
+        torch.testing.assert_close(out.loss, expected)
+
+    def test_select_class_maps(self):
+        maps = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+        torch.testing.assert_close(
+            select_class_maps(maps, labels=torch.tensor([2, 0])), torch.stack([maps[0, 2], maps[1, 0]])
+        )
+        logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0]])
+        torch.testing.assert_close(select_class_maps(maps, logits=logits), torch.stack([maps[0, 1], maps[1, 0]]))
+        with pytest.raises(ValueError):
+            select_class_maps(maps)
+
+    def test_parameter_groups_cover_each_parameter_once(self):
+        model = tiny_model()
+        groups = model.parameter_groups(learning_rate=1e-5, scm_learning_rate=1e-3, weight_decay=0.05)
+        ids = [id(p) for g in groups for p in g["params"]]
+        assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+        by_name = {g["name"]: g for g in groups}
+        assert by_name["backbone"]["lr"] == 1e-5 and by_name["scm_head"]["lr"] == 1e-3
+        no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+        for name, parameter in model.named_parameters():
+            expect_no_decay = (
+                name.endswith("bias")
+                or "layernorm" in name
+                or name.endswith(("cls_token", "position_embeddings", ".lam", ".beta"))
+            )
+            assert (id(parameter) in no_decay) == expect_no_decay, name
+
+    def test_init_is_deterministic_and_sets_scm_scalars(self):
+        a, b = tiny_model(seed=3), tiny_model(seed=3)
+        for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(pa, pb, msg=name)
+        model = tiny_model(scm_lambda_init=2.0, scm_beta_init=0.1)
+        assert all(blk.lam.item() == 2.0 and abs(blk.beta.item() - 0.1) < 1e-7 for blk in model.scm.blocks)
+        std = a.deit.encoder.layer[0].mlp.fc1.weight.std().item()
+        assert 0.01 < std < 0.03
+
+
+# ----------------------------------------------------------------------------- save / load / remote code
+
+
+def test_save_pretrained_writes_safetensors_and_auto_map(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    files = sorted(os.listdir(tmp_path))
+    assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    assert {"configuration_deit_scm.py", "modeling_deit_scm.py"} <= set(files)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "configuration_deit_scm.DeiTSCMConfig",
+        "AutoModel": "modeling_deit_scm.DeiTSCMModel",
+        "AutoModelForImageClassification": "modeling_deit_scm.DeiTSCMForImageClassification",
+    }
+    reloaded = DeiTSCMForImageClassification.from_pretrained(tmp_path).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(reloaded(pixels).logits, model.eval()(pixels).logits, atol=0, rtol=0)
+
+
+def test_remote_code_in_fresh_interpreter_outside_the_project(tmp_path):
+    model = tiny_model(scm_attention_layers="last", class_weights=[1.0, 2.0, 3.0]).eval()
+    pixels = torch.randn(2, 3, 40, 32)
+    with torch.no_grad():
+        expected = model(pixels)
+    checkpoint, elsewhere = tmp_path / "checkpoint", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    model.save_pretrained(checkpoint)
+    torch.save({"pixels": pixels, "logits": expected.logits, "maps": expected.localization_maps}, tmp_path / "io.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from pathlib import Path
+        root = {str(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))!r}
+        sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != Path(root)]
+        # The project may be pip-installed (editable): make its own modules unimportable here so
+        # only the files saved next to the weights can serve.
+        sys.modules["configuration_deit_scm"] = None
+        sys.modules["modeling_deit_scm"] = None
+        from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        model = AutoModelForImageClassification.from_pretrained({str(checkpoint)!r}, trust_remote_code=True).eval()
+        assert type(model).__name__ == "DeiTSCMForImageClassification", type(model)
+        assert "transformers_modules" in type(model).__module__
+        with torch.no_grad():
+            out = model(io["pixels"])
+        assert torch.equal(out.logits, io["logits"]), (out.logits, io["logits"])
+        assert torch.equal(out.localization_maps, io["maps"])
+        config = AutoConfig.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        assert config.model_type == "deit_scm" and config.class_weights == [1.0, 2.0, 3.0]
+        base = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        assert type(base).__name__ == "DeiTSCMModel"
+        print("REMOTE_OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE_OK" in result.stdout

@@ -1,0 +1,27 @@
+"""Repository contracts: README's commands are what CI runs."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text, re.S)
+    assert block and text.index(block.group(0)) < 200, "README must start with a bash block of commands"
+    return [line.split("#")[0].strip() for line in block.group(1).strip().splitlines()]
+
+
+def test_readme_starts_with_setup_and_test_commands():
+    commands = _readme_commands()
+    assert len(commands) == 2
+    assert any("pytest" in c for c in commands)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    test_command = next(c for c in _readme_commands() if "pytest" in c)
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test_command in ci_lines
+    setup = next(c for c in _readme_commands() if "pytest" not in c)
+    assert setup.split("&&")[0].strip() in ci_lines
