@@ -1,0 +1,676 @@
+"""Chest radiograph image processor: DICOM/PNG/JPEG/arrays in, `pixel_values` out, and the way back
+from the model's localization maps to heatmaps and boxes in the user's pixels.
+
+Pipeline (each step switchable): grayscale -> intensity normalization to 0-255 (min-max or robust
+percentiles) -> CLAHE (Zuiderveld, "Contrast Limited Adaptive Histogram Equalization", Graphics Gems IV,
+1994; clip limit 2.0, 8x8 tiles) -> resize (squash, or keep the aspect ratio and pad) -> 3 channels ->
+rescale and normalize.
+
+DICOM follows the standard's order (PS3.3 C.11, "Grayscale Transform"): modality LUT (rescale slope and
+intercept) -> VOI LUT or window centre/width -> MONOCHROME1 inversion. Integer inputs keep their bit
+depth until the intensity normalization.
+
+This file is uploaded with the model and loaded as remote code; it imports numpy, OpenCV, Pillow, torch
+and transformers, and pydicom only when a DICOM arrives.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import BaseImageProcessor, BatchFeature
+from transformers.processing_utils import ImagesKwargs
+
+try:
+    import cv2
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("CXRImageProcessor needs OpenCV: pip install opencv-python-headless") from error
+
+try:
+    from .localization import boxes_with_scores, normalize_scoremap
+except ImportError:
+    from localization import boxes_with_scores, normalize_scoremap
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+_RADIOGRAPH_MODALITIES = {"CR", "DX", "RG", "DR", "MG", "PX", "IO", "XA", "RF", "OT", "SC"}
+_SUPPORTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"}
+# Geometry columns carried per image in the BatchFeature, so post-processing can invert the resize.
+GEOMETRY_FIELDS = (
+    "original_height",
+    "original_width",
+    "content_height",
+    "content_width",
+    "pad_top",
+    "pad_left",
+    "height",
+    "width",
+)
+
+ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor]
+
+
+class CXRImageError(ValueError):
+    """An input that cannot be turned into a radiograph. `source` names it (path or batch index)."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+@dataclass
+class _Decoded:
+    """A decoded grayscale image, before intensity normalization (any numeric dtype)."""
+
+    pixels: np.ndarray
+    source: str
+
+
+class CXRImageProcessorKwargs(ImagesKwargs, total=False):
+    intensity_normalization: str
+    intensity_percentiles: Sequence[float]
+    do_clahe: bool
+    clahe_clip_limit: float
+    clahe_tile_grid_size: Sequence[int]
+    clahe_max_size: Optional[int]
+    resize_mode: str
+    pad_value: int
+    dicom_voi: str
+    dicom_voi_percentiles: Sequence[float]
+    dicom_multiframe: str
+    dicom_invert_monochrome1: bool
+    strict: bool
+    localization_threshold: float
+
+
+@lru_cache(maxsize=8)
+def _clahe(clip_limit: float, tiles: tuple[int, int]) -> Any:
+    return cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=tiles)
+
+
+def _area_resize(gray: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Area (box) downsampling, enlarging bilinearly. A large reduction goes in two stages: an exact
+    integer factor first (OpenCV's fast path), then the remainder; within a few grey levels of a
+    single area resize at a third of its cost."""
+    in_h, in_w = gray.shape
+    if height >= in_h and width >= in_w:
+        return cv2.resize(gray, (width, height), interpolation=cv2.INTER_LINEAR)
+    factor = min(in_h // max(height, 1), in_w // max(width, 1))
+    if factor >= 2:
+        gray = cv2.resize(gray, (in_w // factor, in_h // factor), interpolation=cv2.INTER_AREA)
+    if gray.shape != (height, width):
+        gray = cv2.resize(gray, (width, height), interpolation=cv2.INTER_AREA)
+    return gray
+
+
+def _integer_percentiles(pixels: np.ndarray, percentiles: Sequence[float]) -> tuple[float, float]:
+    """Percentiles of an integer image from its histogram: O(n), unlike a sort."""
+    offset = int(pixels.min())
+    counts = np.bincount((pixels.ravel() - offset).astype(np.int64) if offset else pixels.ravel())
+    cumulative = np.cumsum(counts)
+    total = cumulative[-1]
+    low, high = (int(np.searchsorted(cumulative, p / 100.0 * total)) + offset for p in percentiles)
+    return float(low), float(high)
+
+
+class CXRImageProcessor(BaseImageProcessor):
+    r"""Image processor for chest radiographs (the original scripts' `DicomStyleImagePreprocessor`).
+
+    Args:
+        do_normalize_intensity (`bool`, defaults to `True`): map intensities to 0-255.
+        intensity_normalization (`str`, defaults to `"minmax"`): `"minmax"` or `"percentile"`.
+        intensity_percentiles (`(float, float)`, defaults to `(0.5, 99.5)`): the robust window.
+        do_clahe (`bool`, defaults to `True`), clahe_clip_limit (2.0), clahe_tile_grid_size ((8, 8)).
+        clahe_max_size (`int`, *optional*): when set, CLAHE runs on the image area-downsampled so that
+            its longer side is at most this. `None` (default) runs it at full resolution, as the
+            original scripts; 512 is about 3x cheaper on 1024^2 films and moves the 224^2 output by
+            about one grey level on average (see bench/bench_processor.py).
+        do_resize (`bool`, defaults to `True`), size (`{"height": 224, "width": 224}`).
+        resize_mode (`str`, defaults to `"squash"`): `"squash"` or `"pad"` (keep aspect, pad centred).
+        pad_value (`int`, defaults to 0): 0-255 fill of the padding.
+        do_rescale (`bool`, defaults to `True`), rescale_factor (1/255).
+        do_normalize (`bool`, defaults to `True`), image_mean / image_std (ImageNet's).
+        num_channels (`int`, defaults to 3): grayscale is stacked to this many channels (1 or 3).
+        dicom_voi (`str`, defaults to `"on"`): `"on"` applies the file's VOI LUT or window, `"off"` skips
+            it, `"percentile"` windows at `dicom_voi_percentiles`.
+        dicom_multiframe (`str`, defaults to `"first"`): `"first"` frame, or `"error"`.
+        dicom_invert_monochrome1 (`bool`, defaults to `True`): invert MONOCHROME1 (bright = low values)
+            so that bone and the mediastinum come out bright.
+        strict (`bool`, defaults to `False`): non-radiograph DICOM modalities (CT, MR, US...) raise
+            instead of warning.
+        localization_threshold (`float`, defaults to 0.5): tau for `post_process_localization`;
+            training writes the value calibrated on the validation split here.
+    """
+
+    model_input_names = ["pixel_values"]
+    valid_kwargs = CXRImageProcessorKwargs
+
+    def __init__(
+        self,
+        do_normalize_intensity: bool = True,
+        intensity_normalization: str = "minmax",
+        intensity_percentiles: Sequence[float] = (0.5, 99.5),
+        do_clahe: bool = True,
+        clahe_clip_limit: float = 2.0,
+        clahe_tile_grid_size: Sequence[int] = (8, 8),
+        clahe_max_size: Optional[int] = None,
+        do_resize: bool = True,
+        size: Optional[dict[str, int]] = None,
+        resize_mode: str = "squash",
+        pad_value: int = 0,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: Optional[Sequence[float]] = None,
+        image_std: Optional[Sequence[float]] = None,
+        num_channels: int = 3,
+        dicom_voi: str = "on",
+        dicom_voi_percentiles: Sequence[float] = (0.5, 99.5),
+        dicom_multiframe: str = "first",
+        dicom_invert_monochrome1: bool = True,
+        strict: bool = False,
+        localization_threshold: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.do_normalize_intensity = do_normalize_intensity
+        self.intensity_normalization = intensity_normalization
+        self.intensity_percentiles = list(intensity_percentiles)
+        self.do_clahe = do_clahe
+        self.clahe_clip_limit = clahe_clip_limit
+        self.clahe_tile_grid_size = list(clahe_tile_grid_size)
+        self.clahe_max_size = clahe_max_size
+        self.do_resize = do_resize
+        self.size = dict(size) if size is not None else {"height": 224, "width": 224}
+        self.resize_mode = resize_mode
+        self.pad_value = pad_value
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
+        self.do_normalize = do_normalize
+        self.image_mean = list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
+        self.image_std = list(image_std) if image_std is not None else list(IMAGENET_STD)
+        self.num_channels = num_channels
+        self.dicom_voi = dicom_voi
+        self.dicom_voi_percentiles = list(dicom_voi_percentiles)
+        self.dicom_multiframe = dicom_multiframe
+        self.dicom_invert_monochrome1 = dicom_invert_monochrome1
+        self.strict = strict
+        self.localization_threshold = localization_threshold
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        choices = {
+            "intensity_normalization": ("minmax", "percentile"),
+            "resize_mode": ("squash", "pad"),
+            "dicom_voi": ("on", "off", "percentile"),
+            "dicom_multiframe": ("first", "error"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.num_channels not in (1, 3):
+            raise ValueError(f"num_channels must be 1 or 3, got {self.num_channels}")
+        if len(self.image_mean) != self.num_channels and len(self.image_mean) != 3:
+            raise ValueError(f"image_mean needs {self.num_channels} values, got {self.image_mean}")
+        if not ({"height", "width"} <= set(self.size)) or min(self.size["height"], self.size["width"]) <= 0:
+            raise ValueError(f"size must have positive 'height' and 'width', got {self.size}")
+
+    # ------------------------------------------------------------------------------------- decode
+
+    def decode(self, image: ImageLike, source: Optional[str] = None) -> np.ndarray:
+        """Decode one input to a 2-D grayscale array, keeping its bit depth (uint8, uint16, float...)."""
+        return self._decode(image, source or "image").pixels
+
+    def _decode(self, image: ImageLike, source: str) -> _Decoded:
+        if isinstance(image, (str, os.PathLike)):
+            path = os.fspath(image)
+            if not os.path.isfile(path):
+                raise CXRImageError(path, "no such file")
+            with open(path, "rb") as handle:
+                data = handle.read()
+            return self._decode_bytes(data, path, hint_dicom=path.lower().endswith((".dcm", ".dicom")))
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return self._decode_bytes(bytes(image), source)
+        if isinstance(image, Image.Image):
+            return _Decoded(self._from_pil(image, source), source)
+        if isinstance(image, torch.Tensor):
+            array = image.detach().cpu()
+            if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+                array = array.permute(1, 2, 0)  # torch images are channels-first
+            return _Decoded(self._from_array(array.numpy(), source), source)
+        if isinstance(image, np.ndarray):
+            return _Decoded(self._from_array(image, source), source)
+        raise CXRImageError(source, f"unsupported input type {type(image).__name__}")
+
+    def _decode_bytes(self, data: bytes, source: str, hint_dicom: bool = False) -> _Decoded:
+        if not data:
+            raise CXRImageError(source, "empty file")
+        if (len(data) >= 132 and data[128:132] == b"DICM") or hint_dicom:
+            return _Decoded(self._from_dicom(data, source), source)
+        try:
+            with Image.open(io.BytesIO(data)) as pil:
+                pil.load()
+                return _Decoded(self._from_pil(pil, source), source)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise CXRImageError(source, f"cannot decode image ({error})") from error
+
+    @staticmethod
+    def _from_pil(pil: Image.Image, source: str) -> np.ndarray:
+        if pil.mode in ("I;16", "I;16B", "I;16L"):
+            return np.asarray(pil, dtype=np.uint16)
+        if pil.mode in ("I", "F", "L"):
+            return np.asarray(pil)
+        if pil.mode in ("1", "P", "LA", "PA"):
+            return np.asarray(pil.convert("L"))
+        if pil.mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
+            return CXRImageProcessor._luminance(np.asarray(pil.convert("RGB")))
+        raise CXRImageError(source, f"unsupported image mode {pil.mode}")
+
+    @staticmethod
+    def _luminance(rgb: np.ndarray) -> np.ndarray:
+        if rgb.dtype == np.uint8:
+            return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+        dtype = np.float64 if rgb.dtype == np.float64 else np.float32
+        weights = np.array([0.299, 0.587, 0.114], dtype=dtype)
+        return rgb[..., :3].astype(dtype) @ weights
+
+    def _from_array(self, array: np.ndarray, source: str) -> np.ndarray:
+        if array.dtype == np.bool_:
+            array = array.astype(np.uint8) * 255
+        if array.dtype.kind not in "uif":
+            raise CXRImageError(source, f"unsupported dtype {array.dtype}")
+        if array.size == 0:
+            raise CXRImageError(source, f"empty array of shape {array.shape}")
+        if array.ndim == 3:
+            channels = array.shape[-1]
+            if channels == 1:
+                array = array[..., 0]
+            elif channels in (3, 4):
+                array = self._luminance(array[..., :3])
+            else:
+                raise CXRImageError(source, f"expected H x W x 1, 3 or 4, got shape {array.shape}")
+        elif array.ndim != 2:
+            raise CXRImageError(source, f"expected a 2-D or 3-D image, got {array.ndim}-D shape {array.shape}")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise CXRImageError(source, "contains NaN or infinite values")
+        if array.dtype.kind == "f":
+            # float64 stays float64: values beyond float32's range would become infinite.
+            return array if array.dtype == np.float64 else array.astype(np.float32)
+        if array.dtype in (np.uint8, np.uint16):
+            return array
+        # Other integers: unsigned 16-bit when the values fit (keeps the lookup-table path), else float.
+        if int(array.min()) >= 0 and int(array.max()) <= 65535:
+            return array.astype(np.uint16)
+        return array.astype(np.float32)
+
+    def _from_dicom(self, data: bytes, source: str) -> np.ndarray:
+        try:
+            import pydicom
+            from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        except ImportError as error:
+            raise CXRImageError(source, "reading DICOM needs pydicom: pip install pydicom") from error
+        try:
+            dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+        except Exception as error:  # pydicom raises many types for malformed files
+            raise CXRImageError(source, f"cannot read DICOM ({error})") from error
+        modality = str(getattr(dataset, "Modality", "")).upper()
+        if modality and modality not in _RADIOGRAPH_MODALITIES:
+            if self.strict:
+                raise CXRImageError(source, f"modality {modality} is not a radiograph (strict mode)")
+            logger.warning("%s: modality %s is not a radiograph; processing it anyway", source, modality)
+        photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2")).upper()
+        if photometric not in _SUPPORTED_PHOTOMETRIC:
+            raise CXRImageError(source, f"unsupported photometric interpretation {photometric}")
+        if "PixelData" not in dataset:
+            raise CXRImageError(source, "DICOM has no pixel data")
+        try:
+            pixels = dataset.pixel_array
+        except Exception as error:
+            syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", "unknown")
+            name = getattr(syntax, "name", str(syntax))
+            raise CXRImageError(
+                source,
+                f"cannot decode pixel data with transfer syntax {name} ({error}); compressed DICOM needs a "
+                "decoder: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)",
+            ) from error
+        frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+        if frames > 1:
+            if self.dicom_multiframe == "error":
+                raise CXRImageError(source, f"multi-frame DICOM ({frames} frames)")
+            pixels = pixels[0]
+        if photometric.startswith(("RGB", "YBR")):
+            if photometric.startswith("YBR"):
+                from pydicom.pixels import convert_color_space
+
+                pixels = convert_color_space(pixels, photometric, "RGB")
+            return self._luminance(pixels)
+        pixels = apply_modality_lut(pixels, dataset)
+        if self.dicom_voi == "on":
+            pixels = apply_voi_lut(pixels, dataset)
+        elif self.dicom_voi == "percentile":
+            low, high = np.percentile(pixels, self.dicom_voi_percentiles)
+            pixels = np.clip(pixels, low, high)
+        if photometric == "MONOCHROME1" and self.dicom_invert_monochrome1:
+            # After the VOI transform, so that the window applies to stored values as intended.
+            pixels = pixels.max() + pixels.min() - pixels
+        pixels = np.asarray(pixels)
+        if pixels.dtype.kind == "f" or pixels.dtype.itemsize > 2 or pixels.min() < 0:
+            pixels = pixels.astype(np.float32)
+        if pixels.ndim != 2 or pixels.size == 0:
+            raise CXRImageError(source, f"DICOM pixel data has shape {pixels.shape}")
+        return pixels
+
+    # ------------------------------------------------------------------------------------- pipeline
+
+    def normalize_intensity(self, pixels: np.ndarray) -> np.ndarray:
+        """Map to uint8 0-255 by min-max or percentiles. A constant image becomes all zeros."""
+        if self.intensity_normalization == "percentile":
+            if pixels.dtype.kind in "ui":
+                low, high = _integer_percentiles(pixels, self.intensity_percentiles)
+            else:
+                low, high = (float(v) for v in np.percentile(pixels, self.intensity_percentiles))
+        else:
+            low, high = float(pixels.min()), float(pixels.max())
+        if high <= low:
+            return np.zeros(pixels.shape, dtype=np.uint8)
+        if pixels.dtype == np.uint8 and low == 0 and high == 255:
+            return pixels
+        if pixels.dtype.kind in "u":
+            # A lookup table over the integer range: one gather instead of float arithmetic per pixel.
+            levels = np.arange(int(pixels.max()) + 1, dtype=np.float32)
+            table = np.clip((levels - low) * (255.0 / (high - low)) + 0.5, 0, 255).astype(np.uint8)
+            return table[pixels]
+        magnitude = max(abs(low), abs(high))
+        if magnitude < 1e30 and high - low > 1e-30:
+            values = pixels.astype(np.float32)
+        else:
+            # Near the float limits: divide by the magnitude first, in float64, so that neither
+            # (x - low) nor 255 / (high - low) can overflow.
+            values = pixels.astype(np.float64) / magnitude
+            low, high = low / magnitude, high / magnitude
+        scaled = (values - low) * (255.0 / (high - low)) + 0.5
+        return np.clip(scaled, 0, 255).astype(np.uint8)
+
+    def _to_uint8(self, pixels: np.ndarray) -> np.ndarray:
+        if self.do_normalize_intensity:
+            return self.normalize_intensity(pixels)
+        if pixels.dtype == np.uint8:
+            return pixels
+        return np.clip(pixels.astype(np.float32) + 0.5, 0, 255).astype(np.uint8)
+
+    def _resize(self, gray: np.ndarray, original: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, list[int]]:
+        """Resize to `size` and record the geometry; the plan follows the `original` (decoded) size
+        even when `gray` was downsampled for CLAHE."""
+        height, width = original or gray.shape
+        if not self.do_resize:
+            gray = gray if gray.shape == (height, width) else _area_resize(gray, height, width)
+            return gray, [height, width, height, width, 0, 0, height, width]
+        out_h, out_w = self.size["height"], self.size["width"]
+        if self.resize_mode == "squash":
+            content_h, content_w = out_h, out_w
+        else:
+            scale = min(out_h / height, out_w / width)
+            content_h = max(1, min(out_h, round(height * scale)))
+            content_w = max(1, min(out_w, round(width * scale)))
+        resized = _area_resize(gray, content_h, content_w)
+        top, left = (out_h - content_h) // 2, (out_w - content_w) // 2
+        if (content_h, content_w) != (out_h, out_w):
+            canvas = np.full((out_h, out_w), self.pad_value, dtype=np.uint8)
+            canvas[top : top + content_h, left : left + content_w] = resized
+            resized = canvas
+        return resized, [height, width, content_h, content_w, top, left, out_h, out_w]
+
+    def _channel_tables(self) -> np.ndarray:
+        """(channels, 256) float32: uint8 value -> rescaled, normalized value, per channel."""
+        levels = np.arange(256, dtype=np.float32)
+        if self.do_rescale:
+            levels = levels * np.float32(self.rescale_factor)
+        channels = self.num_channels
+        mean = np.asarray(self.image_mean[:channels] if self.do_normalize else [0.0] * channels, dtype=np.float32)
+        std = np.asarray(self.image_std[:channels] if self.do_normalize else [1.0] * channels, dtype=np.float32)
+        return (levels[None, :] - mean[:, None]) / std[:, None]
+
+    def to_pixel_values(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 H x W images of one size -> (B, C, H, W) float32: stacked, rescaled, normalized.
+
+        Every uint8 level maps to a fixed value per channel, so this is a table lookup."""
+        tables = self._channel_tables()
+        pixels = np.empty((len(images), len(tables), *images[0].shape), dtype=np.float32)
+        for row, image in enumerate(images):
+            for channel, table in enumerate(tables):
+                pixels[row, channel] = cv2.LUT(image, table)
+        return pixels
+
+    def process_one(self, image: ImageLike, source: str = "image") -> tuple[np.ndarray, list[int]]:
+        """One input -> (uint8 H x W after resize, geometry). Raises `CXRImageError`."""
+        decoded = self._decode(image, source)
+        gray = self._to_uint8(decoded.pixels)
+        if self.do_clahe:
+            gray = self.apply_clahe(gray)
+        return self._resize(gray, decoded.pixels.shape[:2])
+
+    def apply_clahe(self, gray: np.ndarray) -> np.ndarray:
+        """CLAHE on a uint8 image, at a working size of at most `clahe_max_size` when set."""
+        if self.clahe_max_size and max(gray.shape) > self.clahe_max_size:
+            scale = self.clahe_max_size / max(gray.shape)
+            gray = _area_resize(gray, max(1, round(gray.shape[0] * scale)), max(1, round(gray.shape[1] * scale)))
+        tiles = tuple(int(v) for v in self.clahe_tile_grid_size)
+        return _clahe(float(self.clahe_clip_limit), tiles).apply(np.ascontiguousarray(gray))
+
+    def preprocess(
+        self,
+        images: Union[ImageLike, Sequence[ImageLike]],
+        return_tensors: Optional[str] = "pt",
+        on_error: str = "raise",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Process one image or a list.
+
+        Args:
+            images: paths, bytes (PNG/JPEG/DICOM), PIL images, numpy arrays or torch tensors, mixed freely.
+            return_tensors: `"pt"` (default) or `"np"`.
+            on_error: `"raise"` the first `CXRImageError`, or `"skip"` bad items; skipped items are listed
+                under `"skipped"` as (index, message) and `"indices"` holds the kept items' positions.
+            **kwargs: any constructor setting, for this call only.
+
+        Returns:
+            `BatchFeature` with `pixel_values` (B, C, H, W) float32, `original_sizes` (B, 2) as
+            (height, width), `geometry` (B, 8) in the order of `GEOMETRY_FIELDS`, `indices` (B,).
+        """
+        if kwargs:
+            processor = self.__class__(**{**self.to_dict(), **kwargs})
+            return processor.preprocess(images, return_tensors=return_tensors, on_error=on_error)
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise ValueError("no images given")
+        images_u8, geometry, kept, skipped = [], [], [], []
+        for index, item in enumerate(items):
+            source = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"image[{index}]"
+            try:
+                gray, geo = self.process_one(item, source)
+            except CXRImageError as error:
+                if on_error == "raise":
+                    raise
+                logger.warning("skipping %s", error)
+                skipped.append((index, str(error)))
+                continue
+            images_u8.append(gray)
+            geometry.append(geo)
+            kept.append(index)
+        if not images_u8:
+            raise CXRImageError("batch", f"every image failed: {skipped}")
+        shapes = {image.shape for image in images_u8}
+        if len(shapes) > 1:
+            raise ValueError(f"images of different sizes cannot be batched with do_resize=False: {sorted(shapes)}")
+        data: dict[str, Any] = {
+            "pixel_values": self.to_pixel_values(images_u8),
+            "original_sizes": np.asarray([g[:2] for g in geometry], dtype=np.int64),
+            "geometry": np.asarray(geometry, dtype=np.int64),
+            "indices": np.asarray(kept, dtype=np.int64),
+        }
+        if return_tensors == "pt":
+            data = {key: torch.from_numpy(value) for key, value in data.items()}
+        feature = BatchFeature(data=data)
+        if skipped:
+            feature["skipped"] = skipped
+        return feature
+
+    def __call__(self, images: Any, *args: Any, **kwargs: Any) -> BatchFeature:
+        return self.preprocess(images, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------- post-processing
+
+    def heatmap_to_original(self, scoremap: np.ndarray, geometry: Sequence[int]) -> np.ndarray:
+        """A score map over the model input (any grid size) -> float32 [0, 1] map in original pixels.
+
+        One bicubic warp maps each original pixel centre through the resize and padding onto the
+        grid, so nothing is resampled twice. The result is min-max normalized.
+        """
+        original_h, original_w, content_h, content_w, top, left, input_h, input_w = (int(v) for v in geometry)
+        grid_h, grid_w = scoremap.shape
+        # original pixel centre -> input pixel: x_in = (x + .5) * content_w / original_w - .5 + left
+        # input pixel -> grid cell:            x_g  = (x_in + .5) * grid_w / input_w - .5
+        scale_x = content_w / original_w * grid_w / input_w
+        scale_y = content_h / original_h * grid_h / input_h
+        shift_x = (0.5 * content_w / original_w + left) * grid_w / input_w - 0.5
+        shift_y = (0.5 * content_h / original_h + top) * grid_h / input_h - 0.5
+        matrix = np.array([[scale_x, 0.0, shift_x], [0.0, scale_y, shift_y]], dtype=np.float64)
+        warped = cv2.warpAffine(
+            np.ascontiguousarray(scoremap, dtype=np.float32),
+            matrix,
+            (original_w, original_h),
+            flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        return normalize_scoremap(warped)
+
+    def post_process_localization(
+        self,
+        outputs: Any,
+        target_sizes: Optional[Sequence[Sequence[int]]] = None,
+        labels: Optional[Union[Sequence[int], torch.Tensor]] = None,
+        threshold: Optional[float] = None,
+        multi_contour: bool = False,
+        geometry: Optional[Union[torch.Tensor, np.ndarray, BatchFeature]] = None,
+        id2label: Optional[dict[int, str]] = None,
+    ) -> list[dict[str, Any]]:
+        """Model outputs -> per image: label, score, heatmap and boxes in the original pixels.
+
+        Args:
+            outputs: the model's output (needs `logits` and `localization_maps` (B, C, h, w)).
+            target_sizes: (height, width) per image, when the inputs were squashed (no padding) and
+                `geometry` is not given.
+            labels: class per image to localize (ground-truth-known); defaults to the prediction.
+            threshold: tau as a fraction of the heatmap's maximum; defaults to `localization_threshold`.
+            multi_contour: a box per contour above tau, instead of the largest contour's only.
+            geometry: the processor's `BatchFeature` (or its `geometry`), which undoes padding exactly.
+            id2label: class names (e.g. `model.config.id2label`) for `label_name`.
+
+        Returns:
+            A list of dicts, one per image: `label` (int), `label_name` (from `id2label`, else the
+            index as a string), `score` (softmax probability of `label`), `heatmap` (float32 H x W,
+            0-1), `boxes` (K x 4 inclusive xyxy, int64), `box_scores` (K, mean heatmap inside).
+        """
+        # ModelOutput is a dict too, so both the model's output and a plain dict index alike.
+        maps, logits = outputs["localization_maps"], outputs["logits"]
+        maps, logits = maps.detach().float().cpu(), logits.detach().float().cpu()
+        batch = maps.shape[0]
+        if isinstance(geometry, (BatchFeature, dict)):
+            geometry = geometry["geometry"]
+        if geometry is not None:
+            rows = np.asarray(geometry.cpu() if isinstance(geometry, torch.Tensor) else geometry)
+        elif target_sizes is not None:
+            input_h, input_w = self.size["height"], self.size["width"]
+            rows = np.asarray([[h, w, input_h, input_w, 0, 0, input_h, input_w] for h, w in target_sizes])
+        else:
+            raise ValueError("post_process_localization needs geometry (from the processor) or target_sizes")
+        if len(rows) != batch:
+            raise ValueError(f"{len(rows)} geometry rows for {batch} images")
+        chosen = logits.argmax(-1) if labels is None else torch.as_tensor(labels).long().view(-1)
+        probabilities = logits.softmax(-1)
+        tau = self.localization_threshold if threshold is None else float(threshold)
+        results = []
+        for i in range(batch):
+            label = int(chosen[i])
+            heatmap = self.heatmap_to_original(maps[i, label].numpy(), rows[i])
+            boxes, box_scores = boxes_with_scores(heatmap, tau, multi_contour)
+            results.append(
+                {
+                    "label": label,
+                    "label_name": id2label[label] if id2label else str(label),
+                    "score": float(probabilities[i, label]),
+                    "heatmap": heatmap,
+                    "boxes": boxes,
+                    "box_scores": box_scores,
+                }
+            )
+        return results
+
+    def overlay_heatmap(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        """See the module-level `overlay_heatmap`."""
+        return overlay_heatmap(*args, **kwargs)
+
+
+PREDICTED_BOX_COLOR = (0, 255, 0)
+GROUND_TRUTH_BOX_COLOR = (255, 40, 40)
+
+
+def overlay_heatmap(
+    image: np.ndarray,
+    heatmap: np.ndarray,
+    boxes: Optional[np.ndarray] = None,
+    gt_boxes: Optional[np.ndarray] = None,
+    alpha: float = 0.4,
+) -> np.ndarray:
+    """Blend a jet-coloured heatmap on a radiograph and draw boxes: predicted green, ground truth red.
+
+    Args:
+        image: H x W (any numeric dtype, min-max scaled for display) or H x W x 3 uint8.
+        heatmap: any size, values in [0, 1]; resized to the image.
+        boxes, gt_boxes: (K, 4) xyxy in image pixels.
+    Returns:
+        H x W x 3 uint8 RGB.
+    """
+    image = np.asarray(image)
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 1):
+        gray = image.reshape(image.shape[:2]).astype(np.float32)
+        span = float(gray.max() - gray.min())
+        gray = ((gray - gray.min()) / span * 255 if span > 0 else np.zeros_like(gray)).astype(np.uint8)
+        rgb = np.repeat(gray[..., None], 3, axis=2)
+    elif image.ndim == 3 and image.shape[-1] in (3, 4):
+        rgb = np.ascontiguousarray(image[..., :3]).astype(np.uint8)
+    else:
+        raise ValueError(f"overlay_heatmap: image must be H x W or H x W x 3, got {image.shape}")
+    height, width = rgb.shape[:2]
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.shape != (height, width):
+        heat = cv2.resize(heat, (width, height), interpolation=cv2.INTER_CUBIC)
+    colored = cv2.applyColorMap((np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    colored = cv2.cvtColor(colored, cv2.COLOR_BGR2RGB)
+    out = cv2.addWeighted(rgb, 1 - alpha, colored, alpha, 0)
+    thickness = max(1, round(max(height, width) / 300))
+    for group, color in ((gt_boxes, GROUND_TRUTH_BOX_COLOR), (boxes, PREDICTED_BOX_COLOR)):
+        if group is None:
+            continue
+        for x0, y0, x1, y1 in np.asarray(group, dtype=np.int64).reshape(-1, 4):
+            cv2.rectangle(out, (int(x0), int(y0)), (int(x1), int(y1)), color, thickness)
+    return out
+
+
+CXRImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = ["CXRImageProcessor", "CXRImageError", "overlay_heatmap", "GEOMETRY_FIELDS"]

@@ -1,0 +1,377 @@
+"""Tests of CXRImageProcessor: decoding, the pipeline, geometry, bad input, post-processing, remote code."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+
+from image_processing_cxr import GEOMETRY_FIELDS, CXRImageError, CXRImageProcessor, overlay_heatmap
+
+pydicom = pytest.importorskip("pydicom", reason="DICOM tests need pydicom")
+
+
+def _real_radiograph() -> str:
+    try:
+        from pydicom.data import get_testdata_file
+
+        path = get_testdata_file("RG1_UNCR.dcm")
+    except Exception:  # pydicom-data not installed or file not in this version
+        path = None
+    if path is None:
+        pytest.skip("pydicom-data (RG1_UNCR.dcm) is not installed")
+    return path
+
+
+def _regions(pixel_values: torch.Tensor) -> tuple[float, float]:
+    """Mean of the lung fields (outer thirds at mid height) and of the central column."""
+    image = pixel_values[0, 0].numpy()
+    h, w = image.shape
+    band = image[h // 3 : 2 * h // 3]
+    lungs = np.concatenate([band[:, : w // 3].ravel(), band[:, 2 * w // 3 :].ravel()]).mean()
+    centre = band[:, 2 * w // 5 : 3 * w // 5].mean()
+    return float(lungs), float(centre)
+
+
+# ----------------------------------------------------------------------------- real radiograph
+
+
+def test_monochrome1_radiograph_has_dark_lungs_and_bright_mediastinum():
+    path = _real_radiograph()
+    dataset = pydicom.dcmread(path)
+    assert dataset.PhotometricInterpretation == "MONOCHROME1" and int(dataset.BitsStored) > 8
+    lungs, centre = _regions(CXRImageProcessor()(path)["pixel_values"])
+    assert lungs < centre - 0.3
+    lungs_raw, centre_raw = _regions(CXRImageProcessor(dicom_invert_monochrome1=False)(path)["pixel_values"])
+    assert lungs_raw > centre_raw + 0.3
+
+
+def test_decoding_keeps_bit_depth_until_normalization():
+    path = _real_radiograph()
+    raw = CXRImageProcessor().decode(path)
+    assert raw.dtype != np.uint8 and raw.ndim == 2
+    assert len(np.unique(raw)) > 256  # more levels than 8 bits could hold
+
+
+def test_same_image_as_16_bit_png_gives_nearly_the_same_pixels(tmp_path):
+    path = _real_radiograph()
+    processor = CXRImageProcessor()
+    decoded = processor.decode(path)
+    as_uint16 = np.round((decoded - decoded.min()) / (decoded.max() - decoded.min()) * 65535).astype(np.uint16)
+    png = tmp_path / "rg1.png"
+    assert cv2.imwrite(str(png), as_uint16)
+    from_dicom = processor(path)["pixel_values"]
+    from_png = processor(str(png))["pixel_values"]
+    from_array = processor(as_uint16)["pixel_values"]
+    torch.testing.assert_close(from_png, from_array, atol=0, rtol=0)
+    difference = (from_png - from_dicom).abs()
+    # One 8-bit level is 1 / 255 / 0.225 ~ 0.017 after normalization; CLAHE may move a few pixels by more.
+    assert difference.mean() < 0.01
+    assert torch.quantile(difference.flatten(), 0.99) < 0.05
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def test_every_input_kind_in_one_mixed_batch(tmp_path):
+    rng = np.random.default_rng(0)
+    gray8 = rng.integers(0, 256, (64, 48), dtype=np.uint8)
+    gray16 = rng.integers(0, 4096, (64, 48), dtype=np.uint16)
+    png = tmp_path / "a.png"
+    Image.fromarray(gray8).save(png)
+    jpeg = io.BytesIO()
+    Image.fromarray(gray8).convert("RGB").save(jpeg, format="JPEG", quality=95)
+    inputs = [
+        str(png),
+        png,
+        png.read_bytes(),
+        jpeg.getvalue(),
+        Image.fromarray(gray8),
+        Image.fromarray(gray8).convert("RGB"),
+        Image.fromarray(gray16),
+        gray8,
+        gray8[..., None],
+        np.repeat(gray8[..., None], 3, axis=2),
+        np.concatenate([np.repeat(gray8[..., None], 3, axis=2), np.full((64, 48, 1), 255, np.uint8)], axis=2),
+        gray16,
+        gray8.astype(np.float64) / 255.0,
+        torch.from_numpy(gray8)[None],
+        torch.from_numpy(np.repeat(gray8[None], 3, axis=0)),
+    ]
+    out = CXRImageProcessor()(inputs)
+    assert out["pixel_values"].shape == (len(inputs), 3, 224, 224)
+    assert out["pixel_values"].dtype == torch.float32
+    assert out["original_sizes"].tolist() == [[64, 48]] * len(inputs)
+    # Lossless 8-bit inputs of the same picture give identical pixels whatever their container.
+    reference = out["pixel_values"][0]
+    for index in (1, 2, 4, 5, 7, 8, 9, 10, 12, 13, 14):
+        torch.testing.assert_close(out["pixel_values"][index], reference, atol=1e-6, rtol=0, msg=str(index))
+
+
+def test_uint16_percentile_window_matches_numpy():
+    rng = np.random.default_rng(1)
+    image = rng.normal(2000, 300, (128, 96)).clip(0, 4095).astype(np.uint16)
+    image[0, :5] = 65000  # outliers a min-max window would be ruined by
+    processor = CXRImageProcessor(intensity_normalization="percentile", intensity_percentiles=(1, 99))
+    ours = processor.normalize_intensity(image).astype(int)
+    low, high = np.percentile(image, (1, 99))
+    expected = np.clip((image.astype(float) - low) / (high - low) * 255, 0, 255)
+    assert np.abs(ours - expected).max() <= 1.5
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_constant_image_becomes_zeros_without_nan(dtype):
+    constant = np.full((40, 30), 7, dtype=dtype)
+    values = CXRImageProcessor(do_clahe=False)(constant)["pixel_values"]
+    assert torch.isfinite(values).all()
+    # Every pixel at level 0: the normalized value of 0 in each channel.
+    expected = -torch.tensor([0.485, 0.456, 0.406]) / torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(values[0, :, 0, 0], expected)
+    assert values.std(dim=(2, 3)).max() == 0
+    # CLAHE maps the single level somewhere, but the image stays constant and finite.
+    with_clahe = CXRImageProcessor()(constant)["pixel_values"]
+    assert torch.isfinite(with_clahe).all() and with_clahe.std(dim=(2, 3)).max() == 0
+
+
+def test_steps_can_be_switched_off():
+    image = np.tile(np.arange(200, dtype=np.uint8), (100, 1))
+    processor = CXRImageProcessor(
+        do_normalize_intensity=False, do_clahe=False, do_resize=False, do_normalize=False, num_channels=1
+    )
+    out = processor(image)["pixel_values"]
+    assert out.shape == (1, 1, 100, 200)
+    torch.testing.assert_close(out[0, 0], torch.from_numpy(image.astype(np.float32) / 255))
+    # Per-call overrides do not change the processor.
+    assert processor(image, do_clahe=True)["pixel_values"].shape == (1, 1, 100, 200)
+    assert processor.do_clahe is False
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("mode", ["squash", "pad"])
+@pytest.mark.parametrize("shape", [(300, 420), (520, 330)])
+def test_box_survives_the_round_trip_within_one_pixel(mode, shape):
+    height, width = shape
+    x0, y0, x1, y1 = int(width * 0.31), int(height * 0.22), int(width * 0.67), int(height * 0.58)
+    image = np.full((height, width), 40, dtype=np.uint8)
+    image[y0 : y1 + 1, x0 : x1 + 1] = 220
+    processor = CXRImageProcessor(resize_mode=mode, do_clahe=False)
+    inputs = processor(image)
+    geometry = dict(zip(GEOMETRY_FIELDS, inputs["geometry"][0].tolist()))
+    if mode == "pad":
+        assert geometry["pad_top"] > 0 or geometry["pad_left"] > 0
+    # A fake score map in the model's input space: the brightness itself, with the padding at 0.
+    fake = inputs["pixel_values"][:, :1] - inputs["pixel_values"].min()
+    outputs = {"logits": torch.tensor([[0.0, 3.0, 0.0]]), "localization_maps": fake.repeat(1, 3, 1, 1)}
+    result = processor.post_process_localization(outputs, geometry=inputs, threshold=0.5)[0]
+    assert result["heatmap"].shape == (height, width)
+    assert result["label"] == 1 and result["boxes"].shape == (1, 4)
+    assert np.abs(result["boxes"][0] - np.array([x0, y0, x1, y1])).max() <= 1
+
+
+def test_post_processing_outputs_and_multi_contour():
+    processor = CXRImageProcessor()
+    grid = torch.zeros(1, 3, 14, 14)
+    grid[0, 2, 2:5, 2:5] = 1.0
+    grid[0, 2, 9:12, 8:12] = 0.9
+    outputs = {"logits": torch.tensor([[0.1, 0.2, 2.0]]), "localization_maps": grid}
+    single = processor.post_process_localization(outputs, target_sizes=[(280, 280)], threshold=0.3)[0]
+    multi = processor.post_process_localization(
+        outputs, target_sizes=[(280, 280)], threshold=0.3, multi_contour=True, id2label={2: "No_pathologies"}
+    )[0]
+    assert single["label"] == 2 and abs(single["score"] - torch.softmax(outputs["logits"], -1)[0, 2].item()) < 1e-6
+    assert single["heatmap"].dtype == np.float32 and single["heatmap"].shape == (280, 280)
+    assert single["heatmap"].min() == 0 and single["heatmap"].max() == 1
+    assert len(single["boxes"]) == 1 and len(multi["boxes"]) == 2
+    assert multi["label_name"] == "No_pathologies"
+    assert multi["box_scores"].shape == (2,) and (multi["box_scores"] > 0.3).all()
+    # The largest contour is the 3x4-cell blob, bottom right.
+    x0, y0, x1, y1 = single["boxes"][0]
+    assert x0 > 140 and y0 > 160 and x1 > x0 and y1 > y0
+    # Given labels select another class's map: class 0 is empty, so no box.
+    empty = processor.post_process_localization(outputs, target_sizes=[(280, 280)], labels=[0])[0]
+    assert empty["boxes"].shape == (0, 4) and empty["score"] < 0.2
+    with pytest.raises(ValueError, match="geometry"):
+        processor.post_process_localization(outputs)
+
+
+def test_real_dicom_through_model_and_back_to_original_pixels():
+    from configuration_deit_scm import DeiTSCMConfig
+    from modeling_deit_scm import DeiTSCMForImageClassification
+
+    path = _real_radiograph()
+    processor = CXRImageProcessor(resize_mode="pad")
+    inputs = processor([path, path])
+    torch.manual_seed(0)
+    config = DeiTSCMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    model = DeiTSCMForImageClassification(config).eval()
+    with torch.no_grad():
+        outputs = model(inputs["pixel_values"])
+    results = processor.post_process_localization(outputs, geometry=inputs, id2label=config.id2label)
+    assert len(results) == 2
+    for result in results:
+        assert result["heatmap"].shape == (1955, 1841)
+        assert result["label_name"] in config.id2label.values()
+        boxes = result["boxes"]
+        assert boxes.ndim == 2 and boxes.shape[1] == 4
+        assert (boxes[:, 2] < 1841).all() and (boxes[:, 3] < 1955).all() and (boxes[:, :2] >= 0).all()
+    np.testing.assert_array_equal(results[0]["heatmap"], results[1]["heatmap"])
+
+
+def test_overlay_draws_both_box_kinds_in_distinct_colours():
+    image = np.random.default_rng(0).integers(0, 4096, (120, 160)).astype(np.uint16)
+    heat = np.zeros((14, 14), dtype=np.float32)
+    heat[4:8, 4:8] = 1
+    out = overlay_heatmap(image, heat, boxes=np.array([[10, 10, 60, 60]]), gt_boxes=np.array([[80, 20, 150, 100]]))
+    assert out.shape == (120, 160, 3) and out.dtype == np.uint8
+    assert tuple(out[10, 30]) == (0, 255, 0)
+    assert tuple(out[20, 100]) == (255, 40, 40)
+    with pytest.raises(ValueError):
+        overlay_heatmap(np.zeros((2, 3, 4, 5)), heat)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _dicom_bytes(**changes) -> bytes:
+    dataset = pydicom.dcmread(_real_radiograph())
+    for key, value in changes.items():
+        setattr(dataset, key, value)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    return buffer.getvalue()
+
+
+def test_bad_inputs_raise_typed_errors_naming_the_input(tmp_path):
+    processor = CXRImageProcessor()
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(png, format="PNG")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+    cases = [
+        (str(truncated), "truncated.png"),
+        (str(tmp_path / "missing.png"), "no such file"),
+        (b"", "empty file"),
+        (b"\x00" * 128 + b"DICM" + b"garbage" * 10, "image[0]"),
+        (np.zeros((0, 10)), "empty"),
+        (np.full((8, 8), np.nan), "NaN"),
+        (np.full((8, 8), np.inf, dtype=np.float32), "infinite"),
+        (np.zeros((2, 8, 8, 3)), "4-D"),
+        (np.zeros((8, 8, 2)), "shape"),
+        (np.array([["a"]]), "dtype"),
+        (object(), "unsupported input type"),
+    ]
+    for item, fragment in cases:
+        with pytest.raises(CXRImageError, match=re.escape(fragment)):
+            processor(item)
+    with pytest.raises(CXRImageError, match="photometric"):
+        processor(_dicom_bytes(PhotometricInterpretation="PALETTE COLOR"))
+    assert issubclass(CXRImageError, ValueError)
+
+
+def test_modality_warning_or_strict_error(caplog):
+    data = _dicom_bytes(Modality="CT")
+    with caplog.at_level("WARNING"):
+        assert CXRImageProcessor()(data)["pixel_values"].shape == (1, 3, 224, 224)
+    assert "not a radiograph" in caplog.text
+    with pytest.raises(CXRImageError, match="strict"):
+        CXRImageProcessor(strict=True)(data)
+
+
+def test_skip_keeps_the_rest_of_the_batch():
+    good = np.random.default_rng(0).integers(0, 256, (50, 50), dtype=np.uint8)
+    out = CXRImageProcessor()([good, np.full((5, 5), np.nan), b"not an image", good], on_error="skip")
+    assert out["pixel_values"].shape == (2, 3, 224, 224)
+    assert out["indices"].tolist() == [0, 3]
+    assert [index for index, _ in out["skipped"]] == [1, 2]
+    assert "image[1]" in out["skipped"][0][1]
+    torch.testing.assert_close(out["pixel_values"][0], out["pixel_values"][1])
+
+
+def test_invalid_settings_raise():
+    with pytest.raises(ValueError, match="resize_mode"):
+        CXRImageProcessor(resize_mode="crop")
+    with pytest.raises(ValueError, match="dicom_voi"):
+        CXRImageProcessor(dicom_voi="maybe")
+
+
+_DTYPES = st.sampled_from([np.uint8, np.uint16, np.int16, np.int32, np.uint32, np.float32, np.float64, np.bool_])
+_SHAPES = st.one_of(
+    hnp.array_shapes(min_dims=2, max_dims=2, min_side=0, max_side=40),
+    st.tuples(st.integers(0, 30), st.integers(0, 30), st.integers(0, 5)),
+    hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=6),
+)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_arbitrary_arrays_give_valid_output_or_the_typed_error(data):
+    dtype = data.draw(_DTYPES)
+    shape = data.draw(_SHAPES)
+    array = data.draw(hnp.arrays(dtype, shape))
+    processor = CXRImageProcessor(size={"height": 32, "width": 32})
+    try:
+        out = processor(array)
+    except CXRImageError:
+        return
+    assert out["pixel_values"].shape == (1, 3, 32, 32)
+    assert torch.isfinite(out["pixel_values"]).all()
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def test_round_trip_through_auto_image_processor_with_remote_code(tmp_path):
+    processor = CXRImageProcessor(resize_mode="pad", intensity_normalization="percentile", localization_threshold=0.37)
+    saved, elsewhere = tmp_path / "saved", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    processor.save_pretrained(saved)
+    config = json.loads((saved / "preprocessor_config.json").read_text())
+    assert config["auto_map"] == {"AutoImageProcessor": "image_processing_cxr.CXRImageProcessor"}
+    assert {"image_processing_cxr.py", "localization.py"} <= set(os.listdir(saved))
+    image = np.random.default_rng(0).integers(0, 4096, (90, 70)).astype(np.uint16)
+    np.save(tmp_path / "image.npy", image)
+    expected = processor(image)["pixel_values"]
+    torch.save(expected, tmp_path / "expected.pt")
+    root = str(Path(__file__).resolve().parents[1])
+    script = textwrap.dedent(
+        f"""
+        import sys, numpy as np, torch
+        from pathlib import Path
+        sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != Path({root!r})]
+        for name in ("image_processing_cxr", "localization"):
+            sys.modules[name] = None
+        from transformers import AutoImageProcessor
+        processor = AutoImageProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True)
+        assert type(processor).__name__ == "CXRImageProcessor", type(processor)
+        assert "transformers_modules" in type(processor).__module__
+        assert processor.resize_mode == "pad" and processor.localization_threshold == 0.37
+        out = processor(np.load({str(tmp_path / "image.npy")!r}))["pixel_values"]
+        assert torch.equal(out, torch.load({str(tmp_path / "expected.pt")!r}))
+        print("REMOTE_OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE_OK" in result.stdout
+    reloaded = CXRImageProcessor.from_pretrained(saved)
+    assert reloaded.to_dict() == processor.to_dict()
