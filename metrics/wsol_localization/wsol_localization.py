@@ -1,0 +1,66 @@
+"""WSOL localization metric for `evaluate`: MaxBoxAcc, MaxBoxAccV2, top-1 Loc and GT-known Loc of score
+maps against ground-truth boxes, with the conventions of clovaai/wsolevaluation (Choe et al., CVPR 2020).
+
+    metric = evaluate.load("metrics/wsol_localization")      # a local path: nothing is downloaded
+    metric.compute(scoremaps=[...], gt_boxes=[...])            # maps (H, W); boxes [[x0, y0, x1, y1], ...]
+
+A thin wrapper: the computation is `localization.LocalizationScores` of this repository.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import evaluate
+import numpy as np
+
+import datasets
+
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from localization import DEFAULT_THRESHOLDS, LocalizationScores, normalize_scoremap  # noqa: E402
+
+_CITATION = """\
+@inproceedings{choe2020wsol,
+  title={Evaluating Weakly Supervised Object Localization Methods Right},
+  author={Choe, Junsuk and Oh, Seong Joon and Lee, Seungho and Chun, Sanghyuk and Akata, Zeynep and Shim, Hyunjung},
+  booktitle={CVPR}, year={2020}}
+"""
+
+_INPUTS = """
+Args:
+    scoremaps: per image an (H, W) score map in the frame of its boxes (min-max normalized here).
+    gt_boxes: per image a list of [x0, y0, x1, y1] inclusive pixel boxes.
+    correct_class: optional per image bool, the predicted class is right (for top-1 Loc).
+    threshold_step: spacing of the threshold grid (default 0.01).
+Returns:
+    MaxBoxAcc (delta 0.5, largest contour), MaxBoxAccV2 (mean over delta 0.3/0.5/0.7, all contours),
+    top1_loc, gt_known_loc, the best threshold; all maxima over thresholds of this very set.
+"""
+
+
+class WsolLocalization(evaluate.Metric):
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description=__doc__,
+            citation=_CITATION,
+            inputs_description=_INPUTS,
+            features=datasets.Features(
+                {
+                    "scoremaps": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
+                    "gt_boxes": datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4)),
+                    "correct_class": datasets.Value("bool"),
+                }
+            ),
+            reference_urls=["https://github.com/clovaai/wsolevaluation"],
+        )
+
+    def _compute(self, scoremaps, gt_boxes, correct_class, threshold_step: float = 0.01):
+        thresholds = DEFAULT_THRESHOLDS if threshold_step == 0.01 else np.arange(0, 1, threshold_step)
+        maps = [normalize_scoremap(np.asarray(m, dtype=np.float32)) for m in scoremaps]
+        boxes = [np.asarray(b, dtype=np.float64).reshape(-1, 4) for b in gt_boxes]
+        scores = LocalizationScores.from_maps(maps, boxes, correct_class, thresholds=thresholds)
+        return scores.oracle()

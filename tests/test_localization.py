@@ -1,0 +1,251 @@
+"""Tests of the localization and classification metrics."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from localization import (
+    DEFAULT_THRESHOLDS,
+    EvaluationSplit,
+    LocalizationScores,
+    box_boundary_distances,
+    box_measures,
+    boxes_at_threshold,
+    boxes_over_thresholds,
+    calibrate_thresholds,
+    calibrated_report,
+    classification_metrics,
+    cxr_protocol,
+    localization_table,
+    pairwise_giou,
+    pairwise_iobb,
+    pairwise_iou,
+    pixel_average_precision,
+    plot_localization_table,
+    quantize_scoremap,
+    scoremap_to_boxes,
+)
+
+# ----------------------------------------------------------------------------- per-image measures
+
+
+def test_hand_computed_iou_giou_iobb():
+    a, b = np.array([0, 0, 9, 9]), np.array([5, 5, 14, 14])  # 10x10 boxes overlapping in 5x5
+    assert pairwise_iou(a, b)[0, 0] == pytest.approx(25 / 175)
+    assert pairwise_giou(a, b)[0, 0] == pytest.approx(25 / 175 - (225 - 175) / 225)
+    assert pairwise_iobb(a, b)[0, 0] == pytest.approx(25 / 100)
+    inner = np.array([2, 2, 3, 3])  # 2x2 box inside a: IoBB 1, IoU 4/100
+    assert pairwise_iobb(inner, a)[0, 0] == 1.0 and pairwise_iou(inner, a)[0, 0] == pytest.approx(0.04)
+    far = np.array([50, 50, 59, 59])
+    assert pairwise_iou(a, far)[0, 0] == 0 and pairwise_giou(a, far)[0, 0] == pytest.approx(-(3600 - 200) / 3600)
+
+
+def test_hand_computed_boundary_distances():
+    same = box_boundary_distances([0, 0, 10, 10], [0, 0, 10, 10], (100, 100))
+    assert same["hausdorff"] == 0 and same["average_boundary_distance"] == 0
+    shifted = box_boundary_distances([0, 0, 10, 10], [3, 0, 13, 10], (30, 40))
+    assert shifted["hausdorff"] == pytest.approx(3.0)
+    assert shifted["hausdorff_normalized"] == pytest.approx(3.0 / 50.0)
+    taller = box_boundary_distances([0, 0, 10, 10], [0, 0, 10, 20], (100, 100))
+    assert taller["hausdorff"] == pytest.approx(10.0)
+    measures = box_measures([0, 0, 9, 9], [5, 5, 14, 14], (100, 100))
+    assert set(measures) >= {"iou", "giou", "iobb", "hausdorff", "average_boundary_distance"}
+
+
+_box = st.tuples(st.integers(0, 60), st.integers(0, 60), st.integers(0, 40), st.integers(0, 40)).map(
+    lambda t: np.array([t[0], t[1], t[0] + t[2], t[1] + t[3]])
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_box, _box)
+def test_measure_properties(a, b):
+    iou_ab, iou_ba = pairwise_iou(a, b)[0, 0], pairwise_iou(b, a)[0, 0]
+    assert iou_ab == iou_ba and 0 <= iou_ab <= 1
+    giou = pairwise_giou(a, b)[0, 0]
+    assert -1 <= giou <= iou_ab + 1e-12
+    iobb = pairwise_iobb(a, b)[0, 0]
+    assert 0 <= iobb <= 1 and iobb >= iou_ab - 1e-12
+    if np.array_equal(a, b):
+        assert iou_ab == 1 and giou == 1
+
+
+# ----------------------------------------------------------------------------- box extraction
+
+
+def _blob_map(size=(64, 64), blobs=((20, 20, 8, 1.0),)):
+    yy, xx = np.mgrid[0 : size[0], 0 : size[1]]
+    scoremap = np.zeros(size, np.float32)
+    for cy, cx, radius, height in blobs:
+        scoremap = np.maximum(scoremap, height * ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2))
+    return scoremap
+
+
+def test_perfect_map_gives_max_box_acc_100():
+    boxes = [np.array([[10, 12, 40, 50]]), np.array([[0, 0, 30, 20]])]
+    maps = []
+    for ((x0, y0, x1, y1),) in boxes:
+        scoremap = np.zeros((64, 64), np.float32)
+        scoremap[y0 : y1 + 1, x0 : x1 + 1] = 1
+        maps.append(scoremap)
+    scores = LocalizationScores.from_maps(maps, boxes)
+    assert scores.oracle()["MaxBoxAcc"] == 100 and scores.oracle()["MaxBoxAccV2"] == 100
+
+
+def test_map_with_no_contour_gives_the_zero_box():
+    scoremap = np.zeros((32, 32), np.float32)
+    assert np.array_equal(scoremap_to_boxes(scoremap, 0.5), np.zeros((1, 4)))
+    scores = LocalizationScores.from_maps([scoremap], [np.array([[10, 10, 20, 20]])])
+    assert scores.oracle()["MaxBoxAcc"] == 0
+    # The zero box does count when the truth is at the origin, as in the reference.
+    corner = LocalizationScores.from_maps([scoremap], [np.array([[0, 0, 0, 0]])])
+    assert corner.oracle()["MaxBoxAcc"] == 100
+
+
+def test_multi_contour_finds_the_small_blob_the_largest_contour_misses():
+    scoremap = _blob_map(blobs=((20, 20, 12, 1.0), (50, 50, 5, 0.9)))
+    truth = [np.array([[45, 45, 55, 55]])]
+    scores = LocalizationScores.from_maps([scoremap], truth)
+    assert scores.box_acc(0.5).max() == 0
+    assert scores.box_acc(0.5, multi_contour=True).max() == 100
+    assert len(scoremap_to_boxes(scoremap, 0.5, multi_contour=True)) == 2
+
+
+def test_all_thresholds_at_once_equal_the_per_threshold_loop():
+    rng = np.random.default_rng(0)
+    for index in range(24):
+        if index % 3 == 0:
+            scoremap = rng.random((30, 41)).astype(np.float32)  # noise: many contours, holes, ties
+        elif index % 3 == 1:
+            scoremap = cv2.resize(rng.random((14, 14)).astype(np.float32), (112, 112), interpolation=cv2.INTER_CUBIC)
+        else:
+            scoremap = cv2.resize(rng.random((6, 5)).astype(np.float32), (47, 39), interpolation=cv2.INTER_NEAREST)
+        scoremap = (scoremap - scoremap.min()) / (scoremap.max() - scoremap.min())
+        quantized = quantize_scoremap(scoremap)
+        fast = boxes_over_thresholds(quantized)
+        for t, threshold in enumerate(DEFAULT_THRESHOLDS):
+            multi, _ = boxes_at_threshold(quantized, threshold, multi_contour=True)
+            largest, _ = boxes_at_threshold(quantized, threshold, multi_contour=False)
+            ours = fast.multi_boxes[fast.multi_owner == t]
+            assert np.array_equal(np.sort(ours, axis=0), np.sort(multi, axis=0)), (index, t)
+            assert np.array_equal(fast.largest[t], largest[0]), (index, t)
+
+
+# ----------------------------------------------------------------------------- dataset level
+
+
+def _scores_with_best_threshold(best: int, count: int = 20) -> LocalizationScores:
+    """IoU 0.8 at threshold index `best`, 0.1 elsewhere."""
+    ious = np.full((count, len(DEFAULT_THRESHOLDS)), 0.1)
+    ious[:, best] = 0.8
+    return LocalizationScores(ious, ious.copy(), np.ones(count, bool), DEFAULT_THRESHOLDS)
+
+
+def test_calibration_uses_validation_only():
+    validation, test = _scores_with_best_threshold(30), _scores_with_best_threshold(60)
+    main, per_delta = calibrate_thresholds(validation)
+    assert main == 30 and per_delta == [30, 30, 30]
+    report = calibrated_report(validation, test)
+    assert report["calibrated_on_validation"]["MaxBoxAcc"] == 0  # test's best threshold is elsewhere
+    assert report["calibrated_on_validation"]["threshold"] == pytest.approx(0.30)
+    assert report["test_oracle_max_over_thresholds"]["MaxBoxAcc"] == 100
+    # Changing the test set leaves the chosen threshold alone.
+    other = calibrated_report(validation, _scores_with_best_threshold(10))
+    assert other["calibrated_on_validation"]["threshold"] == pytest.approx(0.30)
+
+
+def test_top1_loc_needs_the_right_class():
+    ious = np.full((4, len(DEFAULT_THRESHOLDS)), 0.9)
+    scores = LocalizationScores(ious, ious, np.array([True, False, True, False]), DEFAULT_THRESHOLDS)
+    assert scores.oracle()["top1_loc"] == 50 and scores.oracle()["gt_known_loc"] == 100
+
+
+def test_pixel_average_precision():
+    truth = [np.array([[8, 8, 23, 23]])]
+    perfect = np.zeros((32, 32), np.float32)
+    perfect[8:24, 8:24] = 1
+    assert pixel_average_precision([perfect], truth) == pytest.approx(100.0)
+    noise = np.random.default_rng(0).random((200, 200)).astype(np.float32)
+    base_rate = 16 * 16 / 200**2
+    random_ap = pixel_average_precision([noise], [np.array([[50, 50, 65, 65]])])
+    assert random_ap == pytest.approx(base_rate * 100, rel=0.5)
+
+
+def test_cxr_protocol_accuracy_and_false_positives():
+    truth = [np.array([[10, 10, 29, 29]]), np.array([[0, 0, 9, 9], [50, 50, 59, 59]])]
+    findings = [["Atelectasis"], ["Nodule", "Atelectasis"]]
+    predicted = [
+        np.array([[12, 12, 20, 20], [80, 80, 90, 90]]),  # inside the truth (IoBB 1) + a false positive
+        np.array([[50, 50, 59, 59]]),  # exactly the Atelectasis box of image 2
+    ]
+    result = cxr_protocol(predicted, truth, findings)
+    atelectasis = result["Atelectasis"]
+    assert atelectasis["iobb@0.9"] == {"accuracy": 1.0, "afp": 0.5}  # one FP over two images
+    # IoU of the inner box is 81 / 400: localized at T(IoU) = 0.2, not at 0.3.
+    assert atelectasis["iou@0.2"]["accuracy"] == 1.0
+    assert atelectasis["iou@0.3"]["accuracy"] == 0.5
+    assert result["Nodule"]["iobb@0.1"]["accuracy"] == 0.0
+
+
+def test_classification_metrics():
+    labels = [0, 0, 1, 1, 2, 2]
+    probabilities = np.array(
+        [[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.5, 0.4, 0.1], [0.1, 0.1, 0.8], [0.2, 0.2, 0.6]]
+    )
+    result = classification_metrics(labels, probabilities, ["A", "B", "C"])
+    assert result["accuracy"] == pytest.approx(5 / 6)
+    assert result["confusion_matrix"] == [[2, 0, 0], [1, 1, 0], [0, 0, 2]]
+    assert result["per_class"]["B"]["recall"] == 0.5 and result["per_class"]["A"]["precision"] == pytest.approx(2 / 3)
+    assert result["balanced_accuracy"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert result["roc_auc_ovr"]["C"] == 1.0
+
+
+def test_harness_table_with_baselines(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def split(count):
+        maps = {"attention": [], "semantic": [], "scm": []}
+        boxes = []
+        for _ in range(count):
+            cy, cx = rng.integers(3, 11, 2)
+            grid = np.zeros((14, 14), np.float32)
+            grid[cy - 2 : cy + 2, cx - 2 : cx + 2] = 1
+            maps["scm"].append(grid + rng.normal(0, 0.05, grid.shape).astype(np.float32))
+            maps["attention"].append(rng.random((14, 14)).astype(np.float32))
+            maps["semantic"].append(np.roll(grid, 3, axis=1))
+            boxes.append(np.array([[(cx - 2) * 8, (cy - 2) * 8, (cx + 2) * 8 - 1, (cy + 2) * 8 - 1]]))
+        return EvaluationSplit({k: np.stack(v) for k, v in maps.items()}, boxes, (112, 112), np.ones(count, bool))
+
+    table = localization_table(split(12), split(16), prior_box=np.array([30, 30, 80, 80]))
+    assert set(table) == {"attention", "semantic", "scm", "random", "full_image", "train_mean_box"}
+    for row in table.values():
+        assert {"calibrated_on_validation", "test_oracle_max_over_thresholds", "PxAP"} <= set(row)
+        assert row["calibrated_on_validation"]["MaxBoxAcc"] <= row["test_oracle_max_over_thresholds"]["MaxBoxAcc"]
+    assert table["scm"]["calibrated_on_validation"]["MaxBoxAcc"] > 80
+    assert (
+        table["scm"]["calibrated_on_validation"]["MaxBoxAcc"] > table["random"]["calibrated_on_validation"]["MaxBoxAcc"]
+    )
+    assert table["full_image"]["calibrated_on_validation"]["MaxBoxAcc"] == 0  # the boxes are small
+    path = tmp_path / "table.png"
+    plot_localization_table(table, str(path))
+    assert path.stat().st_size > 1000
+
+
+def test_evaluate_wrapper_loads_offline_and_agrees():
+    evaluate = pytest.importorskip("evaluate", reason="the evaluate wrapper needs the evaluate package")
+    os.environ["HF_EVALUATE_OFFLINE"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    metric = evaluate.load(os.path.join(root, "metrics", "wsol_localization"))
+    maps = [_blob_map(blobs=((20, 20, 8, 1.0),)), _blob_map(blobs=((40, 40, 6, 1.0),))]
+    truth = [[[12, 12, 28, 28]], [[0, 0, 10, 10]]]
+    result = metric.compute(scoremaps=maps, gt_boxes=truth, correct_class=[True, True])
+    expected = LocalizationScores.from_maps(maps, [np.array(t) for t in truth]).oracle()
+    assert result["MaxBoxAcc"] == expected["MaxBoxAcc"] == 50
+    assert math.isclose(result["MaxBoxAccV2"], expected["MaxBoxAccV2"])
