@@ -17,8 +17,16 @@ from transformers import PretrainedConfig
 
 DEFAULT_ID2LABEL = {0: "Atelectasis", 1: "Other_pathologies", 2: "No_pathologies"}
 
-# timm's `deit_{tiny,small,base}_patch16_224` dimensions.
+# timm's `deit_{tiny,small,base}_patch16_224` dimensions, and a micro size (not a timm model) for
+# training from scratch on a CPU in minutes: the default of run_wsol.py on the phantoms.
 BACKBONE_PRESETS: dict[str, dict[str, int]] = {
+    "deit-micro": {
+        "hidden_size": 96,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 3,
+        "intermediate_size": 384,
+        "patch_size": 8,
+    },
     "deit-tiny": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768},
     "deit-small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},
     "deit-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
@@ -235,7 +243,8 @@ class DeiTSCMConfig(PretrainedConfig):
         """Build a configuration from a named backbone and SCM variant.
 
         Args:
-            backbone: `"deit-tiny"`, `"deit-small"` or `"deit-base"` (timm's `deit_*_patch16_224`).
+            backbone: `"deit-tiny"`, `"deit-small"` or `"deit-base"` (timm's `deit_*_patch16_224`), or
+                `"deit-micro"` (96 wide, 4 layers, patch 8: a CPU demo size with no pretrained weights).
             scm_variant: `"paper"` (the official SCM code's semantics) or `"cxr"` (this project's
                 chest X-ray defaults). See `SCM_VARIANTS`.
             **overrides: any configuration field, applied last.

@@ -6,10 +6,6 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
+from remote_code import run_outside_repo
 
 from image_processing_cxr import GEOMETRY_FIELDS, CXRImageError, CXRImageProcessor, overlay_heatmap
 
@@ -349,28 +346,18 @@ def test_round_trip_through_auto_image_processor_with_remote_code(tmp_path):
     np.save(tmp_path / "image.npy", image)
     expected = processor(image)["pixel_values"]
     torch.save(expected, tmp_path / "expected.pt")
-    root = str(Path(__file__).resolve().parents[1])
-    script = textwrap.dedent(
-        f"""
-        import sys, numpy as np, torch
-        from pathlib import Path
-        sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != Path({root!r})]
-        for name in ("image_processing_cxr", "localization"):
-            sys.modules[name] = None
-        from transformers import AutoImageProcessor
-        processor = AutoImageProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True)
-        assert type(processor).__name__ == "CXRImageProcessor", type(processor)
-        assert "transformers_modules" in type(processor).__module__
-        assert processor.resize_mode == "pad" and processor.localization_threshold == 0.37
-        out = processor(np.load({str(tmp_path / "image.npy")!r}))["pixel_values"]
-        assert torch.equal(out, torch.load({str(tmp_path / "expected.pt")!r}))
-        print("REMOTE_OK")
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
-    )
+    script = f"""
+import numpy as np, torch
+from transformers import AutoImageProcessor
+processor = AutoImageProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True)
+assert type(processor).__name__ == "CXRImageProcessor", type(processor)
+assert "transformers_modules" in type(processor).__module__
+assert processor.resize_mode == "pad" and processor.localization_threshold == 0.37
+out = processor(np.load({str(tmp_path / "image.npy")!r}))["pixel_values"]
+assert torch.equal(out, torch.load({str(tmp_path / "expected.pt")!r}))
+print("REMOTE_OK")
+"""
+    result = run_outside_repo(script, elsewhere)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE_OK" in result.stdout
     reloaded = CXRImageProcessor.from_pretrained(saved)

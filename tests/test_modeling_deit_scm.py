@@ -5,13 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from remote_code import run_outside_repo
 
 from configuration_deit_scm import BACKBONE_PRESETS, DeiTSCMConfig
 from modeling_deit_scm import (
@@ -456,35 +454,23 @@ def test_remote_code_in_fresh_interpreter_outside_the_project(tmp_path):
     elsewhere.mkdir()
     model.save_pretrained(checkpoint)
     torch.save({"pixels": pixels, "logits": expected.logits, "maps": expected.localization_maps}, tmp_path / "io.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        from pathlib import Path
-        root = {str(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))!r}
-        sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != Path(root)]
-        # The project may be pip-installed (editable): make its own modules unimportable here so
-        # only the files saved next to the weights can serve.
-        sys.modules["configuration_deit_scm"] = None
-        sys.modules["modeling_deit_scm"] = None
-        from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
-        io = torch.load({str(tmp_path / "io.pt")!r})
-        model = AutoModelForImageClassification.from_pretrained({str(checkpoint)!r}, trust_remote_code=True).eval()
-        assert type(model).__name__ == "DeiTSCMForImageClassification", type(model)
-        assert "transformers_modules" in type(model).__module__
-        with torch.no_grad():
-            out = model(io["pixels"])
-        assert torch.equal(out.logits, io["logits"]), (out.logits, io["logits"])
-        assert torch.equal(out.localization_maps, io["maps"])
-        config = AutoConfig.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
-        assert config.model_type == "deit_scm" and config.class_weights == [1.0, 2.0, 3.0]
-        base = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
-        assert type(base).__name__ == "DeiTSCMModel"
-        print("REMOTE_OK")
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
-    )
+    script = f"""
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+io = torch.load({str(tmp_path / "io.pt")!r})
+model = AutoModelForImageClassification.from_pretrained({str(checkpoint)!r}, trust_remote_code=True).eval()
+assert type(model).__name__ == "DeiTSCMForImageClassification", type(model)
+assert "transformers_modules" in type(model).__module__
+with torch.no_grad():
+    out = model(io["pixels"])
+assert torch.equal(out.logits, io["logits"]), (out.logits, io["logits"])
+assert torch.equal(out.localization_maps, io["maps"])
+config = AutoConfig.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+assert config.model_type == "deit_scm" and config.class_weights == [1.0, 2.0, 3.0]
+base = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+assert type(base).__name__ == "DeiTSCMModel"
+print("REMOTE_OK")
+"""
+    result = run_outside_repo(script, elsewhere)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE_OK" in result.stdout

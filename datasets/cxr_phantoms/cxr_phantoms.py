@@ -255,7 +255,7 @@ def _draw_finding(
         normal = np.zeros_like(mask)
         cv2.ellipse(normal, (int(hx), int(hy)), (int(hw), int(hh)), 0, 0, 360, 1, -1)
         # The enlarged silhouette: density added where the heart now reaches beyond its normal outline.
-        canvas += _soft(mask & (1 - normal), 2.0 * scale) * 0.3
+        canvas += _soft(mask & (1 - normal), 2.0 * scale) * 0.42
         return _lesion_box(mask)
     cx, cy, w, h = _box_from_stats(rng, finding, size)
     if side is not None:
@@ -274,7 +274,7 @@ def _draw_finding(
             wedge = np.array([(lateral, cy - thick), (lateral, cy + thick), tip], dtype=np.int32)
             cv2.fillPoly(mask, [wedge], 1)
         mask &= lung.astype(np.uint8)
-        canvas += _soft(mask, 1.5 * scale) * rng.uniform(0.2, 0.27)
+        canvas += _soft(mask, 1.5 * scale) * rng.uniform(0.38, 0.48)
     elif finding == "Effusion":
         # Fluid in the costophrenic angle with a meniscus rising laterally.
         height = max(h * rng.uniform(0.5, 0.8), size * 0.06)
@@ -285,12 +285,12 @@ def _draw_finding(
         t = np.clip((xs - medial) / (lateral - medial), 0, 1)  # 0 medial .. 1 lateral
         surface = dome + size * 0.06 - height * t**1.5
         mask = ((ys >= surface) & lung).astype(np.uint8)
-        canvas += _soft(mask, 1.5 * scale) * rng.uniform(0.25, 0.32)
+        canvas += _soft(mask, 1.5 * scale) * rng.uniform(0.38, 0.48)
     elif finding in ("Nodule", "Mass"):
         radius = max(min(w, h) / 2, size * (0.012 if finding == "Nodule" else 0.03))
         cv2.circle(mask, (int(cx), int(cy)), int(radius), 1, -1)
         mask &= lung.astype(np.uint8)
-        canvas += _soft(mask, 1.0 * scale) * rng.uniform(0.2, 0.28)
+        canvas += _soft(mask, 1.0 * scale) * rng.uniform(0.38, 0.48)
     elif finding == "Infiltration":
         cloud = np.zeros((size, size), dtype=np.float32)
         for _ in range(rng.integers(4, 8)):
@@ -299,7 +299,7 @@ def _draw_finding(
         cloud = cv2.GaussianBlur(cloud, (0, 0), 3 * scale) * (0.7 + 0.3 * _smooth_noise(rng, size, 32))
         cloud *= lung
         mask = (cloud > 0.25).astype(np.uint8)
-        canvas += np.clip(cloud, 0, 1) * rng.uniform(0.18, 0.25)
+        canvas += np.clip(cloud, 0, 1) * rng.uniform(0.32, 0.42)
     elif finding == "Pneumothorax":
         # Apical/lateral air without lung markings, bounded by a thin visceral pleural line.
         axes = (int(max(w / 2, size * 0.05)), int(max(h / 2, size * 0.06)))
@@ -309,9 +309,9 @@ def _draw_finding(
         )
         cv2.ellipse(mask, center, axes, 0, 0, 360, 1, -1)
         mask &= lung.astype(np.uint8)
-        canvas -= _soft(mask, 1.0 * scale) * 0.12
+        canvas -= _soft(mask, 1.0 * scale) * 0.2
         edge = cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((2, 2), np.uint8))
-        canvas += edge * 0.12
+        canvas += edge * 0.25
     else:
         raise ValueError(f"unknown finding {finding!r}")
     return _lesion_box(mask)

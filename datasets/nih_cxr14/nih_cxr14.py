@@ -80,15 +80,19 @@ def normalize_finding(name: str) -> str:
     return FINDING_ALIASES.get(name, name)
 
 
-def read_metadata(path: str | Path) -> pd.DataFrame:
-    """Read `Data_Entry_2017*.csv` into columns Image Index, Finding Labels, Patient ID, age, sex, view."""
+def _read_csv(path: str | Path, kind: str) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
-        raise NIHMetadataError(f"{path}: no such metadata file")
+        raise NIHMetadataError(f"{path}: no such {kind} file")
     try:
-        table = pd.read_csv(path)
+        return pd.read_csv(path)
     except Exception as error:  # pandas raises several types for malformed CSV
         raise NIHMetadataError(f"{path}: cannot read CSV ({error})") from error
+
+
+def read_metadata(path: str | Path) -> pd.DataFrame:
+    """Read `Data_Entry_2017*.csv` into columns Image Index, Finding Labels, Patient ID, age, sex, view."""
+    table = _read_csv(path, "metadata")
     needed = ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position"]
     missing = [column for column in needed if column not in table.columns]
     if missing:
@@ -108,13 +112,7 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
 
 def read_boxes(path: str | Path) -> pd.DataFrame:
     """Read `BBox_List_2017.csv`: one row per box with Image Index, finding and xyxy (original pixels)."""
-    path = Path(path)
-    if not path.is_file():
-        raise NIHMetadataError(f"{path}: no such box file")
-    try:
-        table = pd.read_csv(path)
-    except Exception as error:
-        raise NIHMetadataError(f"{path}: cannot read CSV ({error})") from error
+    table = _read_csv(path, "box")
     if "Image Index" not in table.columns or "Finding Label" not in table.columns or table.shape[1] < 6:
         raise NIHMetadataError(f"{path}: expected Image Index, Finding Label and four box columns")
     # The header "Bbox [x,y,w,h]" spreads over four columns; take them by position.

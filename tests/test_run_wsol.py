@@ -1,0 +1,222 @@
+"""Tests of the main job: outputs, resume, two processes, prediction, bad flags (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from remote_code import run_outside_repo
+from safetensors.torch import load_file
+
+import run_wsol
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--num_phantoms", "48", "--phantom_size", "96", "--image_size", "64",
+    "--config_overrides", "hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,patch_size=8",
+    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("smoke") / "run"
+    run_wsol.main([*TINY, "--output_dir", str(output), "--max_train_steps", "2"])
+    return output
+
+
+def test_smoke_run_writes_every_output(smoke_run):
+    results = json.loads((smoke_run / "all_results.json").read_text())
+    assert results["training"]["steps"] == 2
+    test = results["classification"]["test"]
+    assert {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "roc_auc_ovr", "confusion_matrix"} <= set(test)
+    methods = results["localization"]["methods"]
+    assert set(methods) == {"attention", "semantic", "scm", "random", "full_image", "train_mean_box"}
+    for row in methods.values():
+        assert set(row) == {"calibrated_on_validation", "test_oracle_max_over_thresholds", "PxAP"}
+    assert (
+        "Atelectasis" in results["localization"]["cxr_protocol_scm_at_calibrated_threshold"]
+        or results["localization"]["cxr_protocol_scm_at_calibrated_threshold"]
+    )
+    for folder in ("metrics_plots", "heatmap_comparisons", "localization_samples"):
+        pngs = list((smoke_run / folder).glob("*.png"))
+        assert pngs, folder
+        for png in pngs:
+            with Image.open(png) as image:
+                image.verify()
+    assert {p.name for p in (smoke_run / "metrics_plots").glob("*.png")} >= {
+        "loss.png", "accuracy.png", "macro_f1.png", "localization.png",
+        "confusion_matrix.png", "localization_baselines.png",
+    }  # fmt: skip
+    processor_config = json.loads((smoke_run / "preprocessor_config.json").read_text())
+    threshold = results["localization"]["heatmap_threshold_from_validation"]
+    assert processor_config["localization_threshold"] == pytest.approx(threshold)
+
+
+def test_model_card_metadata(smoke_run):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(smoke_run / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-classification"
+    results = json.loads((smoke_run / "all_results.json").read_text())
+    accuracy = next(r for r in card.data.eval_results if r.metric_type == "accuracy")
+    assert accuracy.metric_value == pytest.approx(results["classification"]["test"]["accuracy"], abs=1e-4)
+    assert "trust_remote_code=True" in card.text and "post_process_localization" in card.text
+
+
+def test_saved_folder_loads_with_remote_code_outside_the_repo(smoke_run, tmp_path):
+    script = f"""
+import numpy as np, torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained({str(smoke_run)!r}, trust_remote_code=True).eval()
+processor = AutoImageProcessor.from_pretrained({str(smoke_run)!r}, trust_remote_code=True)
+image = (np.random.default_rng(0).random((120, 90)) * 4000).astype(np.uint16)
+inputs = processor([image])
+with torch.no_grad():
+    outputs = model(inputs["pixel_values"])
+result = processor.post_process_localization(outputs, geometry=inputs, id2label=model.config.id2label)[0]
+assert result["heatmap"].shape == (120, 90) and result["label_name"] in model.config.id2label.values()
+print("LOADED", result["label_name"])
+"""
+    done = run_outside_repo(script, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "LOADED" in done.stdout
+
+
+def test_prediction_only_run_writes_json_and_overlays(smoke_run, tmp_path):
+    image = tmp_path / "patient.png"
+    Image.fromarray((np.random.default_rng(1).random((80, 100)) * 255).astype(np.uint8)).save(image)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    output = tmp_path / "predict"
+    run_wsol.main(
+        ["--do_train", "false", "--do_eval", "false", "--model_name_or_path", str(smoke_run),
+         "--output_dir", str(output), "--predict_files", str(image), str(broken)]
+    )  # fmt: skip
+    records = json.loads((output / "predictions" / "predictions.json").read_text())
+    good = next(r for r in records if r["file"] == str(image))
+    assert good["label"] in run_wsol.CLASS_NAMES and 0 <= good["score"] <= 1
+    assert Path(good["overlay"]).is_file()
+    bad = next(r for r in records if r["file"] == str(broken))
+    assert "broken.png" in bad["error"]
+
+
+def test_push_offline_fails_fast_after_saving(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit, match="offline"):
+        run_wsol.main(
+            [
+                *TINY,
+                "--output_dir",
+                str(output),
+                "--max_train_steps",
+                "1",
+                "--push_to_hub",
+                "--hub_model_id",
+                "me/model",
+            ]
+        )
+    assert (output / "model.safetensors").is_file() and (output / "all_results.json").is_file()
+
+
+def test_resume_continues_exactly(tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "3", "--do_eval", "false", "--seed", "7"]
+    run_wsol.main([*common, "--output_dir", str(full)])
+    checkpoints = run_wsol.completed_checkpoints(full)
+    assert [c.name for c in checkpoints] == ["step_3", "step_6"]
+    run_wsol.main([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoints[0])])
+    first, second = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], atol=0, rtol=0, msg=key)
+    # Training did move the weights between the checkpoint and the end.
+    state_at_3 = json.loads((checkpoints[0] / "train_state.json").read_text())
+    assert state_at_3["global_step"] == 3
+
+
+def test_latest_never_picks_a_half_written_checkpoint(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for name, complete in (("step_3", True), ("step_6", True), ("step_9.tmp", False), ("step_12", False)):
+        (folder / name).mkdir(parents=True)
+        if complete:
+            (folder / name / run_wsol.COMPLETE_MARKER).write_text("ok")
+    args = run_wsol.parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    assert run_wsol.resolve_checkpoint(args).name == "step_6"
+
+
+def test_two_processes_gather_every_eval_sample_once(tmp_path):
+    output = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(ROOT / "run_wsol.py"), *TINY, "--num_phantoms", "52", "--max_train_steps", "2", "--output_dir", str(output),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((output / "all_results.json").read_text())
+    assert results["num_processes"] == 2
+    # 52 phantoms -> 13 test images: uneven over two processes, and counted once each.
+    assert results["classification"]["test"]["num_samples"] == 13
+    assert sum(sum(row) for row in results["classification"]["test"]["confusion_matrix"]) == 13
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--dataset", "mnist"], "invalid choice"),
+        (["--dataset", "nih"], "needs --data_dir"),
+        (["--per_device_train_batch_size", "0"], "positive"),
+        (["--resume_from_checkpoint", "/nonexistent/step_3"], "does not exist"),
+        (["--checkpointing_steps", "often"], "checkpointing_steps"),
+        (["--predict_files", "/nonexistent.png"], "does not exist"),
+    ],
+)
+def test_bad_flags_exit_with_one_line(flags, fragment, tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "run_wsol.py"), "--output_dir", str(tmp_path / "x"), *flags],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in done.stderr
+
+
+def test_preprocessing_cache_is_keyed_by_content_and_settings(tmp_path):
+    from cxr_data import load_dataset_module
+    from image_processing_cxr import CXRImageProcessor
+
+    dataset = load_dataset_module("phantoms").build_phantom_dataset(
+        num_train=40, num_validation=0, num_test=0, size=64
+    )["train"]
+    processor = CXRImageProcessor(size={"height": 32, "width": 32})
+    first = run_wsol.prepare_split("train", dataset, processor, None, tmp_path, 1)
+    files = set(tmp_path.iterdir())
+    expected = np.stack([processor.process_one(np.asarray(image))[0] for image in dataset["image"]])
+    np.testing.assert_array_equal(first.pixels.numpy(), expected)
+    again = run_wsol.prepare_split("train", dataset, processor, None, tmp_path, 1)
+    assert set(tmp_path.iterdir()) == files  # read back, not rebuilt
+    torch.testing.assert_close(again.pixels, first.pixels)
+    subset = run_wsol.prepare_split("train", dataset, processor, 10, tmp_path, 1)
+    assert subset.pixels.shape[0] == len(subset.labels) == 10
+    changed = CXRImageProcessor(size={"height": 32, "width": 32}, do_clahe=False)
+    rebuilt = run_wsol.prepare_split("train", dataset, changed, None, tmp_path, 1)
+    assert len(set(tmp_path.iterdir())) == len(files) + 2  # the subset's and the new setting's
+    assert not torch.equal(rebuilt.pixels, first.pixels)
