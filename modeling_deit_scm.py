@@ -368,25 +368,27 @@ def newton_schulz_apply(operator: GridOperator, vectors: torch.Tensor, iteration
         X_k = alpha * L * sum_{j < 2^k} P^j,    P = I - alpha * L^2,
 
     which is also X_k^T. The sum is taken by Horner's rule with matrix-vector products for small k,
-    and by doubling (s_2m = s_m + P^m s_m, P^2m = P^m P^m) for large k.
+    and by doubling (s_2m = s_m + P^m s_m, P^2m = P^m P^m) for large k, carrying R = I - P^m.
 
     Args:
         vectors: (batch, N) attention maps F.
     Returns:
         (batch, N) X_k^T F.
     """
+    # Work with R = I - P^m rather than P^m: P's eigenvalues near 1 (1 - d, small d) would round to 1 in
+    # float32 and the repeated squaring would lose them; R holds d itself. (I - R)^2 = I - (2R - R^2).
     dense = operator.dense()
-    power = torch.eye(dense.shape[-1], device=dense.device, dtype=dense.dtype) - alpha * operator.matmul(dense)
+    residual = alpha * operator.matmul(dense)  # R = alpha L^2, so P = I - R
     start = vectors.unsqueeze(-1)
     total = start
     if iterations <= _HORNER_MAX_ITERATIONS:
         for _ in range(2**iterations - 1):
-            total = torch.baddbmm(start, power, total)
+            total = torch.baddbmm(start + total, residual, total, alpha=-1.0)  # v + (I - R) s
     else:
         for step in range(iterations):
-            total = torch.baddbmm(total, power, total)
+            total = torch.baddbmm(total, residual, total, beta=2.0, alpha=-1.0)  # s + P^m s = 2s - R s
             if step < iterations - 1:
-                power = torch.bmm(power, power)
+                residual = torch.baddbmm(residual, residual, residual, beta=2.0, alpha=-1.0)
     return alpha * operator.matmul(total).squeeze(-1)
 
 

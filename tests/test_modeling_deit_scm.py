@@ -161,14 +161,20 @@ class TestAttention:
     @pytest.mark.parametrize("training", [False, True])
     def test_fused_equals_eager(self, variant, training):
         model = tiny_model(scm_attention_layers=variant).train(training)
+        torch.manual_seed(1)
         pixels = torch.randn(3, 3, 40, 32)
-        fused = model(pixels)
+        fused, fused_base = model(pixels), model.deit(pixels)
         model.set_fused_attention(False)
-        eager = model(pixels)
-        for name in ("logits", "localization_maps", "attention_maps", "semantic_maps", "calibrated_attention_maps"):
-            if getattr(fused, name) is None:
-                continue
+        eager, eager_base = model(pixels), model.deit(pixels)
+        torch.testing.assert_close(fused_base.cls_attention, eager_base.cls_attention, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(fused_base.last_hidden_state, eager_base.last_hidden_state, atol=1e-5, rtol=1e-5)
+        for name in ("logits", "localization_maps", "semantic_maps"):
             torch.testing.assert_close(getattr(fused, name), getattr(eager, name), atol=1e-5, rtol=1e-5, msg=name)
+        # F0 is min-max normalized: a random tiny model's nearly flat attention turns 1e-7 rounding
+        # differences of the two kernels into a few 1e-5, and the SCM blocks carry them on.
+        for name in ("attention_maps", "calibrated_attention_maps"):
+            if getattr(fused, name) is not None:
+                torch.testing.assert_close(getattr(fused, name), getattr(eager, name), atol=5e-5, rtol=1e-5, msg=name)
 
     def test_all_and_last_select_different_layers(self):
         pixels = torch.randn(2, 3, 32, 32)
