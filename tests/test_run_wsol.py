@@ -220,3 +220,52 @@ def test_preprocessing_cache_is_keyed_by_content_and_settings(tmp_path):
     rebuilt = run_wsol.prepare_split("train", dataset, changed, None, tmp_path, 1)
     assert len(set(tmp_path.iterdir())) == len(files) + 2  # the subset's and the new setting's
     assert not torch.equal(rebuilt.pixels, first.pixels)
+
+
+def test_nih_run_with_stand_in_images(tmp_path):
+    """The NIH path end to end on real metadata rows with generated stand-in images."""
+    import pandas as pd
+
+    nih_dir = ROOT.parent / "shared" / "data" / "nih"
+    metadata = pd.read_csv(nih_dir / "Data_Entry_2017_sample.csv")
+    boxes = pd.read_csv(nih_dir / "BBox_List_2017.csv")
+    boxed_images = list(boxes["Image Index"].unique()[:24])
+    boxed_patients = set(metadata.loc[metadata["Image Index"].isin(boxed_images), "Patient ID"])
+    other_patients = sorted(set(metadata["Patient ID"]) - boxed_patients)[:40]
+    rows = metadata[metadata["Patient ID"].isin(other_patients) | metadata["Image Index"].isin(boxed_images)]
+    data_dir = tmp_path / "nih"
+    (data_dir / "images_001" / "images").mkdir(parents=True)
+    rows.to_csv(data_dir / "Data_Entry_2017_v2020.csv", index=False)
+    boxes[boxes["Image Index"].isin(boxed_images)].to_csv(data_dir / "BBox_List_2017.csv", index=False)
+    # NIH images are 1024 x 1024 and the boxes are in that frame: the stand-ins must be too.
+    ramp = np.tile(np.linspace(0, 255, 1024, dtype=np.uint8), (1024, 1))
+    for index, name in enumerate(rows["Image Index"]):
+        Image.fromarray(np.roll(ramp, index * 7, axis=1)).save(data_dir / "images_001" / "images" / name)
+    output = tmp_path / "run"
+    results = run_wsol.main(
+        ["--dataset", "nih", "--data_dir", str(data_dir), *TINY[6:], "--image_size", "64",
+         "--max_train_steps", "1", "--output_dir", str(output)]
+    )  # fmt: skip
+    assert results["localization"]["images_validation"] + results["localization"]["images_test"] == len(boxed_images)
+    assert results["classification"]["test"]["num_samples"] > 0
+    splits = run_wsol.prepare_all(
+        run_wsol.parse_args(
+            ["--dataset", "nih", "--data_dir", str(data_dir), "--image_size", "64", "--output_dir", str(tmp_path / "x")]
+        ),
+        run_wsol.CXRImageProcessor(size={"height": 64, "width": 64}),
+        _MainProcess(),
+    )
+    for box in np.concatenate([b for b in splits["loc_test"].frame_boxes if len(b)]):
+        assert 0 <= box[0] <= box[2] < 64 and 0 <= box[1] <= box[3] < 64
+    assert (output / "all_results.json").is_file() and list((output / "heatmap_comparisons").glob("*.png"))
+
+
+class _MainProcess:
+    """Stands in for an Accelerator where only the process-order helpers are used."""
+
+    is_local_main_process = True
+
+    def main_process_first(self):
+        import contextlib
+
+        return contextlib.nullcontext()
