@@ -875,7 +875,7 @@ def write_overlays(
     return written
 
 
-def model_card(args: argparse.Namespace, results: dict[str, Any], model: Any) -> str:
+def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
     """A Hub model card: YAML metadata (model-index from the results) and a usage snippet."""
     test = results["classification"]["test"]
     scm = results["localization"]["methods"]["scm"]
@@ -966,7 +966,7 @@ def save_model(args, accelerator, model, processor: CXRImageProcessor, results: 
     unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
     unwrapped.save_pretrained(str(output_dir), safe_serialization=True)
     processor.save_pretrained(str(output_dir))
-    (output_dir / "README.md").write_text(model_card(args, results, unwrapped))
+    (output_dir / "README.md").write_text(model_card(args, results))
 
 
 def push_to_hub(args: argparse.Namespace, output_dir: Path) -> None:
@@ -1093,7 +1093,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     processor = build_processor(args)
     results: dict[str, Any] = {
-        "args": {k: v for k, v in vars(args).items()},
+        "args": dict(vars(args)),
         "num_processes": accelerator.num_processes,
     }
     splits = prepare_all(args, processor, accelerator) if (args.do_train or args.do_eval) else {}

@@ -1,4 +1,4 @@
-"""Tests of the two datasets: NIH ChestX-ray14 (real metadata from ../shared) and the CXR phantoms."""
+"""Tests of the two datasets: NIH ChestX-ray14 (real metadata, fixtures from ../shared) and the CXR phantoms."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 import cxr_data
 
 ROOT = Path(__file__).resolve().parents[1]
-NIH = ROOT.parent / "shared" / "data" / "nih"
+NIH = ROOT / "tests" / "fixtures" / "nih"  # copied from ../shared/data/nih, see its README
 METADATA, BOXES = NIH / "Data_Entry_2017_sample.csv", NIH / "BBox_List_2017.csv"
 nih = cxr_data.load_dataset_module("nih")
 phantoms = cxr_data.load_dataset_module("phantoms")

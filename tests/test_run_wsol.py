@@ -226,7 +226,7 @@ def test_nih_run_with_stand_in_images(tmp_path):
     """The NIH path end to end on real metadata rows with generated stand-in images."""
     import pandas as pd
 
-    nih_dir = ROOT.parent / "shared" / "data" / "nih"
+    nih_dir = ROOT / "tests" / "fixtures" / "nih"
     metadata = pd.read_csv(nih_dir / "Data_Entry_2017_sample.csv")
     boxes = pd.read_csv(nih_dir / "BBox_List_2017.csv")
     boxed_images = list(boxes["Image Index"].unique()[:24])
