@@ -127,6 +127,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "default: the SCM variant's on NIH, none on phantoms",
     )
     train.add_argument("--drop_path_rate", type=float, default=0.0)
+    train.add_argument(
+        "--scm_warmup_epochs",
+        type=int,
+        help="epochs trained without the SCM blocks first (logits from S0), so that attention means something "
+        "before SCM diffuses it; default 0 with pretrained weights, half the epochs from scratch",
+    )
     train.add_argument("--early_stopping_patience", type=int, default=0, help="epochs without improvement; 0 = off")
     train.add_argument(
         "--metric_for_best_model", default="macro_f1", choices=("macro_f1", "accuracy", "loss", "max_box_acc")
@@ -496,6 +502,7 @@ class TrainState:
     epochs_without_improvement: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
+    scm_warmup_epochs: int = 0
 
 
 def completed_checkpoints(output_dir: Path) -> list[Path]:
@@ -586,11 +593,21 @@ def build_components(args, accelerator, model, train_split: PreparedSplit, norma
     return Components(accelerator, model, optimizer, scheduler, loader, normalizer, steps_per_epoch, max_steps)
 
 
+def scm_warmup_epochs(args: argparse.Namespace, epochs: int) -> int:
+    """The SCM paper trains from an ImageNet-pretrained DeiT, whose attention is meaningful from the first
+    step. From scratch, diffusing random attention slows learning (on the phantoms: validation loss 0.84
+    against 0.75 after 40 epochs), so the first half then runs without the blocks."""
+    if args.scm_warmup_epochs is not None:
+        return args.scm_warmup_epochs
+    return 0 if (args.backbone_weights or args.model_name_or_path) else epochs // 2
+
+
 def train(args, parts: Components, state: TrainState, validation: PreparedSplit, output_dir: Path) -> TrainState:
     """Epoch loop with per-epoch validation, checkpoints, early stopping; restores the best weights."""
     accelerator = parts.accelerator
     best_weights: Optional[dict[str, torch.Tensor]] = None
     epochs = math.ceil(parts.max_steps / parts.steps_per_epoch)
+    state.scm_warmup_epochs = scm_warmup_epochs(args, epochs)
     progress = tqdm(
         total=parts.max_steps, initial=state.global_step, desc="training", disable=not accelerator.is_local_main_process
     )
@@ -640,7 +657,8 @@ def train_one_epoch(args, parts: Components, state: TrainState, progress: Any, o
             torch.manual_seed(step_seed)
             if args.augment:
                 pixels = augment_batch(pixels, torch.Generator().manual_seed(step_seed))
-            loss = model(parts.normalizer(pixels), labels=labels).loss
+            run_scm = state.epoch >= state.scm_warmup_epochs
+            loss = model(parts.normalizer(pixels), labels=labels, run_scm=run_scm).loss
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -1028,7 +1046,7 @@ def predict_files(args, model, processor: CXRImageProcessor, output_dir: Path) -
 
 def make_accelerator(args: argparse.Namespace) -> Any:
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 
     report_to = None if args.report_to == "none" else args.report_to
     # Accelerate runs several CPU processes (gloo) only when told it is on CPU.
@@ -1040,6 +1058,8 @@ def make_accelerator(args: argparse.Namespace) -> Any:
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # SCM's lambda and beta get no gradient while the blocks are warming up.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
 
 
@@ -1116,6 +1136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             "steps": state.global_step,
             "epochs": state.epoch,
             "best_epoch": state.best_epoch,
+            "scm_warmup_epochs": state.scm_warmup_epochs,
             "history": state.history,
         }
     if args.do_eval:

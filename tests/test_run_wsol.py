@@ -269,3 +269,28 @@ class _MainProcess:
         import contextlib
 
         return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("warmup, trained", [(2, False), (1, True)])
+def test_scm_warmup_epochs_train_the_blocks_only_afterwards(tmp_path, warmup, trained):
+    output = tmp_path / "run"
+    results = run_wsol.main(
+        [
+            *TINY,
+            "--num_train_epochs",
+            "2",
+            "--scm_warmup_epochs",
+            str(warmup),
+            "--do_eval",
+            "false",
+            "--output_dir",
+            str(output),
+        ]
+    )
+    assert results["training"]["scm_warmup_epochs"] == warmup
+    weights = load_file(str(output / "model.safetensors"))
+    config = json.loads((output / "config.json").read_text())
+    lambdas = [weights[k].item() for k in weights if k.endswith(".lam")]
+    assert len(lambdas) == config["scm_num_blocks"]
+    moved = any(abs(value - config["scm_lambda_init"]) > 1e-7 for value in lambdas)
+    assert moved == trained
