@@ -226,10 +226,6 @@ class PreparedSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    @property
-    def boxed(self) -> np.ndarray:
-        return np.array([len(b) > 0 for b in self.frame_boxes], dtype=bool)
-
 
 def load_raw_splits(args: argparse.Namespace) -> dict[str, Any]:
     """The source splits: train / validation / test (classification) and, for localization,
