@@ -647,9 +647,7 @@ def overlay_heatmap(
     """
     image = np.asarray(image)
     if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 1):
-        gray = image.reshape(image.shape[:2]).astype(np.float32)
-        span = float(gray.max() - gray.min())
-        gray = ((gray - gray.min()) / span * 255 if span > 0 else np.zeros_like(gray)).astype(np.uint8)
+        gray = (normalize_scoremap(image.reshape(image.shape[:2])) * 255).astype(np.uint8)
         rgb = np.repeat(gray[..., None], 3, axis=2)
     elif image.ndim == 3 and image.shape[-1] in (3, 4):
         rgb = np.ascontiguousarray(image[..., :3]).astype(np.uint8)
