@@ -15,6 +15,7 @@ threshold calibrated on a validation split and the test-set oracle reported besi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -264,8 +265,6 @@ def frame_boxes(boxes: Sequence[Sequence[float]], geometry: Sequence[int]) -> np
 
 
 def _digest(*parts: Any) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for part in parts:
         digest.update(json.dumps(part, sort_keys=True, default=str).encode())
@@ -275,8 +274,6 @@ def _digest(*parts: Any) -> str:
 def source_fingerprint(dataset: Any) -> str:
     """Identity of a split's content: its ids, labels and boxes, and the code that made it (phantom
     images are drawn by `cxr_phantoms.py`, so a change there must rebuild the cache)."""
-    import hashlib
-
     code = hashlib.sha256()
     for path in sorted((Path(__file__).parent / "datasets").rglob("*.py")):
         code.update(path.read_bytes())
@@ -750,10 +747,14 @@ def evaluation_split(split: PreparedSplit, predictions: Predictions) -> Evaluati
     )
 
 
+def classification_scores(predictions: Predictions) -> dict[str, Any]:
+    probabilities = torch.softmax(torch.from_numpy(predictions.logits), -1).numpy()
+    return classification_metrics(predictions.labels, probabilities, CLASS_NAMES)
+
+
 def validation_metrics(args, parts: Components, validation: PreparedSplit) -> dict[str, float]:
     predictions = predict_split(args, parts, validation)
-    probabilities = torch.softmax(torch.from_numpy(predictions.logits), -1).numpy()
-    scores = classification_metrics(predictions.labels, probabilities, CLASS_NAMES)
+    scores = classification_scores(predictions)
     metrics = {"loss": predictions.loss, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
     boxed = evaluation_split(validation, predictions)
     if boxed.gt_boxes:
@@ -771,13 +772,16 @@ def final_evaluation(
     args, parts: Components, splits: dict[str, PreparedSplit]
 ) -> tuple[dict[str, Any], dict[str, Predictions]]:
     """Classification on validation and test; localization (with baselines) on the box splits."""
-    predictions = {
-        name: predict_split(args, parts, splits[name]) for name in ("validation", "test", "loc_validation", "loc_test")
-    }
+    # A split serving twice (phantom validation = loc_validation) is predicted once.
+    by_split: dict[int, Predictions] = {}
+    predictions = {}
+    for name in ("validation", "test", "loc_validation", "loc_test"):
+        if id(splits[name]) not in by_split:
+            by_split[id(splits[name])] = predict_split(args, parts, splits[name])
+        predictions[name] = by_split[id(splits[name])]
     results: dict[str, Any] = {"classification": {}}
     for name in ("validation", "test"):
-        probabilities = torch.softmax(torch.from_numpy(predictions[name].logits), -1).numpy()
-        results["classification"][name] = classification_metrics(predictions[name].labels, probabilities, CLASS_NAMES)
+        results["classification"][name] = classification_scores(predictions[name])
         results["classification"][name]["loss"] = predictions[name].loss
         results["classification"][name]["num_samples"] = int(len(predictions[name].labels))
     val_boxed = evaluation_split(splits["loc_validation"], predictions["loc_validation"])
