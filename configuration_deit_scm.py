@@ -45,10 +45,11 @@ SCM_VARIANTS: dict[str, dict[str, Any]] = {
         "scm_iterations": 4,
         "class_weights": None,
         "label_smoothing": 0.0,
+        "scm_pooling": "mean",
     },
     # This project's chest X-ray defaults (the original training scripts): last-layer attention only,
     # lambda 2, beta 0.1, four blocks of four diffusion steps, class weights for the imbalanced
-    # three-class NIH set, label smoothing 0.1.
+    # three-class NIH set, label smoothing 0.1; and log-sum-exp pooling for small findings.
     "cxr": {
         "scm_attention_layers": "last",
         "scm_lambda_init": 2.0,
@@ -58,12 +59,19 @@ SCM_VARIANTS: dict[str, dict[str, Any]] = {
         "scm_iterations": 4,
         "class_weights": [0.7045, 0.1181, 0.1774],
         "label_smoothing": 0.1,
+        # A finding covers a few patches: log-sum-exp pooling (Wang et al., CVPR 2017) lets those patches
+        # decide the logit. On the phantoms, from scratch, the global mean reached test balanced accuracy
+        # 0.45-0.49; LSE (r = 5) 0.96 (bench/RESULTS.md).
+        "scm_pooling": "lse",
+        "scm_lse_r": 5.0,
     },
 }
 
 _ATTENTION_LAYER_CHOICES = ("all", "last")
 _CONNECTIVITY_CHOICES = (4, 8)
-_SOLVER_CHOICES = ("polynomial", "newton_schulz")
+_SOLVER_CHOICES = ("polynomial", "newton_schulz", "polynomial_full_gradient")
+_POOLING_CHOICES = ("mean", "lse")
+_PATCH_EMBEDDING_CHOICES = ("patch", "conv_stem")
 
 
 def _pair(value: Union[int, Sequence[int]]) -> tuple[int, int]:
@@ -97,6 +105,12 @@ class DeiTSCMConfig(PretrainedConfig):
         hidden_dropout_prob (`float`, defaults to 0.0): dropout after the attention projection and the MLP.
         attention_probs_dropout_prob (`float`, defaults to 0.0): dropout on the attention probabilities.
         drop_path_rate (`float`, defaults to 0.0): stochastic depth, increasing linearly with depth to this value.
+        patch_embedding (`str`, defaults to `"patch"`): how pixels become tokens. `"patch"` is DeiT's
+            strided patch projection (what pretrained DeiT weights hold). `"conv_stem"` replaces it with
+            log2(patch_size) 3x3 stride-2 convolutions (BatchNorm + ReLU) and a 1x1 projection, as in
+            Xiao et al., "Early Convolutions Help Transformers See Better" (NeurIPS 2021): a transformer
+            trained from scratch on a few thousand images learns far faster with it. Needs a
+            power-of-two patch size.
         initializer_range (`float`, defaults to 0.02): std of the truncated-normal initializer.
         scm_num_blocks (`int`, defaults to 4): SCM diffusion blocks run in training.
         scm_lambda_init (`float`, defaults to 1.0): initial lambda of each block (learnable; scales the
@@ -111,9 +125,20 @@ class DeiTSCMConfig(PretrainedConfig):
         scm_connectivity (`int`, defaults to 4): neighbours per patch in the grid graph: 4 or 8.
         scm_solver (`str`, defaults to `"polynomial"`): how X^T F is computed. `"newton_schulz"` runs
             the official dense iteration (X0 built without gradient). `"polynomial"` uses that L is
-            symmetric, so the k-th iterate is the closed-form polynomial
-            X_k = alpha * L * sum_{j < 2^k} (I - alpha L^2)^j: same values, fewer dense products, and
-            the gradient of the whole expression (the official code omits the path through X0).
+            symmetric, so the k-th iterate is a closed-form polynomial,
+            X_k = alpha * Lb * sum_{j < 2^k} (I - alpha L Lb)^j with Lb = L without gradient (the official
+            X0): the official values and gradients, with fewer dense products.
+            `"polynomial_full_gradient"` is the same polynomial with gradient through X0 as well (Lb = L),
+            which the official code does not have.
+        scm_pooling (`str`, defaults to `"mean"`): how a class map becomes the class's logit, in training
+            (after the SCM blocks) and inference (S0) alike. `"mean"` is the official code's global
+            average. `"lse"` is log-sum-exp pooling, (1/r) log(mean exp(r S)), which moves from the mean
+            (r -> 0) to the max (r -> inf); Wang et al., "ChestX-ray8", CVPR 2017, pool their chest X-ray
+            maps with it because a finding covers a few percent of the film: averaging over every
+            patch dilutes the evidence of a 1-4 token lesion 40-150x.
+        scm_lse_r (`float`, defaults to 5.0): the sharpness r of `"lse"` pooling (its starting value when
+            learnable).
+        scm_lse_learnable (`bool`, defaults to `False`): learn r (kept positive through its logarithm).
         class_weights (`list[float]`, *optional*): per-class weights of the cross-entropy loss.
         label_smoothing (`float`, defaults to 0.0): label smoothing of the cross-entropy loss.
         id2label / label2id: defaults to Atelectasis / Other_pathologies / No_pathologies.
@@ -137,6 +162,7 @@ class DeiTSCMConfig(PretrainedConfig):
         attention_probs_dropout_prob: float = 0.0,
         drop_path_rate: float = 0.0,
         initializer_range: float = 0.02,
+        patch_embedding: str = "patch",
         scm_num_blocks: int = 4,
         scm_lambda_init: float = 1.0,
         scm_beta_init: float = 0.5,
@@ -146,6 +172,9 @@ class DeiTSCMConfig(PretrainedConfig):
         scm_attention_layers: str = "all",
         scm_connectivity: int = 4,
         scm_solver: str = "polynomial",
+        scm_pooling: str = "mean",
+        scm_lse_r: float = 5.0,
+        scm_lse_learnable: bool = False,
         class_weights: Optional[Sequence[float]] = None,
         label_smoothing: float = 0.0,
         **kwargs: Any,
@@ -167,6 +196,7 @@ class DeiTSCMConfig(PretrainedConfig):
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
         self.drop_path_rate = drop_path_rate
         self.initializer_range = initializer_range
+        self.patch_embedding = patch_embedding
         self.scm_num_blocks = scm_num_blocks
         self.scm_lambda_init = scm_lambda_init
         self.scm_beta_init = scm_beta_init
@@ -176,6 +206,9 @@ class DeiTSCMConfig(PretrainedConfig):
         self.scm_attention_layers = scm_attention_layers
         self.scm_connectivity = scm_connectivity
         self.scm_solver = scm_solver
+        self.scm_pooling = scm_pooling
+        self.scm_lse_r = scm_lse_r
+        self.scm_lse_learnable = scm_lse_learnable
         self.class_weights = list(class_weights) if class_weights is not None else None
         self.label_smoothing = label_smoothing
         super().__init__(**kwargs)
@@ -215,6 +248,18 @@ class DeiTSCMConfig(PretrainedConfig):
             raise ValueError(f"scm_connectivity must be one of {_CONNECTIVITY_CHOICES}, got {self.scm_connectivity!r}")
         if self.scm_solver not in _SOLVER_CHOICES:
             raise ValueError(f"scm_solver must be one of {_SOLVER_CHOICES}, got {self.scm_solver!r}")
+        if self.scm_pooling not in _POOLING_CHOICES:
+            raise ValueError(f"scm_pooling must be one of {_POOLING_CHOICES}, got {self.scm_pooling!r}")
+        if not (isinstance(self.scm_lse_r, (int, float)) and 0.0 < float(self.scm_lse_r) < float("inf")):
+            raise ValueError(f"scm_lse_r must be a positive finite number, got {self.scm_lse_r!r}")
+        if self.patch_embedding not in _PATCH_EMBEDDING_CHOICES:
+            raise ValueError(f"patch_embedding must be one of {_PATCH_EMBEDDING_CHOICES}, got {self.patch_embedding!r}")
+        if self.patch_embedding == "conv_stem":
+            for side in patch_hw:
+                if side < 2 or side & (side - 1):
+                    raise ValueError(
+                        f"patch_embedding='conv_stem' needs a power-of-two patch_size >= 2, got {patch_hw}"
+                    )
         if not 0.0 < self.scm_schulz_alpha:
             raise ValueError(f"scm_schulz_alpha must be positive, got {self.scm_schulz_alpha!r}")
         if self.scm_beta_init == 0:

@@ -15,6 +15,7 @@ transformers and the configuration.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -65,8 +66,8 @@ class DeiTSCMImageClassifierOutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*): class-weighted, label-smoothed
             cross-entropy, when `labels` are given.
-        logits (`torch.FloatTensor` of shape `(batch, num_labels)`): global average of the semantic
-            maps: after the SCM blocks when they ran (training), of S0 otherwise.
+        logits (`torch.FloatTensor` of shape `(batch, num_labels)`): the semantic maps pooled
+            (`config.scm_pooling`): after the SCM blocks when they ran (training), S0 otherwise.
         localization_maps (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`): F0 * S0, the
             map the paper localizes with at inference.
         attention_maps (`torch.FloatTensor` of shape `(batch, h, w)`): F0, the min-max normalized
@@ -114,6 +115,19 @@ def interpolate_position_embeddings(
     return torch.cat([prefix, grid], dim=1)
 
 
+def _check_channels(pixel_values: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """Validate (B, C, H, W) input; repeat a 1-channel radiograph to a 3-channel model's channels."""
+    if pixel_values.ndim != 4:
+        raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}")
+    channels = pixel_values.shape[1]
+    if channels == num_channels:
+        return pixel_values
+    if channels == 1:
+        # Radiographs are grayscale: a 3-channel (ImageNet-pretrained) model takes them repeated.
+        return pixel_values.expand(-1, num_channels, -1, -1)
+    raise ValueError(f"pixel_values has {channels} channels, the model expects {num_channels} (or 1)")
+
+
 class DeiTSCMPatchEmbeddings(nn.Module):
     """Non-overlapping patches projected to tokens by a strided convolution."""
 
@@ -124,18 +138,41 @@ class DeiTSCMPatchEmbeddings(nn.Module):
         self.projection = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=patch, stride=patch)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}")
-        channels = pixel_values.shape[1]
-        if channels != self.num_channels:
-            if channels == 1:
-                # Radiographs are grayscale: a 3-channel (ImageNet-pretrained) model takes them repeated.
-                pixel_values = pixel_values.expand(-1, self.num_channels, -1, -1)
-            else:
-                raise ValueError(f"pixel_values has {channels} channels, the model expects {self.num_channels} (or 1)")
-        patches = self.projection(pixel_values)
+        patches = self.projection(_check_channels(pixel_values, self.num_channels))
         grid = (patches.shape[-2], patches.shape[-1])
         return patches.flatten(2).transpose(1, 2), grid
+
+
+class DeiTSCMConvStem(nn.Module):
+    """Convolutional stem in place of the patch projection (Xiao et al., NeurIPS 2021).
+
+    log2(patch) stages of Conv3x3 stride 2 + BatchNorm + ReLU, widths doubling up to `hidden_size`, then
+    a 1x1 convolution to the token width: the same grid as the patch projection, with overlapping,
+    translation-aware receptive fields that a from-scratch transformer otherwise learns slowly.
+    """
+
+    def __init__(self, config: DeiTSCMConfig) -> None:
+        super().__init__()
+        patch = _pair(config.patch_size)
+        self.num_channels = config.num_channels
+        stages = max(patch).bit_length() - 1
+        layers: list[nn.Module] = []
+        channels = config.num_channels
+        for index in range(stages):
+            stride = tuple(2 if (side >> index) > 1 else 1 for side in patch)
+            width = max(config.hidden_size >> (stages - 1 - index), 8)
+            layers += [
+                nn.Conv2d(channels, width, kernel_size=3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            channels = width
+        layers.append(nn.Conv2d(channels, config.hidden_size, kernel_size=1))
+        self.stem = nn.Sequential(*layers)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        features = self.stem(_check_channels(pixel_values, self.num_channels))
+        return features.flatten(2).transpose(1, 2), (features.shape[-2], features.shape[-1])
 
 
 class DeiTSCMEmbeddings(nn.Module):
@@ -144,7 +181,8 @@ class DeiTSCMEmbeddings(nn.Module):
     def __init__(self, config: DeiTSCMConfig) -> None:
         super().__init__()
         self.grid_size = config.grid_size
-        self.patch_embeddings = DeiTSCMPatchEmbeddings(config)
+        stem = DeiTSCMConvStem if config.patch_embedding == "conv_stem" else DeiTSCMPatchEmbeddings
+        self.patch_embeddings = stem(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         num_positions = self.grid_size[0] * self.grid_size[1] + 1
         self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
@@ -333,6 +371,13 @@ class GridOperator:
             out = out + self.coefficients[:, :, :, k] * _shifted(padded, dy, dx, self.height, self.width)
         return out.reshape(batch, -1, cols)
 
+    def detached(self) -> GridOperator:
+        """The same operator with its gradient cut (the official Newton-Schulz start is built under no_grad)."""
+        copy = object.__new__(GridOperator)
+        copy.height, copy.width, copy.offsets = self.height, self.width, self.offsets
+        copy.coefficients, copy.diagonal = self.coefficients.detach(), self.diagonal.detach()
+        return copy
+
     def dense(self) -> torch.Tensor:
         """L as a dense (batch, N, N) matrix."""
         batch = self.diagonal.shape[0]
@@ -359,37 +404,43 @@ def newton_schulz_inverse(operator: GridOperator, iterations: int, alpha: float)
 _HORNER_MAX_ITERATIONS = 5
 
 
-def newton_schulz_apply(operator: GridOperator, vectors: torch.Tensor, iterations: int, alpha: float) -> torch.Tensor:
+def newton_schulz_apply(
+    operator: GridOperator, vectors: torch.Tensor, iterations: int, alpha: float, detach_start: bool = True
+) -> torch.Tensor:
     """X_k^T v for the k-th Newton-Schulz iterate from X0 = alpha * L^T, without forming X_k.
 
-    For symmetric L every iterate is a polynomial in L. With r_k(t) = 1 - t p_k(t) the recursion
-    X_{k+1} = X_k (2I - L X_k) gives r_{k+1} = r_k^2, r_0 = 1 - alpha t^2, so
+    Write Lb for L with its gradient cut (the official code builds X0 = alpha * Lb^T under no_grad) and
+    E = I - L X0 = I - alpha L Lb. The recursion X_{k+1} = X_k (2I - L X_k) gives I - L X_{k+1} =
+    (I - L X_k)^2, so I - L X_k = E^(2^k) and X_{k+1} = X_k (I + E^(2^k)), that is
 
-        X_k = alpha * L * sum_{j < 2^k} P^j,    P = I - alpha * L^2,
+        X_k = alpha * Lb * sum_{j < 2^k} E^j,     X_k^T v = alpha * sum_{j < 2^k} R^j (Lb v),  R = I - alpha Lb L,
 
-    which is also X_k^T. The sum is taken by Horner's rule with matrix-vector products for small k,
-    and by doubling (s_2m = s_m + P^m s_m, P^2m = P^m P^m) for large k, carrying R = I - P^m.
+    as functions of L and Lb separately (L and Lb are symmetric, so E^T = R): this closed form has the
+    official iteration's values *and* gradients. With `detach_start=False` Lb is L itself, the gradient of
+    the whole expression (`scm_solver="polynomial_full_gradient"`). The sum is taken by Horner's rule with
+    matrix-vector products for small k, and by doubling (s_2m = s_m + P^m s_m, P^2m = P^m P^m) for large
+    k, carrying Q = I - P^m rather than P^m: P's eigenvalues near 1 (1 - d, small d) would round to 1 in
+    float32 under repeated squaring; Q holds d itself, and (I - Q)^2 = I - (2Q - Q^2).
 
     Args:
         vectors: (batch, N) attention maps F.
     Returns:
         (batch, N) X_k^T F.
     """
-    # Work with R = I - P^m rather than P^m: P's eigenvalues near 1 (1 - d, small d) would round to 1 in
-    # float32 and the repeated squaring would lose them; R holds d itself. (I - R)^2 = I - (2R - R^2).
-    dense = operator.dense()
-    residual = alpha * operator.matmul(dense)  # R = alpha L^2, so P = I - R
-    start = vectors.unsqueeze(-1)
+    start_operator = operator.detached() if detach_start else operator
+    # alpha Lb L = (alpha L Lb)^T: the stencil applied to the columns of the dense Lb, transposed.
+    residual = (alpha * operator.matmul(start_operator.dense())).transpose(-2, -1)
+    start = start_operator.matmul(vectors.unsqueeze(-1))  # Lb v
     total = start
     if iterations <= _HORNER_MAX_ITERATIONS:
         for _ in range(2**iterations - 1):
-            total = torch.baddbmm(start + total, residual, total, alpha=-1.0)  # v + (I - R) s
+            total = torch.baddbmm(start + total, residual, total, alpha=-1.0)  # Lb v + (I - R) s
     else:
         for step in range(iterations):
-            total = torch.baddbmm(total, residual, total, beta=2.0, alpha=-1.0)  # s + P^m s = 2s - R s
+            total = torch.baddbmm(total, residual, total, beta=2.0, alpha=-1.0)  # s + P^m s = 2s - Q s
             if step < iterations - 1:
                 residual = torch.baddbmm(residual, residual, residual, beta=2.0, alpha=-1.0)
-    return alpha * operator.matmul(total).squeeze(-1)
+    return alpha * total.squeeze(-1)
 
 
 class DeiTSCMDiffusionBlock(nn.Module):
@@ -421,7 +472,8 @@ class DeiTSCMDiffusionBlock(nn.Module):
             inverse = newton_schulz_inverse(operator, self.iterations, self.alpha)
             diffused = torch.bmm(attention.unsqueeze(1), inverse).squeeze(1)  # X^T F
         else:
-            diffused = newton_schulz_apply(operator, attention, self.iterations, self.alpha)
+            detach_start = self.solver == "polynomial"
+            diffused = newton_schulz_apply(operator, attention, self.iterations, self.alpha, detach_start)
         # A constant (all-zero) attention map would divide by zero; the official code returns NaN.
         threshold = self.beta * attention.amax(dim=1, keepdim=True).clamp_min(_MINMAX_EPS)
         diffused = F.tanhshrink(diffused / threshold)
@@ -453,6 +505,39 @@ class DeiTSCMSpatialCalibration(nn.Module):
         return semantic, attention
 
 
+class DeiTSCMClassPooling(nn.Module):
+    r"""Class maps (B, C, h, w) -> logits (B, C).
+
+    `"mean"`: the global average (the official SCM code). `"lse"`: log-sum-exp pooling
+
+    .. math:: \mathrm{LSE}_r(S) = \frac{1}{r} \log \Big( \frac{1}{N} \sum_i e^{r S_i} \Big),
+
+    Wang et al., "ChestX-ray8", CVPR 2017 (eq. 1), for findings that cover a few patches. It lies between
+    the mean (r -> 0) and the max (r -> inf), so a small lesion decides the logit while every patch
+    still gets gradient. r is fixed (`scm_lse_r`) or learned through log r (`scm_lse_learnable`).
+    """
+
+    def __init__(self, config: DeiTSCMConfig) -> None:
+        super().__init__()
+        self.mode = config.scm_pooling
+        self.initial_r = float(config.scm_lse_r)
+        self.log_r = nn.Parameter(torch.zeros(1)) if config.scm_lse_learnable else None
+
+    @property
+    def r(self) -> torch.Tensor:
+        """The LSE sharpness as a 0-dim tensor (learned or configured)."""
+        if self.log_r is not None:
+            return self.log_r.exp()[0]
+        return torch.tensor(self.initial_r)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        if self.mode == "mean":
+            return maps.mean(dim=(2, 3))
+        flat = maps.flatten(2).float()
+        r = self.r.to(flat.device)
+        return (torch.logsumexp(r * flat, dim=-1) - math.log(flat.shape[-1])) / r
+
+
 # --------------------------------------------------------------------------------------------------
 # Pretrained models
 # --------------------------------------------------------------------------------------------------
@@ -464,7 +549,7 @@ _AUTO_MAP = {
 }
 
 # Parameters that take no weight decay besides biases and norm weights.
-_NO_DECAY_NAMES = ("cls_token", "position_embeddings", "lam", "beta")
+_NO_DECAY_NAMES = ("cls_token", "position_embeddings", "lam", "beta", "log_r")
 
 
 class DeiTSCMPreTrainedModel(PreTrainedModel):
@@ -476,7 +561,13 @@ class DeiTSCMPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if module is getattr(self, "head", None):
+            # The official SCM code leaves its 3x3 head conv at PyTorch's default init (kaiming-uniform
+            # with a = sqrt(5): U(+-1/sqrt(fan_in)), weight std ~0.0098 at 384 -> C; bias likewise).
+            bound = 1.0 / math.sqrt(module.weight[0].numel())
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -486,9 +577,14 @@ class DeiTSCMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, DeiTSCMEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
             init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, DeiTSCMDiffusionBlock):
             init.constant_(module.lam, float(self.config.scm_lambda_init))
             init.constant_(module.beta, float(self.config.scm_beta_init))
+        elif isinstance(module, DeiTSCMClassPooling) and module.log_r is not None:
+            init.constant_(module.log_r, math.log(module.initial_r))
 
     def set_fused_attention(self, fused: bool = True) -> None:
         """Switch every attention layer between the fused kernel and the explicit (testing) path."""
@@ -541,9 +637,10 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
 
     * S0 = Conv3x3(hidden -> num_labels) over the final-LayerNorm patch tokens (TS-CAM's head).
     * F0 = minmax(sum over the selected layers of the head-mean CLS->patch attention).
-    * Training (or `run_scm=True`): the SCM blocks calibrate (S, F); logits = global average of S.
-    * Inference: blocks skipped; logits = global average of S0; localization map of class c is
-      F0 * S0[c].
+    * Training (or `run_scm=True`): the SCM blocks calibrate (S, F); logits = pooled S (global
+      average, or log-sum-exp: `config.scm_pooling`).
+    * Inference: blocks skipped; logits = pooled S0, with the same pooling; localization map of class c
+      is F0 * S0[c].
     """
 
     def __init__(self, config: DeiTSCMConfig) -> None:
@@ -552,6 +649,7 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
         self.deit = DeiTSCMModel(config)
         self.head = nn.Conv2d(config.hidden_size, config.num_labels, kernel_size=3, padding=1)
         self.scm = DeiTSCMSpatialCalibration(config)
+        self.pooling = DeiTSCMClassPooling(config)
         weights = torch.tensor(config.class_weights, dtype=torch.float32) if config.class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
         self.post_init()
@@ -583,10 +681,10 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
         calibrated = None
         if self.training if run_scm is None else run_scm:
             final_semantic, calibrated = self.scm(semantic, attention)
-            logits = final_semantic.mean(dim=(2, 3))
+            logits = self.pooling(final_semantic)
             calibrated = calibrated.view(-1, height, width)
         else:
-            logits = semantic.mean(dim=(2, 3))
+            logits = self.pooling(semantic)
         attention = attention.view(-1, 1, height, width)
         loss = self.compute_loss(logits, labels) if labels is not None else None
         output = DeiTSCMImageClassifierOutput(
@@ -660,6 +758,8 @@ __all__ = [
     "DeiTSCMModel",
     "DeiTSCMForImageClassification",
     "DeiTSCMSpatialCalibration",
+    "DeiTSCMClassPooling",
+    "DeiTSCMConvStem",
     "DeiTSCMDiffusionBlock",
     "GridOperator",
     "newton_schulz_inverse",

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from localization import (
     DEFAULT_THRESHOLDS,
+    FINE_THRESHOLDS,
     EvaluationSplit,
     LocalizationScores,
     box_boundary_distances,
@@ -24,6 +25,7 @@ from localization import (
     classification_metrics,
     cxr_protocol,
     localization_table,
+    normalize_scoremap,
     pairwise_giou,
     pairwise_iobb,
     pairwise_iou,
@@ -249,3 +251,63 @@ def test_evaluate_wrapper_loads_offline_and_agrees():
     expected = LocalizationScores.from_maps(maps, [np.array(t) for t in truth]).oracle()
     assert result["MaxBoxAcc"] == expected["MaxBoxAcc"] == 50
     assert math.isclose(result["MaxBoxAccV2"], expected["MaxBoxAccV2"])
+
+
+# ----------------------------------------------------------------------------- reference conventions
+
+
+def test_float64_maps_are_quantized_in_float64():
+    """Just under 77/255, x * 255 is 76.99999999999999 in float64 (level 76, as the reference computes it)
+    but 77.0 once x is cast to float32 first (level 77): the map's own precision decides."""
+    value = np.nextafter(77 / 255, 0)
+    as64 = np.array([[value]], dtype=np.float64)
+    assert quantize_scoremap(as64)[0, 0] == 76
+    assert quantize_scoremap(as64.astype(np.float32))[0, 0] == 77
+    assert normalize_scoremap(np.array([[0.0, 0.5, 1.0]], dtype=np.float64)).dtype == np.float64
+    assert normalize_scoremap(np.array([[0, 2, 4]], dtype=np.uint8)).dtype == np.float32
+
+
+def test_fine_threshold_grid_equals_the_per_threshold_loop():
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        scoremap = cv2.resize(rng.random((12, 12)).astype(np.float32), (96, 96), interpolation=cv2.INTER_CUBIC)
+        scoremap = (scoremap - scoremap.min()) / (scoremap.max() - scoremap.min())
+        quantized = quantize_scoremap(scoremap)
+        fast = boxes_over_thresholds(quantized, FINE_THRESHOLDS)
+        assert len(fast.largest) == 1000
+        for t in range(0, 1000, 7):
+            multi, _ = boxes_at_threshold(quantized, FINE_THRESHOLDS[t], multi_contour=True)
+            largest, _ = boxes_at_threshold(quantized, FINE_THRESHOLDS[t], multi_contour=False)
+            assert np.array_equal(np.sort(fast.multi_boxes[fast.multi_owner == t], axis=0), np.sort(multi, axis=0))
+            assert np.array_equal(fast.largest[t], largest[0])
+
+
+def test_top1_loc_is_read_at_maxboxaccs_threshold_in_both_paths():
+    """At threshold 10 images 0-2 are localized (BoxAcc 60 %; only image 0 has the right class: top-1 20 %);
+    at threshold 20 images 3-4 (BoxAcc 40 %, both right: top-1 40 %). top-1 Loc is read at MaxBoxAcc's
+    threshold, 10, in the oracle and the calibrated path alike: 20 %, not top-1's own best of 40 %."""
+    ious = np.zeros((5, len(DEFAULT_THRESHOLDS)))
+    ious[[0, 1, 2], 10] = 0.9
+    ious[[3, 4], 20] = 0.9
+    scores = LocalizationScores(ious, ious.copy(), np.array([True, False, False, True, True]), DEFAULT_THRESHOLDS)
+    assert scores.oracle()["MaxBoxAcc"] == pytest.approx(60.0)
+    assert scores.oracle()["top1_loc"] == pytest.approx(20.0)
+    main, per_delta = calibrate_thresholds(scores)
+    assert scores.at_thresholds(main, per_delta)["top1_loc"] == pytest.approx(20.0)
+
+
+def test_pxap_ignores_marked_pixels():
+    truth = [np.array([[8, 8, 23, 23]])]
+    scoremap = np.zeros((32, 32), np.float32)
+    scoremap[8:24, 8:24] = 1.0
+    scoremap[0:4, 0:4] = 1.0  # a false positive that the ignore mask hides
+    assert pixel_average_precision([scoremap], truth) < 100
+    ignore = np.zeros((32, 32), bool)
+    ignore[0:4, 0:4] = True
+    assert pixel_average_precision([scoremap], truth, ignore_masks=[ignore]) == pytest.approx(100.0)
+    # Ignoring half the true pixels leaves the ranking perfect: still 100.
+    half = np.zeros((32, 32), bool)
+    half[8:16, 8:24] = True
+    assert pixel_average_precision([scoremap], truth, ignore_masks=[ignore | half]) == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="ignore mask"):
+        pixel_average_precision([scoremap], truth, ignore_masks=[np.zeros((3, 3), bool)])

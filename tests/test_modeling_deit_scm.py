@@ -245,12 +245,13 @@ def reference_scm(semantic, attention, lambdas, betas, iterations, connectivity=
 
 
 class TestSCM:
-    @pytest.mark.parametrize("solver", ["newton_schulz", "polynomial"])
+    @pytest.mark.parametrize("solver", ["newton_schulz", "polynomial", "polynomial_full_gradient"])
     @pytest.mark.parametrize("connectivity", [4, 8])
     @pytest.mark.parametrize("variant", ["paper", "cxr"])
     def test_matches_dense_reference_values_and_gradients(self, solver, connectivity, variant):
-        """Both solvers give the dense iteration's values; newton_schulz also its gradient (X0
-        detached, as the official code), polynomial the gradient of the whole expression."""
+        """Every solver gives the dense iteration's values; newton_schulz and polynomial also its
+        gradient (X0 detached, as the official code), polynomial_full_gradient the gradient of the whole
+        expression."""
         config = tiny_config(scm_connectivity=connectivity, scm_solver=solver, **_variant_fields(variant))
         torch.manual_seed(1)
         model = DeiTSCMForImageClassification(config)
@@ -271,7 +272,7 @@ class TestSCM:
         steps = [b.iterations for b in scm.blocks]
         assert steps == ([16, 4, 4, 4] if variant == "paper" else [4, 4, 4, 4])
         ref = reference_scm(
-            semantic, attention, lambdas, betas, steps, connectivity, detach_start=solver == "newton_schulz"
+            semantic, attention, lambdas, betas, steps, connectivity, detach_start=solver != "polynomial_full_gradient"
         )
         for got, want in zip(ours, ref):
             torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-7)
@@ -282,6 +283,49 @@ class TestSCM:
         grads_ref = torch.autograd.grad(loss_ref, inputs)
         for got, want in zip(grads_ours, grads_ref):
             torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-6)
+
+    @pytest.mark.parametrize("lam", [0.5, 1.0, 2.0])
+    def test_paper_gradients_equal_official_newton_schulz_float64(self, lam):
+        """The `paper` preset (default polynomial solver) trains as the official code: in float64 its
+        loss and every gradient (backbone, head, lambda, beta) equal the dense Newton-Schulz iteration
+        with the detached start, to 1e-9 relative (1e-13 absolute for near-zero gradients)."""
+        fields = {**_variant_fields("paper"), "scm_lambda_init": lam}
+        assert DeiTSCMConfig.from_preset("deit-small", "paper").scm_solver == "polynomial"
+        results = {}
+        for solver in ("newton_schulz", "polynomial"):
+            model = tiny_model(seed=3, image_size=48, scm_solver=solver, **fields).double().train()
+            with torch.no_grad():
+                for i, block in enumerate(model.scm.blocks):
+                    block.beta.add_(0.1 * i)
+            torch.manual_seed(5)
+            pixels = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+            out = model(pixels, labels=torch.tensor([0, 2]))
+            out.loss.backward()
+            results[solver] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        loss_ns, grads_ns = results["newton_schulz"]
+        loss_poly, grads_poly = results["polynomial"]
+        torch.testing.assert_close(loss_poly, loss_ns, rtol=1e-12, atol=0)
+        assert grads_ns.keys() == grads_poly.keys()
+        for name, want in grads_ns.items():
+            got = grads_poly[name]
+            relative = (got - want).norm() / want.norm().clamp_min(1e-300)
+            # A floor at float64 rounding for gradients that are themselves ~1e-8 (late blocks' beta).
+            assert (got - want).norm() <= 1e-9 * want.norm() + 1e-13, (name, float(relative))
+        assert all(grads_ns[f"scm.blocks.{i}.lam"].abs() > 0 for i in range(4))
+
+    def test_full_gradient_solver_differs_in_gradient_only(self):
+        fields = _variant_fields("paper")
+        torch.manual_seed(0)
+        semantic = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+        attention = torch.rand(2, 36, dtype=torch.float64)
+        outputs, grads = {}, {}
+        for solver in ("polynomial", "polynomial_full_gradient"):
+            model = tiny_model(seed=1, scm_solver=solver, **fields).double()
+            result = model.scm(semantic, attention)
+            outputs[solver] = result[0].detach()
+            grads[solver] = torch.autograd.grad(result[0].square().sum(), semantic)[0]
+        torch.testing.assert_close(outputs["polynomial"], outputs["polynomial_full_gradient"], rtol=1e-10, atol=1e-12)
+        assert (grads["polynomial"] - grads["polynomial_full_gradient"]).abs().max() > 1e-6
 
     @pytest.mark.parametrize("variant", ["paper", "cxr"])
     def test_polynomial_solver_matches_newton_schulz_in_fp32(self, variant):
@@ -429,6 +473,69 @@ class TestTrainEval:
         assert all(blk.lam.item() == 2.0 and abs(blk.beta.item() - 0.1) < 1e-7 for blk in model.scm.blocks)
         std = a.deit.encoder.layer[0].mlp.fc1.weight.std().item()
         assert 0.01 < std < 0.03
+
+    def test_head_keeps_pytorchs_default_conv_init(self):
+        """The official 3x3 head conv is left at nn.Conv2d's default: U(+-1/sqrt(fan_in)) for weight and
+        bias, weight std 1/sqrt(3 fan_in) = 0.00982 at 384 -> C (fan_in = 384 * 9 = 3456)."""
+        torch.manual_seed(0)
+        model = DeiTSCMForImageClassification(DeiTSCMConfig.from_preset("deit-small", "paper"))
+        weight, bias = model.head.weight.detach(), model.head.bias.detach()
+        bound = 1 / 3456**0.5
+        assert weight.abs().max() <= bound and bias.abs().max() <= bound
+        assert abs(weight.std().item() - 0.00982) < 0.0003
+        assert (bias != 0).all()
+
+
+class TestPoolingAndStem:
+    def test_mean_pooling_is_the_global_average(self):
+        model = tiny_model().eval()
+        out = model(torch.randn(2, 3, 32, 32))
+        torch.testing.assert_close(out.logits, out.semantic_maps.mean(dim=(2, 3)))
+
+    def test_lse_pooling_by_hand(self):
+        """LSE_r(S) = (1/r) log(mean exp(r S)); on [0, 0, 0, a] with r = 1 that is log((3 + e^a) / 4)."""
+        model = tiny_model(image_size=16, scm_pooling="lse", scm_lse_r=1.0)
+        maps = torch.zeros(1, 3, 2, 2)
+        maps[0, 0, 1, 1] = 2.0
+        maps[0, 1] = 0.7
+        pooled = model.pooling(maps)
+        assert pooled[0, 0].item() == pytest.approx(float(torch.log(torch.tensor((3 + 2.718281828**2) / 4))))
+        assert pooled[0, 1].item() == pytest.approx(0.7)  # a constant map pools to itself
+        sharp = tiny_model(image_size=16, scm_pooling="lse", scm_lse_r=200.0).pooling(maps)
+        assert sharp[0, 0].item() == pytest.approx(2.0 - float(torch.log(torch.tensor(4.0))) / 200, abs=1e-4)
+
+    @pytest.mark.parametrize("training", [True, False])
+    def test_lse_is_used_in_both_paths(self, training):
+        model = tiny_model(scm_pooling="lse", scm_lse_r=5.0).train(training)
+        out = model(torch.randn(2, 3, 32, 32))
+        maps = out.semantic_maps if not training else None
+        if maps is not None:
+            expected = (torch.logsumexp(5 * maps.flatten(2), -1) - torch.log(torch.tensor(16.0))) / 5
+            torch.testing.assert_close(out.logits, expected)
+        assert out.logits.shape == (2, 3)
+
+    def test_learnable_r_gets_gradient_and_round_trips(self, tmp_path):
+        model = tiny_model(scm_pooling="lse", scm_lse_r=3.0, scm_lse_learnable=True).train()
+        assert model.pooling.r.item() == pytest.approx(3.0)
+        model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1])).loss.backward()
+        assert model.pooling.log_r.grad is not None and model.pooling.log_r.grad.abs() > 0
+        with torch.no_grad():
+            model.pooling.log_r.fill_(0.5)
+        model.save_pretrained(tmp_path)
+        reloaded = DeiTSCMForImageClassification.from_pretrained(tmp_path)
+        assert reloaded.pooling.log_r.item() == pytest.approx(0.5)
+
+    def test_conv_stem_gives_the_patch_grid(self):
+        model = tiny_model(patch_embedding="conv_stem", image_size=64).eval()
+        stem = model.deit.embeddings.patch_embeddings
+        strides = [m.stride for m in stem.stem if isinstance(m, torch.nn.Conv2d)]
+        assert strides == [(2, 2), (2, 2), (2, 2), (1, 1)]  # log2(8) stride-2 3x3 convs, then 1x1
+        out = model(torch.randn(2, 1, 64, 64))
+        assert out.semantic_maps.shape == (2, 3, 8, 8)
+        with pytest.raises(ValueError, match="patch_embedding"):
+            tiny_config(patch_embedding="conv_stem", patch_size=6, image_size=36)
+        with pytest.raises(ValueError, match="scm_pooling"):
+            tiny_config(scm_pooling="max")
 
 
 # ----------------------------------------------------------------------------- save / load / remote code

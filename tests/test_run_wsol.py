@@ -46,7 +46,10 @@ def test_smoke_run_writes_every_output(smoke_run):
     methods = results["localization"]["methods"]
     assert set(methods) == {"attention", "semantic", "scm", "random", "full_image", "train_mean_box"}
     for row in methods.values():
-        assert set(row) == {"calibrated_on_validation", "test_oracle_max_over_thresholds", "PxAP"}
+        assert set(row) == {"calibrated_on_validation", "test_oracle_max_over_thresholds", "PxAP", "box_measures"}
+        assert {"mean_iou", "mean_giou", "mean_hausdorff", "mean_average_boundary_distance"} <= set(row["box_measures"])
+    assert results["localization"]["frame"] == [224, 224]
+    assert results["localization"]["threshold_step"] == pytest.approx(0.001)
     assert (
         "Atelectasis" in results["localization"]["cxr_protocol_scm_at_calibrated_threshold"]
         or results["localization"]["cxr_protocol_scm_at_calibrated_threshold"]
@@ -214,7 +217,9 @@ def test_preprocessing_cache_is_keyed_by_content_and_settings(tmp_path):
     again = run_wsol.prepare_split("train", dataset, processor, None, tmp_path, 1)
     assert set(tmp_path.iterdir()) == files  # read back, not rebuilt
     torch.testing.assert_close(again.pixels, first.pixels)
+    assert first.pixels.dtype == torch.uint8  # not the int64 of the datasets numpy formatter: 8x the memory
     subset = run_wsol.prepare_split("train", dataset, processor, 10, tmp_path, 1)
+    assert subset.pixels.dtype == torch.uint8
     assert subset.pixels.shape[0] == len(subset.labels) == 10
     changed = CXRImageProcessor(size={"height": 32, "width": 32}, do_clahe=False)
     rebuilt = run_wsol.prepare_split("train", dataset, changed, None, tmp_path, 1)
@@ -256,7 +261,7 @@ def test_nih_run_with_stand_in_images(tmp_path):
         _MainProcess(),
     )
     for box in np.concatenate([b for b in splits["loc_test"].frame_boxes if len(b)]):
-        assert 0 <= box[0] <= box[2] < 64 and 0 <= box[1] <= box[3] < 64
+        assert 0 <= box[0] <= box[2] < 224 and 0 <= box[1] <= box[3] < 224
     assert (output / "all_results.json").is_file() and list((output / "heatmap_comparisons").glob("*.png"))
 
 
@@ -294,3 +299,84 @@ def test_scm_warmup_epochs_train_the_blocks_only_afterwards(tmp_path, warmup, tr
     assert len(lambdas) == config["scm_num_blocks"]
     moved = any(abs(value - config["scm_lambda_init"]) > 1e-7 for value in lambdas)
     assert moved == trained
+
+
+# ----------------------------------------------------------------------------- recipes and boxes
+
+
+def _groups(args) -> dict[str, float]:
+    model = run_wsol.build_model(args, torch.zeros(0, dtype=torch.long))
+    optimizer = run_wsol.build_optimizer(args, model)
+    names = [g["name"] for g in model.parameter_groups()]
+    return {name: group["lr"] for name, group in zip(names, optimizer.param_groups)}
+
+
+def test_learning_rate_scales_every_group_at_the_recipe_ratio(tmp_path):
+    common = [*TINY, "--output_dir", str(tmp_path / "x")]
+    scratch = _groups(run_wsol.parse_args([*common, "--learning_rate", "2e-3"]))
+    assert set(scratch.values()) == {2e-3}  # scratch: one rate for backbone, SCM and head
+    cxr = _groups(run_wsol.parse_args([*common, "--recipe", "cxr", "--learning_rate", "1e-4"]))
+    assert cxr["backbone"] == cxr["backbone_no_decay"] == pytest.approx(1e-4)
+    assert cxr["scm_head"] == cxr["scm_head_no_decay"] == pytest.approx(1e-3)  # the seed's 10x
+    both = _groups(run_wsol.parse_args([*common, "--learning_rate", "1e-4", "--scm_learning_rate", "7e-4"]))
+    assert both["backbone"] == pytest.approx(1e-4) and both["scm_head"] == pytest.approx(7e-4)
+
+
+def test_paper_recipe_is_the_official_training(tmp_path):
+    args = run_wsol.parse_args(["--recipe", "paper", "--output_dir", str(tmp_path / "x")])
+    assert (args.learning_rate, args.scm_learning_rate, args.weight_decay) == (5e-5, 5e-5, 0.05)
+    assert (args.num_warmup_steps, args.max_grad_norm, args.drop_path_rate, args.label_smoothing) == (0, 0, 0.1, 0)
+    assert args.lr_scheduler_type == "step" and args.class_weights == "none"
+    cxr = run_wsol.parse_args(["--recipe", "cxr", "--output_dir", str(tmp_path / "y")])
+    assert (cxr.learning_rate, cxr.scm_learning_rate, cxr.weight_decay) == (5e-5, 5e-4, 5e-4)
+    assert (cxr.per_device_train_batch_size, cxr.num_train_epochs, cxr.class_weights) == (32, 55, "variant")
+    assert cxr.early_stopping_patience > 0
+    # auto: from scratch without weights, the variant's recipe with them; a flag always wins.
+    assert run_wsol.parse_args(["--output_dir", str(tmp_path / "z")]).recipe == "scratch"
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    pretrained = run_wsol.parse_args(["--backbone_weights", str(weights), "--output_dir", str(tmp_path / "z")])
+    assert pretrained.recipe == "cxr" and pretrained.learning_rate == 5e-5
+    assert run_wsol.parse_args(["--recipe", "paper", "--weight_decay", "0.1", "--output_dir", "o"]).weight_decay == 0.1
+
+
+def test_step_schedule_decays_tenfold_at_each_milestone(tmp_path):
+    args = run_wsol.parse_args(
+        [*TINY, "--recipe", "paper", "--lr_step_epochs", "1", "2", "--output_dir", str(tmp_path / "x")]
+    )
+    model = run_wsol.build_model(args, torch.zeros(0, dtype=torch.long))
+    from accelerate import Accelerator
+
+    split = run_wsol.PreparedSplit(
+        "t",
+        torch.zeros(16, 64, 64, dtype=torch.uint8),
+        torch.zeros(16, dtype=torch.long),
+        [np.zeros((0, 4))] * 16,
+        [[]] * 16,
+        np.zeros((16, 8)),
+        ["a"] * 16,
+        None,
+    )
+    parts = run_wsol.build_components(args, Accelerator(cpu=True), model, split, torch.nn.Identity())
+    assert parts.steps_per_epoch == 2
+    rates = []
+    for _ in range(6):
+        rates.append(parts.optimizer.param_groups[0]["lr"])
+        parts.optimizer.step()
+        parts.scheduler.step()
+    assert rates == pytest.approx([5e-5, 5e-5, 5e-6, 5e-6, 5e-7, 5e-7])
+
+
+@pytest.mark.parametrize(
+    "geometry, box, expected",
+    [
+        # Squashed 1024 -> 64 input: the reference's int(x * 224 / 1024), multiplication first.
+        ((1024, 1024, 64, 64, 0, 0, 64, 64), [100.0, 333.0, 517.5, 1023.0], [21, 72, 113, 223]),
+        # 45 * 224 / 80 = 126 exactly, while 45 * (224 / 80) rounds to 125.99999999999999.
+        ((80, 80, 64, 64, 0, 0, 64, 64), [45.0, 45.0, 50.0, 50.0], [126, 126, 140, 140]),
+        # Padded 200 x 100 -> content 64 x 32 at offset 16 on the left: x' = (x * 32 / 100 + 16) * 224 / 64.
+        ((200, 100, 64, 32, 0, 16, 64, 64), [10.0, 20.0, 50.0, 150.0], [67, 22, 112, 168]),
+    ],
+)
+def test_frame_boxes_follow_the_reference_scaling(geometry, box, expected):
+    assert run_wsol.frame_boxes([box], geometry).tolist() == [expected]

@@ -1,0 +1,134 @@
+"""Ablation with seeds: the default recipe with SCM `cxr`, SCM `paper`, and the same backbone without SCM.
+
+Each arm trains the main job (`run_wsol.py`, the embedded phantoms, the `scratch` recipe) once per seed and
+the table gives mean ± std over seeds of balanced accuracy, macro F1 and, for every map and baseline,
+MaxBoxAcc and MaxBoxAccV2 at thresholds chosen on validation, and PxAP (test split, 224x224 frame,
+threshold step 0.001). Runs already finished (an `all_results.json` in their folder) are read, not
+retrained, so the script can be stopped and started again.
+
+    python bench/ablation.py --output_dir bench/ablation_runs            # 3 arms x 3 seeds, ~1 h on 2 cores
+    python bench/ablation.py --arms cxr --seeds 0 --output_dir /tmp/abl   # one run
+
+Prints one JSON object (the table's numbers) and writes `ablation.md` (the table) into --output_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("ablation")
+
+ARMS: dict[str, list[str]] = {
+    "cxr": ["--scm_variant", "cxr"],
+    "paper": ["--scm_variant", "paper"],
+    # The same backbone and head trained without the SCM blocks: TS-CAM's F0 * S0 and plain CAM (S0).
+    "no_scm": ["--scm_variant", "cxr", "--config_overrides", "scm_num_blocks=0"],
+}
+MAPS = ("scm", "semantic", "attention", "random", "full_image", "train_mean_box")
+MAP_NAMES = {
+    "scm": "F0⊙S0 (SCM map)",
+    "semantic": "S0 (CAM)",
+    "attention": "F0 (attention)",
+    "random": "random map",
+    "full_image": "full-image box",
+    "train_mean_box": "mean train box",
+}
+
+
+def run_one(arm: str, seed: int, output_dir: Path, extra: list[str]) -> dict:
+    """Train and evaluate one (arm, seed); return its all_results.json with the wall time added."""
+    folder = output_dir / f"{arm}-seed{seed}"
+    results_file = folder / "all_results.json"
+    if not results_file.is_file():
+        command = [sys.executable, str(ROOT / "run_wsol.py"), *ARMS[arm], "--seed", str(seed)]
+        command += ["--output_dir", str(folder), "--overwrite_output_dir", *extra]
+        logger.info("running %s", " ".join(command))
+        start = time.perf_counter()
+        subprocess.run(command, check=True, cwd=ROOT)
+        (folder / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+    results = json.loads(results_file.read_text())
+    wall = folder / "wall_seconds.txt"
+    results["wall_seconds"] = float(wall.read_text()) if wall.is_file() else float("nan")
+    return results
+
+
+def measures(results: dict) -> dict[str, float]:
+    """The numbers one run contributes to the table."""
+    test = results["classification"]["test"]
+    row = {"balanced_accuracy": test["balanced_accuracy"], "macro_f1": test["macro_f1"]}
+    for name in MAPS:
+        method = results["localization"]["methods"][name]
+        calibrated = method["calibrated_on_validation"]
+        row[f"{name}/MaxBoxAcc"] = calibrated["MaxBoxAcc"]
+        row[f"{name}/MaxBoxAccV2"] = calibrated["MaxBoxAccV2"]
+        row[f"{name}/PxAP"] = method["PxAP"]
+        row[f"{name}/mean_iou"] = method.get("box_measures", {}).get("mean_iou", float("nan"))
+    row["wall_seconds"] = results["wall_seconds"]
+    return row
+
+
+def summarize(rows: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
+    """Mean and sample standard deviation over seeds of every measure."""
+    keys = rows[0].keys()
+    summary = {}
+    for key in keys:
+        values = np.array([r[key] for r in rows], dtype=np.float64)
+        summary[key] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+    return summary
+
+
+def markdown(table: dict[str, dict[str, tuple[float, float]]], seeds: list[int]) -> str:
+    def cell(value: tuple[float, float], digits: int) -> str:
+        return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+
+    arms = list(table)
+    lines = [
+        f"Mean ± std over seeds {', '.join(map(str, seeds))} (test split; τ from validation; 224×224 frame).",
+        "",
+        "| | " + " | ".join(f"`{a}`" for a in arms) + " |",
+        "|---" * (len(arms) + 1) + "|",
+        "| balanced accuracy | " + " | ".join(cell(table[a]["balanced_accuracy"], 3) for a in arms) + " |",
+        "| macro F1 | " + " | ".join(cell(table[a]["macro_f1"], 3) for a in arms) + " |",
+        "| wall time, s | " + " | ".join(cell(table[a]["wall_seconds"], 0) for a in arms) + " |",
+    ]
+    for measure in ("MaxBoxAccV2", "MaxBoxAcc", "PxAP"):
+        for name in MAPS:
+            if measure == "PxAP" and name in ("full_image", "train_mean_box"):
+                continue
+            values = " | ".join(cell(table[a][f"{name}/{measure}"], 1) for a in arms)
+            lines.append(f"| {measure}: {MAP_NAMES[name]} | {values} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default="bench/ablation_runs")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="more run_wsol.py flags, after --")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    output_dir = Path(args.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    extra = [a for a in args.extra if a != "--"]
+    table = {}
+    for arm in args.arms:
+        rows = [measures(run_one(arm, seed, output_dir, extra)) for seed in args.seeds]
+        table[arm] = summarize(rows)
+    (output_dir / "ablation.md").write_text(markdown(table, args.seeds))
+    report = {"seeds": args.seeds, "extra_flags": extra, "table": table}
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Training recipes of `run_wsol.py`: the default of every training flag, and where each comes from.
+
+Three recipes, chosen with `--recipe` (default `auto`):
+
+* `paper` — the official SCM training (Bai et al., ECCV 2022; code hbai98/SCM, CUB DeiT-S): one learning
+  rate for every parameter, AdamW with weight decay 0.05 (none on 1-D parameters, biases, position
+  embeddings and the CLS token), ×0.1 step decay at epoch 30 of 30, no warmup, no gradient clipping,
+  stochastic depth 0.1, plain cross-entropy.
+* `cxr` — this project's chest X-ray fine-tuning (the original training scripts): backbone 5e-5, SCM and
+  head 5e-4, weight decay 5e-4, batch 32, 55 epochs, class-weighted cross-entropy with label smoothing 0.1,
+  early stopping.
+* `scratch` — the embedded default: a DeiT trained from scratch on the phantoms in CPU minutes. No paper
+  trains DeiT-SCM from scratch; every value was measured on the phantoms' validation split
+  (`bench/RESULTS.md`).
+
+`auto` picks `scratch` when nothing pretrained is loaded (no `--backbone_weights`, no
+`--model_name_or_path`), else the recipe named like the SCM variant. A flag given on the command line
+always wins over the recipe.
+
+`--learning_rate` is the backbone's learning rate. Unless `--scm_learning_rate` is given too, the SCM
+blocks and the head follow it at the recipe's ratio (1× for `paper`, 10× for `cxr`), so one flag
+scales the whole recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+RECIPE_CHOICES = ("auto", "paper", "cxr", "scratch")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Defaults of the training flags. `class_weights` takes the flag's words ("variant" = the SCM
+    variant's weights); `scm_warmup_fraction` is the share of epochs trained before the SCM blocks run;
+    `config` holds model fields the recipe needs (e.g. the conv stem for from-scratch backbones)."""
+
+    name: str
+    learning_rate: float
+    scm_learning_rate: float
+    weight_decay: float
+    lr_scheduler_type: str
+    num_warmup_steps: int
+    max_grad_norm: float
+    drop_path_rate: float
+    label_smoothing: Optional[float]  # None: the SCM variant's
+    class_weights: str
+    num_train_epochs: int
+    per_device_train_batch_size: int
+    early_stopping_patience: int
+    scm_warmup_fraction: float
+    config: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(
+        name="paper",
+        learning_rate=5e-5,
+        scm_learning_rate=5e-5,
+        weight_decay=0.05,
+        lr_scheduler_type="step",
+        num_warmup_steps=0,
+        max_grad_norm=0.0,
+        drop_path_rate=0.1,
+        label_smoothing=0.0,
+        class_weights="none",
+        num_train_epochs=30,
+        per_device_train_batch_size=256,
+        early_stopping_patience=0,
+        scm_warmup_fraction=0.0,
+        sources={"*": "official SCM code and CUB config (hbai98/SCM: train_cam.py, configs/CUB/deit_scm_small)"},
+    ),
+    "cxr": Recipe(
+        name="cxr",
+        learning_rate=5e-5,
+        scm_learning_rate=5e-4,
+        weight_decay=5e-4,
+        lr_scheduler_type="cosine",
+        num_warmup_steps=50,
+        max_grad_norm=1.0,
+        drop_path_rate=0.0,
+        label_smoothing=None,
+        class_weights="variant",
+        num_train_epochs=55,
+        per_device_train_batch_size=32,
+        early_stopping_patience=10,
+        scm_warmup_fraction=0.0,
+        sources={
+            "*": "the project's original chest X-ray training scripts",
+            "lr_scheduler_type": "this project (cosine with 50 warmup steps)",
+            "num_warmup_steps": "this project",
+            "max_grad_norm": "this project",
+            "early_stopping_patience": "this project (the scripts stop early; their patience is not recorded)",
+        },
+    ),
+    "scratch": Recipe(
+        name="scratch",
+        learning_rate=5e-4,
+        scm_learning_rate=5e-4,
+        weight_decay=0.05,
+        lr_scheduler_type="cosine",
+        num_warmup_steps=50,
+        max_grad_norm=1.0,
+        drop_path_rate=0.0,
+        label_smoothing=None,
+        class_weights="none",
+        num_train_epochs=40,
+        per_device_train_batch_size=32,
+        early_stopping_patience=0,
+        scm_warmup_fraction=0.5,
+        config={"patch_embedding": "conv_stem"},
+        sources={"*": "measured on the phantoms' validation split (bench/RESULTS.md)"},
+    ),
+}
+
+# Flags a recipe fills when the command line leaves them out (argparse default None).
+RECIPE_FLAGS = tuple(
+    f.name for f in fields(Recipe) if f.name not in ("name", "config", "sources", "scm_warmup_fraction")
+)
+
+
+def resolve_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe `args.recipe` names, `auto` resolved (scratch unless something pretrained is loaded)."""
+    if args.recipe != "auto":
+        return RECIPES[args.recipe]
+    pretrained = bool(getattr(args, "backbone_weights", None) or getattr(args, "model_name_or_path", None))
+    return RECIPES[args.scm_variant] if pretrained else RECIPES["scratch"]
+
+
+def apply_recipe(args: argparse.Namespace) -> Recipe:
+    """Fill every flag left at None from the recipe; record the recipe's name in `args.recipe`."""
+    recipe = resolve_recipe(args)
+    if args.learning_rate is not None and args.scm_learning_rate is None:
+        args.scm_learning_rate = args.learning_rate * recipe.scm_learning_rate / recipe.learning_rate
+    for name in RECIPE_FLAGS:
+        if getattr(args, name, None) is None:
+            setattr(args, name, getattr(recipe, name))
+    args.recipe = recipe.name
+    return recipe
+
+
+def recipe_table() -> str:
+    """The recipes as a Markdown table (the README's), with each value's source."""
+    names = list(RECIPES)
+    lines = ["| flag | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for flag in (*RECIPE_FLAGS, "scm_warmup_fraction", "config"):
+        values = []
+        for name in names:
+            value = getattr(RECIPES[name], flag)
+            values.append("variant's" if value is None else str(value).replace("|", "/"))
+        lines.append(f"| `{flag}` | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["Recipe", "RECIPES", "RECIPE_CHOICES", "RECIPE_FLAGS", "apply_recipe", "resolve_recipe", "recipe_table"]
