@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--variants", default="timm,paper,cxr,eager")
+    parser.add_argument("--solver", default=None, help="scm_solver for our variants (default: the config's)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.preset = args.preset or ("deit-small" if cuda else "deit-tiny")
@@ -67,7 +68,8 @@ def build_model(variant: str, args: argparse.Namespace) -> torch.nn.Module:
         model = timm.create_model(name, pretrained=False, num_classes=3, img_size=args.image_size)
     else:
         scm_variant = "paper" if base == "eager" else base
-        config = DeiTSCMConfig.from_preset(args.preset, scm_variant, image_size=args.image_size)
+        solver = {"scm_solver": args.solver} if args.solver else {}
+        config = DeiTSCMConfig.from_preset(args.preset, scm_variant, image_size=args.image_size, **solver)
         model = DeiTSCMForImageClassification(config)
         model.set_fused_attention(base != "eager")
     return model.to(args.device)
@@ -125,9 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile:
         variants += [f"{v}_compiled" for v in variants if v != "eager"]
     runners: dict[str, dict[str, Callable]] = {}
+    solvers: dict[str, str] = {}
     peak_memory: dict[str, float] = {}
     for variant in variants:
         model = build_model(variant, args)
+        if hasattr(model, "config") and hasattr(model.config, "scm_solver"):
+            solvers[variant] = model.config.scm_solver
         train_step, infer_step = make_steps(model, args, variant.endswith("_compiled"))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -175,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
             "bf16": args.bf16,
             "torch": torch.__version__,
         },
+        "scm_solver": solvers,
         "results": results,
         "ratios": ratios,
     }

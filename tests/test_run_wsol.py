@@ -186,6 +186,13 @@ def test_two_processes_gather_every_eval_sample_once(tmp_path):
         (["--resume_from_checkpoint", "/nonexistent/step_3"], "does not exist"),
         (["--checkpointing_steps", "often"], "checkpointing_steps"),
         (["--predict_files", "/nonexistent.png"], "does not exist"),
+        (["--learning_rate", "-1"], "learning_rate"),
+        (["--learning_rate", "nan"], "learning_rate"),
+        (["--max_grad_norm", "-1"], "max_grad_norm"),
+        (["--early_stopping_patience", "-1"], "early_stopping_patience"),
+        (["--class_weights", "nan,1,1"], "class_weights"),
+        (["--class_weights", "0,0,0"], "class_weights"),
+        (["--recipe", "fast"], "invalid choice"),
     ],
 )
 def test_bad_flags_exit_with_one_line(flags, fragment, tmp_path):
