@@ -640,12 +640,38 @@ def build_components(args, accelerator, model, train_split: PreparedSplit, norma
             num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
             num_training_steps=max_steps * accelerator.num_processes,
         )
+    switch = scm_warmup_epochs(args, math.ceil(max_steps / updates_per_epoch))
+    if switch > 0:
+        rewarm_learning_rate(
+            scheduler,
+            switch * updates_per_epoch * accelerator.num_processes,
+            updates_per_epoch * accelerator.num_processes,
+        )
     if args.torch_compile:
         model = torch.compile(model)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     normalizer = normalizer.to(accelerator.device)
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     return Components(accelerator, model, optimizer, scheduler, loader, normalizer, steps_per_epoch, max_steps)
+
+
+def rewarm_learning_rate(scheduler: torch.optim.lr_scheduler.LambdaLR, start: int, length: int) -> None:
+    """Multiply the schedule by a linear ramp from 0 over `length` scheduler steps from `start` on.
+
+    When the SCM blocks switch on mid-training, the logits jump (S grows by up to (1 + F')^blocks where the
+    diffused attention peaks) and the loss with them; AdamW's second moments still hold the small
+    gradients of before and turn the new large ones into steps several times the learning rate, which
+    threw one phantom run from validation macro F1 0.90 to 0.25 for the rest of training. The SCM phase
+    therefore starts like a fine-tuning run: fresh AdamW moments (`train_one_epoch`) and this warmup.
+    """
+
+    def ramp(step: int) -> float:
+        return 1.0 if step < start else min(1.0, (step - start + 1) / length)
+
+    scheduler.lr_lambdas = [lambda step, f=f: f(step) * ramp(step) for f in scheduler.lr_lambdas]
+    # The ramp factor of step 0 may be < 1 only for start 0, which never comes here; recompute anyway.
+    for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * f(scheduler.last_epoch)
 
 
 def scm_warmup_epochs(args: argparse.Namespace, epochs: int) -> int:
@@ -704,6 +730,9 @@ def train_one_epoch(args, parts: Components, state: TrainState, progress: Any, o
     batches_done = state.step_in_epoch * args.gradient_accumulation_steps
     if batches_done:
         loader = accelerator.skip_first_batches(loader, batches_done)
+    if state.epoch == state.scm_warmup_epochs > 0 and state.step_in_epoch == 0:
+        # The SCM phase starts with fresh AdamW moments (see `rewarm_learning_rate`).
+        parts.optimizer.optimizer.state.clear()
     for pixels, labels, _ in loader:
         with accelerator.accumulate(model):
             # Every random draw of a step (augmentation, stochastic depth) derives from (seed, step,

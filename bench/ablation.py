@@ -6,7 +6,7 @@ MaxBoxAcc and MaxBoxAccV2 at thresholds chosen on validation, and PxAP (test spl
 threshold step 0.001). Runs already finished (an `all_results.json` in their folder) are read, not
 retrained, so the script can be stopped and started again.
 
-    python bench/ablation.py --output_dir bench/ablation_runs            # 3 arms x 3 seeds, ~1 h on 2 cores
+    python bench/ablation.py --output_dir bench/ablation_runs --parallel 2  # 3 arms x 3 seeds, ~1 h on 2 cores
     python bench/ablation.py --arms cxr --seeds 0 --output_dir /tmp/abl   # one run
 
 Prints one JSON object (the table's numbers) and writes `ablation.md` (the table) into --output_dir.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -44,18 +45,47 @@ MAP_NAMES = {
 }
 
 
-def run_one(arm: str, seed: int, output_dir: Path, extra: list[str]) -> dict:
-    """Train and evaluate one (arm, seed); return its all_results.json with the wall time added."""
+def run_all(jobs: list[tuple[str, int]], output_dir: Path, extra: list[str], parallel: int) -> None:
+    """Train every (arm, seed) not finished yet, `parallel` at a time, the cores split between them."""
+    pending = [
+        (arm, seed) for arm, seed in jobs if not (output_dir / f"{arm}-seed{seed}" / "all_results.json").is_file()
+    ]
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    running: list[tuple[subprocess.Popen, Path, float]] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            arm, seed = pending.pop(0)
+            folder = output_dir / f"{arm}-seed{seed}"
+            command = [sys.executable, str(ROOT / "run_wsol.py"), *ARMS[arm], "--seed", str(seed)]
+            command += [
+                "--output_dir",
+                str(folder),
+                "--overwrite_output_dir",
+                "--cache_dir",
+                str(output_dir / "cache" / folder.name),
+            ]
+            command += extra
+            logger.info("running %s", " ".join(command))
+            log = open(output_dir / f"{arm}-seed{seed}.log", "w")  # noqa: SIM115 - closed with the process
+            running.append(
+                (subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log), folder, time.perf_counter())
+            )
+        time.sleep(5)
+        for item in list(running):
+            process, folder, start = item
+            if process.poll() is None:
+                continue
+            running.remove(item)
+            if process.returncode != 0:
+                raise SystemExit(f"ablation: {folder.name} failed (exit {process.returncode}); see its .log")
+            (folder / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+
+
+def load_run(arm: str, seed: int, output_dir: Path) -> dict:
+    """One finished run's all_results.json with its wall time added."""
     folder = output_dir / f"{arm}-seed{seed}"
-    results_file = folder / "all_results.json"
-    if not results_file.is_file():
-        command = [sys.executable, str(ROOT / "run_wsol.py"), *ARMS[arm], "--seed", str(seed)]
-        command += ["--output_dir", str(folder), "--overwrite_output_dir", *extra]
-        logger.info("running %s", " ".join(command))
-        start = time.perf_counter()
-        subprocess.run(command, check=True, cwd=ROOT)
-        (folder / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
-    results = json.loads(results_file.read_text())
+    results = json.loads((folder / "all_results.json").read_text())
     wall = folder / "wall_seconds.txt"
     results["wall_seconds"] = float(wall.read_text()) if wall.is_file() else float("nan")
     return results
@@ -114,16 +144,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_dir", default="bench/ablation_runs")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (the cores are split between them)")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more run_wsol.py flags, after --")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     extra = [a for a in args.extra if a != "--"]
-    table = {}
-    for arm in args.arms:
-        rows = [measures(run_one(arm, seed, output_dir, extra)) for seed in args.seeds]
-        table[arm] = summarize(rows)
+    # Seed-major order: with the runs cut short, every arm still has the same seeds done.
+    run_all([(arm, seed) for seed in args.seeds for arm in args.arms], output_dir, extra, args.parallel)
+    table = {arm: summarize([measures(load_run(arm, seed, output_dir)) for seed in args.seeds]) for arm in args.arms}
     (output_dir / "ablation.md").write_text(markdown(table, args.seeds))
     report = {"seeds": args.seeds, "extra_flags": extra, "table": table}
     print(json.dumps(report))

@@ -374,6 +374,27 @@ def test_step_schedule_decays_tenfold_at_each_milestone(tmp_path):
     assert rates == pytest.approx([5e-5, 5e-5, 5e-6, 5e-6, 5e-7, 5e-7])
 
 
+def test_learning_rate_rewarms_when_the_scm_blocks_switch_on(tmp_path):
+    """scratch recipe, 4 epochs of 2 steps, SCM from epoch 2: a constant schedule dips to 1/2 at the
+    switch and is back at full rate one epoch later."""
+    args = run_wsol.parse_args(
+        [*TINY, "--num_train_epochs", "4", "--lr_scheduler_type", "constant", "--learning_rate", "1e-3",
+         "--output_dir", str(tmp_path / "x")]
+    )  # fmt: skip
+    model = run_wsol.build_model(args, torch.zeros(0, dtype=torch.long))
+    from accelerate import Accelerator
+
+    split = run_wsol.PreparedSplit("t", torch.zeros(16, 64, 64, dtype=torch.uint8), torch.zeros(16, dtype=torch.long),
+                                   [np.zeros((0, 4))] * 16, [[]] * 16, np.zeros((16, 8)), ["a"] * 16, None)
+    parts = run_wsol.build_components(args, Accelerator(cpu=True), model, split, torch.nn.Identity())
+    rates = []
+    for _ in range(8):
+        rates.append(parts.optimizer.param_groups[0]["lr"])
+        parts.optimizer.step()
+        parts.scheduler.step()
+    assert rates == pytest.approx([1e-3] * 4 + [5e-4, 1e-3, 1e-3, 1e-3])
+
+
 @pytest.mark.parametrize(
     "geometry, box, expected",
     [
