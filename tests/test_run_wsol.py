@@ -117,6 +117,24 @@ def test_prediction_only_run_writes_json_and_overlays(smoke_run, tmp_path):
     assert "broken.png" in bad["error"]
 
 
+def test_model_card_python_example_runs_as_written(smoke_run, tmp_path):
+    """The card's Python block, taken from the generated README.md, run in a fresh interpreter that cannot
+    import this repository: only the repo id and the input file are filled in."""
+    from pydicom.data import get_testdata_file
+
+    card = (smoke_run / "README.md").read_text()
+    blocks = card.split("```python\n")[1:]
+    assert blocks, "the model card has no Python example"
+    example = blocks[0].split("```")[0]
+    assert '"path/or/hub-id"' in example and '"patient.dcm"' in example
+    example = example.replace('"path/or/hub-id"', repr(str(smoke_run)))
+    example = example.replace('"patient.dcm"', repr(get_testdata_file("RG1_UNCR.dcm")))
+    done = run_outside_repo(example, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = done.stdout.strip().splitlines()[-1]
+    assert printed.split()[0] in {"Atelectasis", "Other_pathologies", "No_pathologies"}
+
+
 def test_push_offline_fails_fast_after_saving(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     output = tmp_path / "run"
@@ -347,13 +365,11 @@ def test_paper_recipe_is_the_official_training(tmp_path):
     assert run_wsol.parse_args(["--recipe", "paper", "--weight_decay", "0.1", "--output_dir", "o"]).weight_decay == 0.1
 
 
-def test_step_schedule_decays_tenfold_at_each_milestone(tmp_path):
-    args = run_wsol.parse_args(
-        [*TINY, "--recipe", "paper", "--lr_step_epochs", "1", "2", "--output_dir", str(tmp_path / "x")]
-    )
-    model = run_wsol.build_model(args, torch.zeros(0, dtype=torch.long))
+def _components(args) -> run_wsol.Components:
+    """Model, optimizer and scheduler for 16 blank 64x64 training images (2 steps of 8 per epoch)."""
     from accelerate import Accelerator
 
+    model = run_wsol.build_model(args, torch.zeros(0, dtype=torch.long))
     split = run_wsol.PreparedSplit(
         "t",
         torch.zeros(16, 64, 64, dtype=torch.uint8),
@@ -364,14 +380,25 @@ def test_step_schedule_decays_tenfold_at_each_milestone(tmp_path):
         ["a"] * 16,
         None,
     )
-    parts = run_wsol.build_components(args, Accelerator(cpu=True), model, split, torch.nn.Identity())
-    assert parts.steps_per_epoch == 2
+    return run_wsol.build_components(args, Accelerator(cpu=True), model, split, torch.nn.Identity())
+
+
+def _learning_rates(parts, steps: int) -> list[float]:
     rates = []
-    for _ in range(6):
+    for _ in range(steps):
         rates.append(parts.optimizer.param_groups[0]["lr"])
         parts.optimizer.step()
         parts.scheduler.step()
-    assert rates == pytest.approx([5e-5, 5e-5, 5e-6, 5e-6, 5e-7, 5e-7])
+    return rates
+
+
+def test_step_schedule_decays_tenfold_at_each_milestone(tmp_path):
+    args = run_wsol.parse_args(
+        [*TINY, "--recipe", "paper", "--lr_step_epochs", "1", "2", "--output_dir", str(tmp_path / "x")]
+    )
+    parts = _components(args)
+    assert parts.steps_per_epoch == 2
+    assert _learning_rates(parts, 6) == pytest.approx([5e-5, 5e-5, 5e-6, 5e-6, 5e-7, 5e-7])
 
 
 def test_learning_rate_rewarms_when_the_scm_blocks_switch_on(tmp_path):
@@ -381,18 +408,8 @@ def test_learning_rate_rewarms_when_the_scm_blocks_switch_on(tmp_path):
         [*TINY, "--num_train_epochs", "4", "--lr_scheduler_type", "constant", "--learning_rate", "1e-3",
          "--output_dir", str(tmp_path / "x")]
     )  # fmt: skip
-    model = run_wsol.build_model(args, torch.zeros(0, dtype=torch.long))
-    from accelerate import Accelerator
-
-    split = run_wsol.PreparedSplit("t", torch.zeros(16, 64, 64, dtype=torch.uint8), torch.zeros(16, dtype=torch.long),
-                                   [np.zeros((0, 4))] * 16, [[]] * 16, np.zeros((16, 8)), ["a"] * 16, None)
-    parts = run_wsol.build_components(args, Accelerator(cpu=True), model, split, torch.nn.Identity())
-    rates = []
-    for _ in range(8):
-        rates.append(parts.optimizer.param_groups[0]["lr"])
-        parts.optimizer.step()
-        parts.scheduler.step()
-    assert rates == pytest.approx([1e-3] * 4 + [5e-4, 1e-3, 1e-3, 1e-3])
+    parts = _components(args)
+    assert _learning_rates(parts, 8) == pytest.approx([1e-3] * 4 + [5e-4, 1e-3, 1e-3, 1e-3])
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,249 @@
+"""Gradio demo of DeiT-SCM: drop chest radiographs, read the class probabilities, see the heatmap and boxes.
+
+    python demo/app.py --model outputs/wsol            # the main job's output, offline
+    python demo/app.py --model org/deit-scm-cxr        # a Hub model (also the Space's MODEL_ID variable)
+
+The model and processor load exactly as a Hub user loads them (`trust_remote_code=True`). Each uploaded
+file (DICOM, PNG, JPEG) goes file -> processor -> model once; the threshold slider and the map toggle
+(F0⊙S0, F0, S0) only redo the post-processing (`post_process_localization`) on the kept outputs. A file the
+processor cannot read is named with the reason; nothing else is lost and no stack trace reaches the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("demo")
+
+DEFAULT_MODEL = "outputs/wsol"
+# Map shown -> the model output holding it. F0 has no class axis; it is the same for every class.
+MAPS = {
+    "F₀⊙S₀ (SCM map)": "localization_maps",
+    "S₀ (semantic, CAM)": "semantic_maps",
+    "F₀ (attention)": "attention_maps",
+}
+FILE_TYPES = [".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff"]
+
+
+@dataclass
+class ImageResult:
+    """What one uploaded image keeps between redraws: the model ran once."""
+
+    name: str
+    image: np.ndarray  # the decoded radiograph, original pixels
+    geometry: np.ndarray  # (8,) the processor's geometry row
+    logits: np.ndarray  # (C,)
+    maps: dict[str, np.ndarray]  # output name -> (C, h, w)
+
+
+class Predictor:
+    """The model and processor of a saved folder or Hub id, and the demo's steps on top of them."""
+
+    def __init__(self, model: str) -> None:
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        self.source = model
+        self.processor = AutoImageProcessor.from_pretrained(model, trust_remote_code=True)
+        self.model = AutoModelForImageClassification.from_pretrained(model, trust_remote_code=True).eval()
+        self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
+
+    @torch.no_grad()
+    def predict(self, paths: list[str]) -> tuple[list[ImageResult], list[str]]:
+        """Run every readable file through processor and model; return the results and one message per
+        unreadable file."""
+        results, errors = [], []
+        for path in paths:
+            name = Path(path).name
+            try:
+                inputs = self.processor([path])
+                outputs = self.model(inputs["pixel_values"])
+                image = self.processor.decode(path)
+            except Exception as error:  # any failure on one file is that file's message, not the page's
+                errors.append(f"**{name}** could not be read: {error}")
+                logger.info("rejected %s: %s", name, error)
+                continue
+            classes = outputs.logits.shape[-1]
+            maps = {
+                "localization_maps": outputs.localization_maps[0].float().numpy(),
+                "semantic_maps": outputs.semantic_maps[0].float().numpy(),
+                "attention_maps": outputs.attention_maps[0].float().expand(classes, -1, -1).numpy(),
+            }
+            geometry = np.asarray(inputs["geometry"][0])
+            results.append(ImageResult(name, image, geometry, outputs.logits[0].float().numpy(), maps))
+        return results, errors
+
+    def render(self, result: ImageResult, map_name: str, threshold: float) -> dict[str, Any]:
+        """Post-process one kept result with a map and a threshold: probabilities, heatmap overlay in original
+        pixels with the boxes drawn, and the JSON record."""
+        key = MAPS[map_name]
+        outputs = {
+            "logits": torch.from_numpy(result.logits)[None],
+            "localization_maps": torch.from_numpy(result.maps[key])[None],
+        }
+        post = self.processor.post_process_localization(
+            outputs, geometry=result.geometry[None], threshold=threshold, multi_contour=True, id2label=self.id2label
+        )[0]
+        probabilities = torch.softmax(torch.from_numpy(result.logits), -1).tolist()
+        overlay = self.processor.overlay_heatmap(result.image, post["heatmap"], boxes=post["boxes"])
+        record = {
+            "file": result.name,
+            "label": post["label_name"],
+            "probabilities": {self.id2label[i]: round(p, 6) for i, p in enumerate(probabilities)},
+            "map": key,
+            "threshold": threshold,
+            "boxes": post["boxes"].tolist(),
+            "box_scores": [round(float(s), 6) for s in post["box_scores"]],
+            "box_format": "xyxy, inclusive, original pixels",
+        }
+        return {"probabilities": record["probabilities"], "overlay": overlay, "record": record}
+
+
+def load_predictor(model: str) -> tuple[Optional[Predictor], str]:
+    """The predictor, or None with a message for the page that says what to do."""
+    if not Path(model).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        return None, (
+            f"No model at `{model}`. Train one with `accelerate launch run_wsol.py` (it writes `outputs/wsol`), "
+            "or start the demo with `--model PATH_OR_HUB_ID`."
+        )
+    try:
+        predictor = Predictor(model)
+    except Exception as error:  # a missing folder, no network, a broken config: say it on the page
+        return None, (
+            f"Could not load a model from `{model}` ({type(error).__name__}: {error}). Train one with "
+            "`accelerate launch run_wsol.py` (it writes `outputs/wsol`), or pass `--model PATH_OR_HUB_ID`."
+        )
+    return (
+        predictor,
+        f"Model: `{model}` (threshold {predictor.processor.localization_threshold:.2f} chosen on validation boxes).",
+    )
+
+
+def example_files(folder: Path, count: int = 2) -> list[str]:
+    """A few phantoms drawn at start-up (never committed) and, with pydicom-data, the real chest CR RG1_UNCR."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    paths = []
+    try:
+        from cxr_data import load_dataset_module
+
+        phantoms = load_dataset_module("phantoms")
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            phantom = phantoms.generate_phantom(index, seed=7, label=index % 2, size=512)
+            path = folder / f"phantom_{index}_{phantoms.CLASS_NAMES[phantom.label]}.png"
+            from PIL import Image
+
+            Image.fromarray(phantom.image).save(path)
+            paths.append(str(path))
+    except Exception as error:  # the examples are a convenience; the demo works without them
+        logger.warning("no phantom examples: %s", error)
+    try:
+        from pydicom.data import get_testdata_file
+
+        dicom = get_testdata_file("RG1_UNCR.dcm")
+        if dicom:
+            paths.append(str(dicom))
+    except Exception as error:
+        logger.warning("no DICOM example: %s", error)
+    return paths
+
+
+def build_demo(model: str = DEFAULT_MODEL, examples_dir: Optional[Path] = None) -> Any:
+    """The Gradio Blocks app."""
+    import gradio as gr
+
+    predictor, status = load_predictor(model)
+    threshold0 = float(predictor.processor.localization_threshold) if predictor else 0.5
+    examples_dir = examples_dir or Path(tempfile.mkdtemp(prefix="deit_scm_examples_"))
+
+    def show(results: list[ImageResult], selected: Optional[str], map_name: str, threshold: float, errors: list[str]):
+        messages = "\n\n".join(errors)
+        if not results:
+            return None, None, "", None, messages
+        names = [r.name for r in results]
+        result = results[names.index(selected)] if selected in names else results[0]
+        view = predictor.render(result, map_name, threshold)
+        records = [predictor.render(r, map_name, threshold)["record"] for r in results]
+        path = Path(tempfile.mkdtemp(prefix="deit_scm_result_")) / "result.json"
+        path.write_text(json.dumps(records, indent=2))
+        boxes = view["record"]["boxes"]
+        summary = f"**{result.name}**: {len(boxes)} box{'es' if len(boxes) != 1 else ''} at threshold {threshold:.2f}"
+        return view["probabilities"], view["overlay"], summary, str(path), messages
+
+    def on_upload(files, map_name, threshold):
+        started = time.perf_counter()
+        paths = [f if isinstance(f, str) else f.name for f in (files or [])]
+        if predictor is None:
+            return [], [], gr.update(choices=[], value=None), None, None, "", None, status
+        results, errors = predictor.predict(paths)
+        names = [r.name for r in results]
+        shown = show(results, names[0] if names else None, map_name, threshold, errors)
+        logger.info("upload to result: %.3f s for %d files", time.perf_counter() - started, len(paths))
+        return (results, errors, gr.update(choices=names, value=names[0] if names else None), *shown)
+
+    def on_redraw(results, errors, selected, map_name, threshold):
+        if predictor is None or not results:
+            return None, None, "", None, "\n\n".join(errors or [])
+        return show(results, selected, map_name, threshold, errors or [])
+
+    with gr.Blocks(title="DeiT-SCM chest X-ray localization") as demo:
+        gr.Markdown(
+            "# DeiT-SCM: chest X-ray classification and weakly supervised localization\n"
+            "Drop radiographs (DICOM, PNG, JPEG). The model gives Atelectasis / Other pathologies / No pathologies "
+            "and a heatmap with boxes, learned from image labels only. **A research demonstration, not a "
+            "medical device.**"
+        )
+        gr.Markdown(status, elem_id="status")
+        results_state, errors_state = gr.State([]), gr.State([])
+        files = gr.File(label="Radiographs", file_count="multiple", file_types=FILE_TYPES, elem_id="upload")
+        with gr.Row():
+            map_choice = gr.Radio(list(MAPS), value=next(iter(MAPS)), label="Map", elem_id="map")
+            threshold = gr.Slider(0.0, 1.0, value=threshold0, step=0.01, label="Box threshold", elem_id="threshold")
+        selector = gr.Dropdown(label="Image", choices=[], elem_id="selector")
+        with gr.Row():
+            label = gr.Label(num_top_classes=3, label="Class probabilities", elem_id="label")
+            overlay = gr.Image(
+                label="Heatmap and boxes (original pixels)", type="numpy", format="jpeg", elem_id="overlay"
+            )
+        summary = gr.Markdown(elem_id="summary")
+        download = gr.File(label="Result (JSON)", elem_id="download")
+        errors = gr.Markdown(elem_id="errors")
+        outputs = [label, overlay, summary, download, errors]
+        # `change` fires on upload, on an example's click and on clearing: the model runs once per new set.
+        files.change(on_upload, [files, map_choice, threshold], [results_state, errors_state, selector, *outputs])
+        redraw_inputs = [results_state, errors_state, selector, map_choice, threshold]
+        # Dragging fires many changes: only the last one pending is drawn.
+        threshold.change(on_redraw, redraw_inputs, outputs, trigger_mode="always_last")
+        map_choice.change(on_redraw, redraw_inputs, outputs)
+        # `input`, not `change`: an upload sets the choices itself and must not draw twice.
+        selector.input(on_redraw, redraw_inputs, outputs)
+        samples = example_files(examples_dir)
+        if samples:
+            gr.Examples([[[path]] for path in samples], inputs=[files], label="Examples")
+    return demo
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=os.environ.get("MODEL_ID", DEFAULT_MODEL), help="a saved folder or Hub id")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    build_demo(args.model).launch(server_name=args.host, server_port=args.port, show_error=False)
+
+
+if __name__ == "__main__":
+    main()
