@@ -165,6 +165,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     train.add_argument("--num_workers", type=int, default=0)
     train.add_argument("--push_to_hub", action="store_true")
     train.add_argument("--hub_model_id")
+    train.add_argument(
+        "--hub_space_id", help="with --push_to_hub: also push the demo (demo/) as this Space and link it from the card"
+    )
     actions = parser.add_argument_group("what to run")
     actions.add_argument("--do_train", type=_bool, default=True)
     actions.add_argument("--do_eval", type=_bool, default=True)
@@ -1056,6 +1059,10 @@ def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
         f"Classification: accuracy {test['accuracy']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, macro F1 "
         f"{test['macro_f1']:.3f}, macro ROC-AUC {test['macro_roc_auc_ovr']:.3f}.",
         "",
+        "## Try it",
+        "",
+        *try_it_lines(args),
+        "",
         "## Usage",
         "",
         "```python",
@@ -1076,6 +1083,19 @@ def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
         "chosen on validation boxes and is stored in the processor.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def try_it_lines(args: argparse.Namespace) -> list[str]:
+    """The card's pointer to the demo: the Space when one is pushed, else the local command."""
+    if args.push_to_hub and args.hub_space_id:
+        return [f"A demo page: [{args.hub_space_id}](https://huggingface.co/spaces/{args.hub_space_id})."]
+    return [
+        "Run the demo page (Gradio, offline) from a clone of the project's repository:",
+        "",
+        "```bash",
+        f"python demo/app.py --model {args.hub_model_id or args.output_dir}",
+        "```",
+    ]
 
 
 def save_model(args, accelerator, model, processor: CXRImageProcessor, results: dict, output_dir: Path) -> None:
@@ -1101,6 +1121,11 @@ def push_to_hub(args: argparse.Namespace, output_dir: Path) -> None:
         api.upload_folder(
             repo_id=args.hub_model_id, folder_path=str(output_dir), ignore_patterns=["checkpoints/*", "*.tmp"]
         )
+        if args.hub_space_id:
+            sys.path.insert(0, str(Path(__file__).resolve().parent / "demo"))
+            from push_space import push_space
+
+            logger.info("demo Space: %s", push_space(args.hub_model_id, args.hub_space_id))
     except Exception as error:  # network and auth errors of every kind end the same way
         raise SystemExit(
             f"run_wsol.py: error: push to {args.hub_model_id} failed ({type(error).__name__}: {error}); "

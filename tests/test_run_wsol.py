@@ -135,6 +135,16 @@ def test_model_card_python_example_runs_as_written(smoke_run, tmp_path):
     assert printed.split()[0] in {"Atelectasis", "Other_pathologies", "No_pathologies"}
 
 
+def test_model_card_try_it_points_to_the_demo(smoke_run, tmp_path):
+    card = (smoke_run / "README.md").read_text()
+    try_it = card.split("## Try it")[1].split("## Usage")[0]
+    assert f"python demo/app.py --model {smoke_run}" in try_it
+    args = run_wsol.parse_args(
+        ["--push_to_hub", "--hub_model_id", "o/m", "--hub_space_id", "o/m-demo", "--output_dir", str(tmp_path / "x")]
+    )
+    assert run_wsol.try_it_lines(args) == ["A demo page: [o/m-demo](https://huggingface.co/spaces/o/m-demo)."]
+
+
 def test_push_offline_fails_fast_after_saving(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     output = tmp_path / "run"
