@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +47,21 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 _RADIOGRAPH_MODALITIES = {"CR", "DX", "RG", "DR", "MG", "PX", "IO", "XA", "RF", "OT", "SC"}
 _SUPPORTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"}
+
+
 # Geometry columns carried per image in the BatchFeature, so post-processing can invert the resize.
+def _finite(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 GEOMETRY_FIELDS = (
     "original_height",
     "original_width",
@@ -224,8 +239,33 @@ class CXRImageProcessor(BaseImageProcessor):
             raise ValueError(f"num_channels must be 1 or 3, got {self.num_channels}")
         if len(self.image_mean) != self.num_channels and len(self.image_mean) != 3:
             raise ValueError(f"image_mean needs {self.num_channels} values, got {self.image_mean}")
-        if not ({"height", "width"} <= set(self.size)) or min(self.size["height"], self.size["width"]) <= 0:
-            raise ValueError(f"size must have positive 'height' and 'width', got {self.size}")
+        if not ({"height", "width"} <= set(self.size)) or not all(
+            _is_int(self.size[k]) and self.size[k] >= 1 for k in ("height", "width")
+        ):
+            raise ValueError(f"size must have positive integer 'height' and 'width', got {self.size}")
+        # Settings come from any preprocessor_config.json: a bad one must be a ValueError here, never a
+        # crash inside OpenCV later (a 0 x 0 CLAHE grid kills the interpreter with SIGFPE).
+        grid = self.clahe_tile_grid_size
+        if len(grid) != 2 or not all(_is_int(v) and v >= 1 for v in grid):
+            raise ValueError(f"clahe_tile_grid_size must be two integers >= 1, got {grid}")
+        if not _finite(self.clahe_clip_limit) or self.clahe_clip_limit <= 0:
+            raise ValueError(f"clahe_clip_limit must be a positive number, got {self.clahe_clip_limit!r}")
+        if self.clahe_max_size is not None and not (_is_int(self.clahe_max_size) and self.clahe_max_size >= 1):
+            raise ValueError(f"clahe_max_size must be None or an integer >= 1, got {self.clahe_max_size!r}")
+        if not _finite(self.rescale_factor) or self.rescale_factor <= 0:
+            raise ValueError(f"rescale_factor must be a positive finite number, got {self.rescale_factor!r}")
+        if not all(_finite(v) for v in self.image_mean):
+            raise ValueError(f"image_mean must be finite numbers, got {self.image_mean}")
+        if len(self.image_std) != len(self.image_mean) or not all(_finite(v) and v > 0 for v in self.image_std):
+            raise ValueError(f"image_std must be {len(self.image_mean)} positive numbers, got {self.image_std}")
+        for name in ("intensity_percentiles", "dicom_voi_percentiles"):
+            low_high = getattr(self, name)
+            if len(low_high) != 2 or not all(_finite(v) for v in low_high) or not 0 <= low_high[0] < low_high[1] <= 100:
+                raise ValueError(f"{name} must be two numbers 0 <= low < high <= 100, got {low_high}")
+        if not _finite(self.localization_threshold) or not 0 <= self.localization_threshold <= 1:
+            raise ValueError(f"localization_threshold must be in [0, 1], got {self.localization_threshold!r}")
+        if not _is_int(self.pad_value) or not 0 <= self.pad_value <= 255:
+            raise ValueError(f"pad_value must be an integer in [0, 255], got {self.pad_value!r}")
 
     # ------------------------------------------------------------------------------------- decode
 

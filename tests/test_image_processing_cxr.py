@@ -300,6 +300,37 @@ def test_skip_keeps_the_rest_of_the_batch():
     torch.testing.assert_close(out["pixel_values"][0], out["pixel_values"][1])
 
 
+@pytest.mark.parametrize(
+    "setting, field",
+    [
+        ({"clahe_tile_grid_size": (0, 0)}, "clahe_tile_grid_size"),  # SIGFPE inside OpenCV before
+        ({"clahe_tile_grid_size": (8,)}, "clahe_tile_grid_size"),
+        ({"clahe_clip_limit": -1.0}, "clahe_clip_limit"),
+        ({"clahe_max_size": 0}, "clahe_max_size"),
+        ({"image_std": [0.0, 0.2, 0.2]}, "image_std"),
+        ({"image_mean": [float("nan"), 0.5, 0.5]}, "image_mean"),
+        ({"rescale_factor": float("inf")}, "rescale_factor"),
+        ({"size": {"height": 0, "width": 32}}, "size"),
+        ({"size": {"height": 32.5, "width": 32}}, "size"),
+        ({"intensity_percentiles": (99.0, 1.0)}, "intensity_percentiles"),
+        ({"dicom_voi_percentiles": (0.0, 101.0)}, "dicom_voi_percentiles"),
+        ({"localization_threshold": 1.5}, "localization_threshold"),
+        ({"pad_value": 300}, "pad_value"),
+    ],
+)
+def test_every_numeric_setting_is_validated_on_construction_and_load(setting, field, tmp_path):
+    with pytest.raises(ValueError, match=field):
+        CXRImageProcessor(**setting)
+    # The same value in a saved preprocessor_config.json (any Hub repo) is refused on load.
+    CXRImageProcessor().save_pretrained(tmp_path)
+    config_file = tmp_path / "preprocessor_config.json"
+    config = json.loads(config_file.read_text())
+    config.update({k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()})
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=field):
+        CXRImageProcessor.from_pretrained(tmp_path)
+
+
 def test_invalid_settings_raise():
     with pytest.raises(ValueError, match="resize_mode"):
         CXRImageProcessor(resize_mode="crop")
