@@ -192,11 +192,13 @@ def convert_state_dict(
 def load_backbone_weights(
     model: Union[DeiTSCMModel, DeiTSCMForImageClassification],
     source: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
+    allow_missing: bool = False,
 ) -> LoadReport:
     """Load DeiT/ViT weights into `model`'s backbone and report what did not match.
 
     `source` is a state dict, a checkpoint path, or `timm:<model name>` (timm's hub; needs network).
-    Shape mismatches raise `WeightConversionError`; missing and unused keys are reported and logged.
+    Shape mismatches raise `WeightConversionError`; so do backbone keys the checkpoint lacks (they would stay
+    randomly initialized, silently) unless `allow_missing`. Unused checkpoint keys are reported and logged.
     """
     backbone = model.deit if isinstance(model, DeiTSCMForImageClassification) else model
     if isinstance(source, Mapping):
@@ -214,6 +216,12 @@ def load_backbone_weights(
             raise WeightConversionError(
                 f"{key}: checkpoint shape {tuple(value.shape)} does not fit the model's {tuple(expected[key].shape)}"
             )
+    missing = sorted(set(expected) - set(converted))
+    if missing and not allow_missing:
+        raise WeightConversionError(
+            f"{len(missing)} of {len(expected)} backbone weights are not in the checkpoint (e.g. {missing[:3]}); "
+            "they would stay randomly initialized. Pass allow_missing=True (--allow_missing_keys) to accept that."
+        )
     result = backbone.load_state_dict(converted, strict=False)
     report = LoadReport(list(result.missing_keys), sorted(set(unused) | set(result.unexpected_keys)), resized)
     if report.missing_keys:
@@ -232,6 +240,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--scm_variant", default="paper", choices=sorted(SCM_VARIANTS))
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument(
+        "--allow_missing_keys", action="store_true", help="save even when backbone weights are missing from --source"
+    )
     return parser.parse_args(argv)
 
 
@@ -241,7 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     config = DeiTSCMConfig.from_preset(args.preset, args.scm_variant, image_size=args.image_size)
     model = DeiTSCMForImageClassification(config)
     try:
-        report = load_backbone_weights(model, args.source)
+        report = load_backbone_weights(model, args.source, allow_missing=args.allow_missing_keys)
     except WeightConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

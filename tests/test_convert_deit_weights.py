@@ -119,3 +119,19 @@ def test_cli_writes_a_loadable_model(tmp_path):
     loaded = DeiTSCMForImageClassification.from_pretrained(out_dir)
     torch.testing.assert_close(loaded.deit.embeddings.cls_token, reference.cls_token)
     assert main(["--source", str(tmp_path / "nope.pth"), "--output_dir", str(out_dir)]) == 2
+
+
+def test_missing_backbone_keys_are_an_error_unless_allowed(tmp_path):
+    torch.manual_seed(0)
+    state = timm.create_model("deit_tiny_patch16_224", pretrained=False).state_dict()
+    partial = {k: v for k, v in state.items() if not k.startswith("blocks.11.")}
+    model = DeiTSCMForImageClassification(DeiTSCMConfig.from_preset("deit-tiny"))
+    with pytest.raises(WeightConversionError, match="not in the checkpoint"):
+        load_backbone_weights(model, partial)
+    report = load_backbone_weights(model, partial, allow_missing=True)
+    assert report.missing_keys and all(k.startswith("encoder.layer.11.") for k in report.missing_keys)
+    # The CLI: a checkpoint with no matching key at all exits 2 and saves nothing.
+    path = tmp_path / "unrelated.safetensors"
+    save_file({"something.weight": torch.zeros(3)}, str(path))
+    assert main(["--source", str(path), "--preset", "deit-tiny", "--output_dir", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
