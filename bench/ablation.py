@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,26 @@ MAP_NAMES = {
 }
 
 
+def merge_flags(arm: list[str], extra: list[str]) -> list[str]:
+    """The arm's flags, then the extra ones; `--config_overrides` of both are joined, not replaced (argparse
+    keeps only the last one, which would drop the arm's `scm_num_blocks=0`)."""
+
+    def overrides(flags: list[str]) -> tuple[list[str], list[str]]:
+        rest, found = [], []
+        items = iter(flags)
+        for flag in items:
+            if flag == "--config_overrides":
+                found.append(next(items))
+            else:
+                rest.append(flag)
+        return rest, found
+
+    arm_rest, arm_overrides = overrides(arm)
+    extra_rest, extra_overrides = overrides(extra)
+    joined = ",".join(arm_overrides + extra_overrides)
+    return arm_rest + extra_rest + (["--config_overrides", joined] if joined else [])
+
+
 def run_all(jobs: list[tuple[str, int]], output_dir: Path, extra: list[str], parallel: int) -> None:
     """Train every (arm, seed) not finished yet, `parallel` at a time, the cores split between them."""
     pending = [
@@ -52,12 +73,12 @@ def run_all(jobs: list[tuple[str, int]], output_dir: Path, extra: list[str], par
     ]
     threads = max(1, (os.cpu_count() or 1) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    running: list[tuple[subprocess.Popen, Path, float]] = []
+    running: list[tuple[subprocess.Popen, Path, float, Any]] = []
     while pending or running:
         while pending and len(running) < parallel:
             arm, seed = pending.pop(0)
             folder = output_dir / f"{arm}-seed{seed}"
-            command = [sys.executable, str(ROOT / "run_wsol.py"), *ARMS[arm], "--seed", str(seed)]
+            command = [sys.executable, str(ROOT / "run_wsol.py"), *merge_flags(ARMS[arm], extra), "--seed", str(seed)]
             command += [
                 "--output_dir",
                 str(folder),
@@ -65,18 +86,17 @@ def run_all(jobs: list[tuple[str, int]], output_dir: Path, extra: list[str], par
                 "--cache_dir",
                 str(output_dir / "cache" / folder.name),
             ]
-            command += extra
             logger.info("running %s", " ".join(command))
-            log = open(output_dir / f"{arm}-seed{seed}.log", "w")  # noqa: SIM115 - closed with the process
-            running.append(
-                (subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log), folder, time.perf_counter())
-            )
+            log = open(output_dir / f"{arm}-seed{seed}.log", "w")  # noqa: SIM115 - closed when the run ends
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+            running.append((process, folder, time.perf_counter(), log))
         time.sleep(5)
         for item in list(running):
-            process, folder, start = item
+            process, folder, start, log = item
             if process.poll() is None:
                 continue
             running.remove(item)
+            log.close()
             if process.returncode != 0:
                 raise SystemExit(f"ablation: {folder.name} failed (exit {process.returncode}); see its .log")
             (folder / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
