@@ -142,17 +142,4 @@ def apply_recipe(args: argparse.Namespace) -> Recipe:
     return recipe
 
 
-def recipe_table() -> str:
-    """The recipes as a Markdown table (the README's), with each value's source."""
-    names = list(RECIPES)
-    lines = ["| flag | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
-    for flag in (*RECIPE_FLAGS, "scm_warmup_fraction", "config"):
-        values = []
-        for name in names:
-            value = getattr(RECIPES[name], flag)
-            values.append("variant's" if value is None else str(value).replace("|", "/"))
-        lines.append(f"| `{flag}` | " + " | ".join(values) + " |")
-    return "\n".join(lines)
-
-
-__all__ = ["Recipe", "RECIPES", "RECIPE_CHOICES", "RECIPE_FLAGS", "apply_recipe", "resolve_recipe", "recipe_table"]
+__all__ = ["Recipe", "RECIPES", "RECIPE_CHOICES", "RECIPE_FLAGS", "apply_recipe", "resolve_recipe"]

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 logger = logging.getLogger("demo")
 
@@ -83,9 +84,9 @@ class Predictor:
             results.append(ImageResult(name, image, geometry, outputs.logits[0].float().numpy(), maps))
         return results, errors
 
-    def render(self, result: ImageResult, map_name: str, threshold: float) -> dict[str, Any]:
-        """Post-process one kept result with a map and a threshold: probabilities, heatmap overlay in original
-        pixels with the boxes drawn, and the JSON record."""
+    def post_process(self, result: ImageResult, map_name: str, threshold: float) -> tuple[dict[str, Any], dict]:
+        """One kept result with a map and a threshold -> its JSON record and `post_process_localization`'s
+        output (heatmap and boxes in original pixels)."""
         key = MAPS[map_name]
         outputs = {
             "logits": torch.from_numpy(result.logits)[None],
@@ -95,7 +96,6 @@ class Predictor:
             outputs, geometry=result.geometry[None], threshold=threshold, multi_contour=True, id2label=self.id2label
         )[0]
         probabilities = torch.softmax(torch.from_numpy(result.logits), -1).tolist()
-        overlay = self.processor.overlay_heatmap(result.image, post["heatmap"], boxes=post["boxes"])
         record = {
             "file": result.name,
             "label": post["label_name"],
@@ -106,6 +106,12 @@ class Predictor:
             "box_scores": [round(float(s), 6) for s in post["box_scores"]],
             "box_format": "xyxy, inclusive, original pixels",
         }
+        return record, post
+
+    def render(self, result: ImageResult, map_name: str, threshold: float) -> dict[str, Any]:
+        """`post_process` plus the heatmap overlay with the boxes drawn on the original image."""
+        record, post = self.post_process(result, map_name, threshold)
+        overlay = self.processor.overlay_heatmap(result.image, post["heatmap"], boxes=post["boxes"])
         return {"probabilities": record["probabilities"], "overlay": overlay, "record": record}
 
 
@@ -143,8 +149,6 @@ def example_files(folder: Path, count: int = 2) -> list[str]:
         for index in range(count):
             phantom = phantoms.generate_phantom(index, seed=7, label=index % 2, size=512)
             path = folder / f"phantom_{index}_{phantoms.CLASS_NAMES[phantom.label]}.png"
-            from PIL import Image
-
             Image.fromarray(phantom.image).save(path)
             paths.append(str(path))
     except Exception as error:  # the examples are a convenience; the demo works without them
@@ -173,14 +177,16 @@ def build_demo(model: str = DEFAULT_MODEL, examples_dir: Optional[Path] = None) 
         if not results:
             return None, None, "", None, messages
         names = [r.name for r in results]
-        result = results[names.index(selected)] if selected in names else results[0]
-        view = predictor.render(result, map_name, threshold)
-        records = [predictor.render(r, map_name, threshold)["record"] for r in results]
+        index = names.index(selected) if selected in names else 0
+        # Every image's boxes go into the JSON; only the shown one is drawn (a full-resolution overlay).
+        processed = [predictor.post_process(r, map_name, threshold) for r in results]
+        record, post = processed[index]
+        overlay = predictor.processor.overlay_heatmap(results[index].image, post["heatmap"], boxes=post["boxes"])
         path = Path(tempfile.mkdtemp(prefix="deit_scm_result_")) / "result.json"
-        path.write_text(json.dumps(records, indent=2))
-        boxes = view["record"]["boxes"]
-        summary = f"**{result.name}**: {len(boxes)} box{'es' if len(boxes) != 1 else ''} at threshold {threshold:.2f}"
-        return view["probabilities"], view["overlay"], summary, str(path), messages
+        path.write_text(json.dumps([r for r, _ in processed], indent=2))
+        boxes = record["boxes"]
+        summary = f"**{names[index]}**: {len(boxes)} box{'es' if len(boxes) != 1 else ''} at threshold {threshold:.2f}"
+        return record["probabilities"], overlay, summary, str(path), messages
 
     def on_upload(files, map_name, threshold):
         started = time.perf_counter()

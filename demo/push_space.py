@@ -28,9 +28,7 @@ def push_space(model_id: str, space_id: str, private: bool = False) -> str:
     api = HfApi()
     try:
         api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
-        api.upload_folder(
-            repo_id=space_id, repo_type="space", folder_path=str(DEMO), allow_patterns=list(SPACE_FILES)
-        )
+        api.upload_folder(repo_id=space_id, repo_type="space", folder_path=str(DEMO), allow_patterns=list(SPACE_FILES))
         api.add_space_variable(space_id, "MODEL_ID", model_id)
     except Exception as error:  # network and auth errors of every kind end the same way
         message = f"push_space.py: error: push to {space_id} failed ({type(error).__name__}: {error})"
