@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--variants", default="timm,paper,cxr,eager")
     parser.add_argument("--solver", default=None, help="scm_solver for our variants (default: the config's)")
+    parser.add_argument("--profile", action="store_true", help="top kernels of one training step per eager variant")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.preset = args.preset or ("deit-small" if cuda else "deit-tiny")
@@ -115,6 +116,26 @@ def timed(step: Callable, steps: int, device: str) -> float:
     return time.perf_counter() - start
 
 
+def top_kernels(step: Callable, args: argparse.Namespace, count: int = 12) -> list[dict[str, object]]:
+    """The operators that take most of one training step's time (device time on CUDA, CPU time
+    otherwise), from `torch.profiler`: where the time goes when a ratio misses its goal."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:count]
+    return [
+        {"name": e.key[:90], "self_ms_per_step": round(getattr(e, key, 0.0) / 1000 / 2, 3), "calls": e.count // 2}
+        for e in events
+    ]
+
+
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     args = parse_args(argv)
@@ -129,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     runners: dict[str, dict[str, Callable]] = {}
     solvers: dict[str, str] = {}
     peak_memory: dict[str, float] = {}
+    infer_peak_memory: dict[str, float] = {}
     for variant in variants:
         model = build_model(variant, args)
         if hasattr(model, "config") and hasattr(model.config, "scm_solver"):
@@ -140,8 +162,11 @@ def main(argv: list[str] | None = None) -> dict:
         train_step()
         if cuda:
             peak_memory[variant] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
         infer_step()
         infer_step()
+        if cuda:
+            infer_peak_memory[variant] = torch.cuda.max_memory_allocated() / 2**30
         runners[variant] = {"train": train_step, "infer": infer_step}
         logger.info("built and warmed %s", variant)
     seconds: dict[str, dict[str, list[float]]] = {v: {"train": [], "infer": []} for v in variants}
@@ -156,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
             "train_img_s": round(images / statistics.median(seconds[variant]["train"]), 2),
             "infer_img_s": round(images / statistics.median(seconds[variant]["infer"]), 2),
             **({"train_peak_mem_gib": round(peak_memory[variant], 3)} if variant in peak_memory else {}),
+            **({"infer_peak_mem_gib": round(infer_peak_memory[variant], 3)} if variant in infer_peak_memory else {}),
         }
         for variant in variants
     }
@@ -168,6 +194,15 @@ def main(argv: list[str] | None = None) -> dict:
             ratios[f"{mode}_vs_timm"][variant] = round(
                 results[variant][f"{mode}_img_s"] / reference[f"{mode}_img_s"], 3
             )
+    memory_ratios = {
+        variant: round(
+            peak_memory[variant] / peak_memory["timm_compiled" if variant.endswith("_compiled") else "timm"], 3
+        )
+        for variant in peak_memory
+        if not variant.startswith("timm") and ("timm" in peak_memory)
+    }
+    if memory_ratios:
+        ratios["train_peak_mem_vs_timm"] = memory_ratios
     device_name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
     report = {
         "device": device_name,
@@ -184,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
         "ratios": ratios,
     }
+    if args.profile:
+        report["profile"] = {v: top_kernels(runners[v]["train"], args) for v in variants if not v.endswith("_compiled")}
     print(json.dumps(report))
     return report
 
