@@ -139,6 +139,13 @@ class DeiTSCMConfig(PretrainedConfig):
         scm_lse_r (`float`, defaults to 5.0): the sharpness r of `"lse"` pooling (its starting value when
             learnable).
         scm_lse_learnable (`bool`, defaults to `False`): learn r (kept positive through its logarithm).
+        cls_loss_weight (`float`, defaults to 0.0): weight of an auxiliary cross-entropy on the CLS
+            token (a linear classifier on the final CLS token, as ViT and DeiT classify), added to the
+            loss when labels are given; 0 (the paper) builds no such classifier. Logits and maps are
+            unchanged. Why: F0 is the CLS token's attention, and with a pretrained DeiT that attention
+            already looks at objects. From scratch nothing asks the CLS query to look anywhere in
+            particular (only the SCM diffusion reads F0), so F0 settles on a fixed spot; a CLS loss makes
+            the CLS token gather the evidence of the class, i.e. attend to the finding.
         class_weights (`list[float]`, *optional*): per-class weights of the cross-entropy loss.
         label_smoothing (`float`, defaults to 0.0): label smoothing of the cross-entropy loss.
         id2label / label2id: defaults to Atelectasis / Other_pathologies / No_pathologies.
@@ -175,6 +182,7 @@ class DeiTSCMConfig(PretrainedConfig):
         scm_pooling: str = "mean",
         scm_lse_r: float = 5.0,
         scm_lse_learnable: bool = False,
+        cls_loss_weight: float = 0.0,
         class_weights: Optional[Sequence[float]] = None,
         label_smoothing: float = 0.0,
         **kwargs: Any,
@@ -209,6 +217,7 @@ class DeiTSCMConfig(PretrainedConfig):
         self.scm_pooling = scm_pooling
         self.scm_lse_r = scm_lse_r
         self.scm_lse_learnable = scm_lse_learnable
+        self.cls_loss_weight = cls_loss_weight
         self.class_weights = list(class_weights) if class_weights is not None else None
         self.label_smoothing = label_smoothing
         super().__init__(**kwargs)
@@ -264,6 +273,8 @@ class DeiTSCMConfig(PretrainedConfig):
             raise ValueError(f"scm_schulz_alpha must be positive, got {self.scm_schulz_alpha!r}")
         if self.scm_beta_init == 0:
             raise ValueError("scm_beta_init must be non-zero (it divides the diffused map)")
+        if not (isinstance(self.cls_loss_weight, (int, float)) and 0.0 <= float(self.cls_loss_weight) < float("inf")):
+            raise ValueError(f"cls_loss_weight must be a finite number >= 0, got {self.cls_loss_weight!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):

@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+# The model outputs post_process_localization can localize with (see `localization_map`).
+LOCALIZATION_MAPS = ("localization_maps", "semantic_maps", "attention_maps")
 _RADIOGRAPH_MODALITIES = {"CR", "DX", "RG", "DR", "MG", "PX", "IO", "XA", "RF", "OT", "SC"}
 _SUPPORTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"}
 
@@ -165,6 +167,10 @@ class CXRImageProcessor(BaseImageProcessor):
             so that bone and the mediastinum come out bright.
         strict (`bool`, defaults to `False`): non-radiograph DICOM modalities (CT, MR, US...) raise
             instead of warning.
+        localization_map (`str`, defaults to `"localization_maps"`): which model output
+            `post_process_localization` localizes with: `"localization_maps"` (F0 * S0, the paper's
+            inference map), `"semantic_maps"` (S0, plain CAM) or `"attention_maps"` (F0). `run_wsol.py`
+            stores the one that localized best on the validation boxes.
         localization_threshold (`float`, defaults to 0.5): tau for `post_process_localization`;
             training writes the value calibrated on the validation split here.
     """
@@ -197,6 +203,7 @@ class CXRImageProcessor(BaseImageProcessor):
         dicom_invert_monochrome1: bool = True,
         strict: bool = False,
         localization_threshold: float = 0.5,
+        localization_map: str = "localization_maps",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -223,6 +230,7 @@ class CXRImageProcessor(BaseImageProcessor):
         self.dicom_invert_monochrome1 = dicom_invert_monochrome1
         self.strict = strict
         self.localization_threshold = localization_threshold
+        self.localization_map = localization_map
         self._check_settings()
 
     def _check_settings(self) -> None:
@@ -262,6 +270,8 @@ class CXRImageProcessor(BaseImageProcessor):
             low_high = getattr(self, name)
             if len(low_high) != 2 or not all(_finite(v) for v in low_high) or not 0 <= low_high[0] < low_high[1] <= 100:
                 raise ValueError(f"{name} must be two numbers 0 <= low < high <= 100, got {low_high}")
+        if self.localization_map not in LOCALIZATION_MAPS:
+            raise ValueError(f"localization_map must be one of {LOCALIZATION_MAPS}, got {self.localization_map!r}")
         if not _finite(self.localization_threshold) or not 0 <= self.localization_threshold <= 1:
             raise ValueError(f"localization_threshold must be in [0, 1], got {self.localization_threshold!r}")
         if not _is_int(self.pad_value) or not 0 <= self.pad_value <= 255:
@@ -607,11 +617,13 @@ class CXRImageProcessor(BaseImageProcessor):
         multi_contour: bool = False,
         geometry: Optional[Union[torch.Tensor, np.ndarray, BatchFeature]] = None,
         id2label: Optional[dict[int, str]] = None,
+        localization_map: Optional[str] = None,
     ) -> list[dict[str, Any]]:
         """Model outputs -> per image: label, score, heatmap and boxes in the original pixels.
 
         Args:
-            outputs: the model's output (needs `logits` and `localization_maps` (B, C, h, w)).
+            outputs: the model's output (needs `logits` and the map named by `localization_map`:
+                `(B, C, h, w)` class maps, or `(B, h, w)` for the class-agnostic attention).
             target_sizes: (height, width) per image, when the inputs were squashed (no padding) and
                 `geometry` is not given.
             labels: class per image to localize (ground-truth-known); defaults to the prediction.
@@ -619,6 +631,7 @@ class CXRImageProcessor(BaseImageProcessor):
             multi_contour: a box per contour above tau, instead of the largest contour's only.
             geometry: the processor's `BatchFeature` (or its `geometry`), which undoes padding exactly.
             id2label: class names (e.g. `model.config.id2label`) for `label_name`.
+            localization_map: the output to localize with; defaults to `self.localization_map`.
 
         Returns:
             A list of dicts, one per image: `label` (int), `label_name` (from `id2label`, else the
@@ -626,8 +639,13 @@ class CXRImageProcessor(BaseImageProcessor):
             0-1), `boxes` (K x 4 inclusive xyxy, int64), `box_scores` (K, mean heatmap inside).
         """
         # ModelOutput is a dict too, so both the model's output and a plain dict index alike.
-        maps, logits = outputs["localization_maps"], outputs["logits"]
+        key = self.localization_map if localization_map is None else localization_map
+        if key not in LOCALIZATION_MAPS:
+            raise ValueError(f"localization_map must be one of {LOCALIZATION_MAPS}, got {key!r}")
+        maps, logits = outputs[key], outputs["logits"]
         maps, logits = maps.detach().float().cpu(), logits.detach().float().cpu()
+        if maps.ndim == 3:  # F0 is one map for every class
+            maps = maps[:, None].expand(-1, logits.shape[-1], -1, -1)
         batch = maps.shape[0]
         if isinstance(geometry, (BatchFeature, dict)):
             geometry = geometry["geometry"]

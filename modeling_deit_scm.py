@@ -76,6 +76,8 @@ class DeiTSCMImageClassifierOutput(ModelOutput):
             the patch tokens.
         calibrated_attention_maps (`torch.FloatTensor` of shape `(batch, h, w)`, *optional*): F after
             the last SCM block, when the blocks ran.
+        cls_logits (`torch.FloatTensor` of shape `(batch, num_labels)`, *optional*): the auxiliary CLS
+            token classifier's logits, when `config.cls_loss_weight > 0`.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): as in [`DeiTSCMModelOutput`].
     """
 
@@ -85,6 +87,7 @@ class DeiTSCMImageClassifierOutput(ModelOutput):
     attention_maps: Optional[torch.FloatTensor] = None
     semantic_maps: Optional[torch.FloatTensor] = None
     calibrated_attention_maps: Optional[torch.FloatTensor] = None
+    cls_logits: Optional[torch.FloatTensor] = None
     hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
 
 
@@ -641,6 +644,8 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
     * F0 = minmax(sum over the selected layers of the head-mean CLS->patch attention).
     * Training (or `run_scm=True`): the SCM blocks calibrate (S, F); logits = pooled S (global
       average, or log-sum-exp: `config.scm_pooling`).
+    * `config.cls_loss_weight > 0`: a linear classifier on the CLS token adds its weighted
+      cross-entropy to the loss (it trains F0 from scratch); logits stay the pooled maps.
     * Inference: blocks skipped; logits = pooled S0, with the same pooling; localization map of class c
       is F0 * S0[c].
     """
@@ -652,6 +657,9 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
         self.head = nn.Conv2d(config.hidden_size, config.num_labels, kernel_size=3, padding=1)
         self.scm = DeiTSCMSpatialCalibration(config)
         self.pooling = DeiTSCMClassPooling(config)
+        self.cls_classifier = (
+            nn.Linear(config.hidden_size, config.num_labels) if float(config.cls_loss_weight) > 0 else None
+        )
         weights = torch.tensor(config.class_weights, dtype=torch.float32) if config.class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
         self.post_init()
@@ -688,7 +696,12 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
         else:
             logits = self.pooling(semantic)
         attention = attention.view(-1, 1, height, width)
-        loss = self.compute_loss(logits, labels) if labels is not None else None
+        cls_logits = self.cls_classifier(hidden[:, 0]) if self.cls_classifier is not None else None
+        loss = None
+        if labels is not None:
+            loss = self.compute_loss(logits, labels)
+            if cls_logits is not None:
+                loss = loss + float(self.config.cls_loss_weight) * self.compute_loss(cls_logits, labels)
         output = DeiTSCMImageClassifierOutput(
             loss=loss,
             logits=logits,
@@ -696,6 +709,7 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
             attention_maps=attention[:, 0],
             semantic_maps=semantic,
             calibrated_attention_maps=calibrated,
+            cls_logits=cls_logits,
             hidden_states=all_hidden,
         )
         return output if return_dict is not False else output.to_tuple()

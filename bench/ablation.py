@@ -34,6 +34,8 @@ ARMS: dict[str, list[str]] = {
     "paper": ["--scm_variant", "paper"],
     # The same backbone and head trained without the SCM blocks: TS-CAM's F0 * S0 and plain CAM (S0).
     "no_scm": ["--scm_variant", "cxr", "--config_overrides", "scm_num_blocks=0"],
+    # SCM cxr with the auxiliary CLS-token loss, which trains the attention F0 from scratch.
+    "cxr_cls": ["--scm_variant", "cxr", "--config_overrides", "cls_loss_weight=1.0"],
 }
 MAPS = ("scm", "semantic", "attention", "random", "full_image", "train_mean_box")
 MAP_NAMES = {

@@ -90,10 +90,15 @@ class Predictor:
         key = MAPS[map_name]
         outputs = {
             "logits": torch.from_numpy(result.logits)[None],
-            "localization_maps": torch.from_numpy(result.maps[key])[None],
+            key: torch.from_numpy(result.maps[key])[None],
         }
         post = self.processor.post_process_localization(
-            outputs, geometry=result.geometry[None], threshold=threshold, multi_contour=True, id2label=self.id2label
+            outputs,
+            geometry=result.geometry[None],
+            threshold=threshold,
+            multi_contour=True,
+            id2label=self.id2label,
+            localization_map=key,
         )[0]
         probabilities = torch.softmax(torch.from_numpy(result.logits), -1).tolist()
         record = {
@@ -164,6 +169,12 @@ def example_files(folder: Path, count: int = 2) -> list[str]:
     return paths
 
 
+def default_map_label(predictor: Optional[Predictor]) -> str:
+    """The toggle starts on the map the model was released with (chosen on validation boxes)."""
+    released = predictor.processor.localization_map if predictor else "localization_maps"
+    return next((label for label, key in MAPS.items() if key == released), next(iter(MAPS)))
+
+
 def build_demo(model: str = DEFAULT_MODEL, examples_dir: Optional[Path] = None) -> Any:
     """The Gradio Blocks app."""
     import gradio as gr
@@ -215,7 +226,7 @@ def build_demo(model: str = DEFAULT_MODEL, examples_dir: Optional[Path] = None) 
         results_state, errors_state = gr.State([]), gr.State([])
         files = gr.File(label="Radiographs", file_count="multiple", file_types=FILE_TYPES, elem_id="upload")
         with gr.Row():
-            map_choice = gr.Radio(list(MAPS), value=next(iter(MAPS)), label="Map", elem_id="map")
+            map_choice = gr.Radio(list(MAPS), value=default_map_label(predictor), label="Map", elem_id="map")
             threshold = gr.Slider(0.0, 1.0, value=threshold0, step=0.01, label="Box threshold", elem_id="threshold")
         selector = gr.Dropdown(label="Image", choices=[], elem_id="selector")
         with gr.Row():

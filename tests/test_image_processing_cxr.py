@@ -207,6 +207,42 @@ def test_post_processing_outputs_and_multi_contour():
         processor.post_process_localization(outputs)
 
 
+def test_post_processing_localizes_with_the_configured_map(tmp_path):
+    grid = torch.zeros(1, 3, 14, 14)
+    grid[0, 1, 2:5, 2:5] = 1.0  # F0*S0 says top left
+    semantic = torch.zeros(1, 3, 14, 14)
+    semantic[0, 1, 9:12, 9:12] = 1.0  # S0 says bottom right
+    attention = torch.zeros(1, 14, 14)
+    attention[0, 2:5, 9:12] = 1.0  # F0 (no class axis) says top right
+    outputs = {
+        "logits": torch.tensor([[0.0, 2.0, 0.0]]),
+        "localization_maps": grid,
+        "semantic_maps": semantic,
+        "attention_maps": attention,
+    }
+    corners = {}
+    for key in ("localization_maps", "semantic_maps", "attention_maps"):
+        processor = CXRImageProcessor(localization_map=key)
+        box = processor.post_process_localization(outputs, target_sizes=[(280, 280)], threshold=0.5)[0]["boxes"][0]
+        corners[key] = (box[0] > 140, box[1] > 140)
+        # The argument overrides the setting, which survives a save and load.
+        other = CXRImageProcessor().post_process_localization(
+            outputs, target_sizes=[(280, 280)], threshold=0.5, localization_map=key
+        )[0]["boxes"][0]
+        assert (other == box).all()
+        processor.save_pretrained(tmp_path / key)
+        assert CXRImageProcessor.from_pretrained(tmp_path / key).localization_map == key
+    assert corners == {
+        "localization_maps": (False, False),
+        "semantic_maps": (True, True),
+        "attention_maps": (True, False),
+    }
+    with pytest.raises(ValueError, match="localization_map"):
+        CXRImageProcessor(localization_map="cam")
+    with pytest.raises(ValueError, match="localization_map"):
+        CXRImageProcessor().post_process_localization(outputs, target_sizes=[(280, 280)], localization_map="cam")
+
+
 def test_real_dicom_through_model_and_back_to_original_pixels():
     from configuration_deit_scm import DeiTSCMConfig
     from modeling_deit_scm import DeiTSCMForImageClassification

@@ -541,6 +541,36 @@ class TestPoolingAndStem:
 # ----------------------------------------------------------------------------- save / load / remote code
 
 
+def test_cls_loss_adds_a_weighted_cross_entropy_on_the_cls_token():
+    torch.manual_seed(0)
+    pixels, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+    plain = DeiTSCMForImageClassification(DeiTSCMConfig.from_preset("deit-micro", "cxr", image_size=32)).eval()
+    assert plain.cls_classifier is None and plain(pixels, labels=labels).cls_logits is None
+    config = DeiTSCMConfig.from_preset("deit-micro", "cxr", image_size=32, cls_loss_weight=0.5)
+    model = DeiTSCMForImageClassification(config).eval()
+    model.load_state_dict(plain.state_dict(), strict=False)
+    outputs = model(pixels, labels=labels)
+    cls_logits = model.cls_classifier(model.deit.forward_features(pixels)[0][:, 0])
+    weights = torch.tensor(config.class_weights)
+    smoothing = config.label_smoothing
+    expected = F.cross_entropy(outputs.logits, labels, weight=weights, label_smoothing=smoothing)
+    expected = expected + 0.5 * F.cross_entropy(cls_logits, labels, weight=weights, label_smoothing=smoothing)
+    torch.testing.assert_close(outputs.loss, expected)
+    # Logits and maps are the model's without the CLS head: the auxiliary loss only trains.
+    reference = plain(pixels)
+    torch.testing.assert_close(outputs.logits, reference.logits)
+    torch.testing.assert_close(outputs.localization_maps, reference.localization_maps)
+    # The CLS query of the last layer gets a gradient from the CLS loss alone.
+    model.train()
+    model.zero_grad()
+    cls_only = model(pixels, labels=labels)
+    F.cross_entropy(cls_only.cls_logits, labels).backward()
+    assert model.cls_classifier.weight.grad.abs().sum() > 0
+    assert model.deit.encoder.layer[-1].attention.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="cls_loss_weight"):
+        DeiTSCMConfig(cls_loss_weight=-1.0)
+
+
 def test_save_pretrained_writes_safetensors_and_auto_map(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)

@@ -1,0 +1,146 @@
+"""Which map localizes: every candidate localization map of trained runs, scored the same way.
+
+For each run folder (a saved model whose `all_results.json` names its seed and data), the validation and
+test phantoms are predicted once and each candidate map is scored with MaxBoxAccV2 / MaxBoxAcc at the
+thresholds chosen on validation (the test oracle beside it), in the 224x224 frame. Candidates, all
+for the ground-truth class c (GT-known, as wsolevaluation):
+
+    scm             F0 * S0[c]                  the paper's inference map (TS-CAM's product)
+    cam             S0[c]                       plain CAM
+    attention       F0                          the CLS attention
+    relu_product    F0 * relu(S0[c])            the product without S0's negative background
+    minmax_product  F0 * minmax(S0[c])          the product with S0 rescaled to [0, 1] per image
+    random          uniform noise on the grid   the floor
+
+Prints one JSON line per run and a last line with mean +- std per arm (run folders named ARM-seedN):
+
+    python bench/map_choice.py bench/ablation_runs/*-seed*/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import run_wsol  # noqa: E402
+from localization import (  # noqa: E402
+    DEFAULT_THRESHOLDS,
+    LocalizationScores,
+    calibrated_report,
+    upsample_scoremap,
+)
+from modeling_deit_scm import DeiTSCMForImageClassification  # noqa: E402
+
+CANDIDATES = ("scm", "cam", "attention", "relu_product", "minmax_product", "random")
+
+
+def candidate_maps(attention: torch.Tensor, semantic: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
+    """(N, h, w) attention and the selected class's (N, h, w) semantic map -> each candidate (N, h, w)."""
+    low = semantic.flatten(1).min(1).values.view(-1, 1, 1)
+    high = semantic.flatten(1).max(1).values.view(-1, 1, 1)
+    maps = {
+        "scm": attention * semantic,
+        "cam": semantic,
+        "attention": attention,
+        "relu_product": attention * semantic.clamp_min(0),
+        "minmax_product": attention * (semantic - low) / (high - low).clamp_min(1e-12),
+    }
+    arrays = {k: v.numpy().astype(np.float32) for k, v in maps.items()}
+    arrays["random"] = np.random.default_rng(seed).random(tuple(semantic.shape)).astype(np.float32)
+    return arrays
+
+
+@torch.inference_mode()
+def predict(model, split: run_wsol.PreparedSplit, normalizer, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    attention, semantic, logits = [], [], []
+    for start in range(0, len(split), batch_size):
+        pixels = split.pixels[start : start + batch_size]
+        labels = split.labels[start : start + batch_size]
+        outputs = model(normalizer(pixels))
+        index = labels.view(-1, 1, 1, 1).expand(-1, 1, *outputs.semantic_maps.shape[-2:])
+        semantic.append(outputs.semantic_maps.float().gather(1, index)[:, 0])
+        attention.append(outputs.attention_maps.float())
+        logits.append(outputs.logits.float())
+    return {"attention": torch.cat(attention), "semantic": torch.cat(semantic), "logits": torch.cat(logits)}
+
+
+def boxed_scores(split, predictions, seed: int, thresholds) -> dict[str, LocalizationScores]:
+    keep = [i for i in range(len(split)) if len(split.frame_boxes[i])]
+    maps = candidate_maps(predictions["attention"][keep], predictions["semantic"][keep], seed)
+    boxes = [split.frame_boxes[i] for i in keep]
+    correct = (predictions["logits"][keep].argmax(1) == split.labels[keep]).numpy()
+    return {
+        name: LocalizationScores.from_maps(
+            [upsample_scoremap(m, run_wsol.EVALUATION_FRAME) for m in grid_maps], boxes, correct, thresholds
+        )
+        for name, grid_maps in maps.items()
+    }
+
+
+def score_run(run: Path, thresholds) -> dict:
+    saved = json.loads((run / "all_results.json").read_text())["args"]
+    argv = ["--model_name_or_path", str(run), "--do_train", "false", "--output_dir", "/tmp/map_choice_unused"]
+    argv += ["--seed", str(saved["seed"]), "--num_phantoms", str(saved["num_phantoms"])]
+    argv += ["--phantom_size", str(saved["phantom_size"])]
+    if saved.get("cache_dir"):
+        argv += ["--cache_dir", saved["cache_dir"]]
+    args = run_wsol.parse_args(argv)
+    processor = run_wsol.build_processor(args)
+    splits = run_wsol.prepare_all(args, processor, run_wsol.make_accelerator(args))
+    model = DeiTSCMForImageClassification.from_pretrained(run).eval()
+    normalizer = run_wsol.PixelNormalizer(processor)
+    validation = boxed_scores(
+        splits["loc_validation"], predict(model, splits["loc_validation"], normalizer), saved["seed"], thresholds
+    )
+    test = boxed_scores(
+        splits["loc_test"], predict(model, splits["loc_test"], normalizer), saved["seed"] + 1, thresholds
+    )
+    row = {"run": run.name}
+    for name in CANDIDATES:
+        report = calibrated_report(validation[name], test[name])
+        row[name] = {
+            "MaxBoxAccV2": report["calibrated_on_validation"]["MaxBoxAccV2"],
+            "MaxBoxAcc": report["calibrated_on_validation"]["MaxBoxAcc"],
+            "validation_MaxBoxAccV2": validation[name].oracle()["MaxBoxAccV2"],
+            "test_oracle_MaxBoxAccV2": report["test_oracle_max_over_thresholds"]["MaxBoxAccV2"],
+        }
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--threshold_step", type=float, default=0.01)
+    args = parser.parse_args(argv)
+    thresholds = np.arange(0, 1, args.threshold_step) if args.threshold_step != 0.01 else DEFAULT_THRESHOLDS
+    rows = []
+    by_arm: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in args.runs:
+        row = score_run(run, thresholds)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        arm = run.name.rsplit("-seed", 1)[0]
+        for name in CANDIDATES:
+            for key in ("MaxBoxAccV2", "validation_MaxBoxAccV2"):
+                by_arm[arm][f"{name}.{key}"].append(row[name][key])
+    summary = {
+        arm: {
+            k: f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.1f}" for k, v in values.items()
+        }
+        for arm, values in by_arm.items()
+    }
+    print(json.dumps({"summary": summary}))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
