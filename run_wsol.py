@@ -156,6 +156,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     train.add_argument("--checkpointing_steps", help='N steps or "epoch"')
     train.add_argument("--resume_from_checkpoint", help='a checkpoint folder or "latest"')
+    train.add_argument(
+        "--checkpoints_total_limit", type=_positive_int, help="keep only the newest N checkpoints (default: all)"
+    )
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
     train.add_argument(
@@ -285,8 +288,17 @@ def load_raw_splits(args: argparse.Namespace) -> dict[str, Any]:
         splits["loc_validation"], splits["loc_test"] = splits["validation"], splits["test"]
         return splits
     nih = load_dataset_module("nih")
-    splits = dict(nih.build_dataset_dict(args.data_dir, "three_class", view=args.view, seed=args.seed))
-    boxed = nih.build_dataset_dict(args.data_dir, "bbox")["test"]
+    reports = Path(args.output_dir)
+    splits = dict(
+        nih.build_dataset_dict(args.data_dir, "three_class", report_dir=reports, view=args.view, seed=args.seed)
+    )
+    boxed = nih.build_dataset_dict(args.data_dir, "bbox", report_dir=reports)["test"]
+    empty = [name for name, split in {**splits, "bbox": boxed}.items() if len(split) == 0]
+    if empty:
+        raise SystemExit(
+            f"run_wsol.py: error: no usable images for the {', '.join(empty)} split(s) in {args.data_dir} (looked for "
+            "the metadata's PNG files in that folder and its subfolders, e.g. images_001/images/)"
+        )
     # The box set is the localization data; half of its patients calibrate the threshold, half test it.
     halves = np.array([patient_bucket(pid, args.seed) < 0.5 for pid in boxed["patient_id"]])
     splits["loc_validation"] = boxed.select(np.flatnonzero(halves))
@@ -342,26 +354,40 @@ def cached_preprocess(
     setting (size, CLAHE, windowing...) rebuilds it and nothing else does. Training then reads arrays:
     no decoding and no CLAHE per step."""
     from datasets import Array2D, Features, List, Value
+    from datasets import Image as ImageFeature
 
-    settings = _digest(processor.to_dict())
+    # CACHE_VERSION: the cached columns' layout; a cache of another layout is never read back.
+    settings = _digest(processor.to_dict(), CACHE_VERSION)
     fingerprint = f"{source_fingerprint(dataset)}-{settings}"
     height, width = processor.size["height"], processor.size["width"]
     features = Features(
-        {"pixels": Array2D(shape=(height, width), dtype="uint8"), "geometry": List(Value("int64"), length=8)}
+        {
+            "pixels": Array2D(shape=(height, width), dtype="uint8"),
+            "geometry": List(Value("int64"), length=8),
+            "error": Value("string"),
+        }
     )
 
     def process(batch: dict[str, list]) -> dict[str, list]:
-        pixels, geometry = [], []
+        pixels, geometry, errors = [], [], []
         for image, image_id in zip(batch["image"], batch["image_id"]):
-            gray, geo = processor.process_one(np.asarray(image), source=image_id)
+            # Decoded here, not by `datasets`: a file that passed the readability check and then fails to
+            # decode (a PNG with valid CRCs and a corrupt stream) is one problem image, not a dead run.
+            try:
+                gray, geo = processor.process_one(_decode(image, image_id), source=image_id)
+                error = ""
+            except Exception as failure:  # any decoder or processor failure is this image's problem
+                gray, geo = np.zeros((height, width), np.uint8), [0] * 8
+                error = f"{type(failure).__name__}: {failure}"[:500]
             pixels.append(gray)
             geometry.append(geo)
-        return {"pixels": pixels, "geometry": geometry}
+            errors.append(error)
+        return {"pixels": pixels, "geometry": geometry, "error": errors}
 
     cache_file = str(cache_dir / f"{name}-{fingerprint}.arrow") if cache_dir else None
     if cache_dir:
         cache_dir.mkdir(parents=True, exist_ok=True)
-    return dataset.map(
+    return dataset.cast_column("image", ImageFeature(decode=False)).map(
         process,
         batched=True,
         batch_size=32,
@@ -375,6 +401,21 @@ def cached_preprocess(
     )
 
 
+CACHE_VERSION = "pixels-geometry-error-v2"
+
+
+def _decode(image: dict[str, Any], image_id: str) -> np.ndarray:
+    """An undecoded `datasets` image ({"bytes", "path"}) -> array, with the file named on failure."""
+    import io
+
+    from PIL import Image
+
+    source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    with Image.open(source) as opened:
+        opened.load()
+        return np.asarray(opened)
+
+
 def prepare_split(
     name: str,
     dataset: Any,
@@ -382,11 +423,32 @@ def prepare_split(
     limit: Optional[int],
     cache_dir: Optional[Path] = None,
     num_proc: int = 1,
+    report_dir: Optional[Path] = None,
 ) -> PreparedSplit:
-    """A split as uint8 tensors at training resolution (from the cache) with its labels and boxes."""
+    """A split as uint8 tensors at training resolution (from the cache) with its labels and boxes.
+    Images that fail to decode or preprocess are dropped, logged and listed in
+    `report_dir/problem_images_<split>.csv`."""
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))
     processed = cached_preprocess(dataset, processor, cache_dir, num_proc, name)
+    errors = processed["error"]
+    failed = [i for i, error in enumerate(errors) if error]
+    if failed:
+        problems = [(processed[i]["image_id"], errors[i]) for i in failed]
+        where = "not written"
+        if report_dir is not None:
+            import pandas as pd
+
+            report = Path(report_dir) / f"problem_images_{name}.csv"
+            report.parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(problems, columns=["image_id", "problem"]).to_csv(report, index=False)
+            where = str(report)
+        logger.warning("%s: dropped %d image(s) that could not be preprocessed, e.g. %s: %s; list: %s",
+                       name, len(failed), problems[0][0], problems[0][1], where)  # fmt: skip
+        if len(failed) == len(dataset):
+            raise SystemExit(f"run_wsol.py: error: no image of the {name} split could be read (first: {problems[0]})")
+        keep = [i for i in range(len(dataset)) if not errors[i]]
+        dataset, processed = dataset.select(keep), processed.select(keep)
     pixels = torch.from_numpy(_uint8_pixels(processed))
     geometry = np.asarray(processed.with_format("numpy")["geometry"], dtype=np.int64)
     return PreparedSplit(
@@ -569,22 +631,60 @@ def completed_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState) -> Path:
-    """Write to a temporary folder, mark it complete, then rename it into place."""
+BEST_WEIGHTS_FILE = "best_model.safetensors"
+
+
+def save_checkpoint(
+    accelerator: Any,
+    output_dir: Path,
+    state: TrainState,
+    best_weights: Optional[dict[str, torch.Tensor]] = None,
+    total_limit: Optional[int] = None,
+) -> Path:
+    """Write to a temporary folder, mark it complete, then rename it into place; keep the newest
+    `total_limit` complete checkpoints. A failed write (a full disk) names the folder, the cause and
+    the free space, and leaves the earlier checkpoints as they were."""
     final = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.global_step}"
     partial = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    try:
+        accelerator.save_state(str(partial))
+        if accelerator.is_main_process:
+            if best_weights is not None:
+                from safetensors.torch import save_file
+
+                save_file(best_weights, str(partial / BEST_WEIGHTS_FILE))
+            (partial / "train_state.json").write_text(json.dumps(asdict(state)))
+            (partial / COMPLETE_MARKER).write_text("ok\n")
+    except (OSError, RuntimeError) as error:
+        free = shutil.disk_usage(partial.parent).free / 2**20 if partial.parent.exists() else float("nan")
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise RuntimeError(
+            f"could not write checkpoint {final}: {error} ({free:.0f} MiB free on that disk; "
+            "a full disk is the usual cause: free space or lower --checkpoints_total_limit)"
+        ) from error
     if accelerator.is_main_process:
-        (partial / "train_state.json").write_text(json.dumps(asdict(state)))
-        (partial / COMPLETE_MARKER).write_text("ok\n")
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
+        if total_limit:
+            for old in completed_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_best_weights(checkpoint: Path) -> Optional[dict[str, torch.Tensor]]:
+    """The best-epoch weights a checkpoint carries (written when early stopping is on), else None."""
+    path = checkpoint / BEST_WEIGHTS_FILE
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def resolve_checkpoint(args: argparse.Namespace) -> Optional[Path]:
@@ -618,6 +718,9 @@ class Components:
     steps_per_epoch: int
     max_steps: int
     scm_warmup_epochs: int  # epochs before the SCM blocks run; the schedule re-warms at that epoch
+    # The best epoch's weights (CPU), which early stopping restores at the end; every checkpoint carries
+    # them, so a resumed run restores the same ones.
+    best_weights: Optional[dict[str, torch.Tensor]] = None
 
 
 def build_components(args, accelerator, model, train_split: PreparedSplit, normalizer: PixelNormalizer) -> Components:
@@ -686,13 +789,14 @@ def scm_warmup_epochs(args: argparse.Namespace, epochs: int) -> int:
 def train(args, parts: Components, state: TrainState, validation: PreparedSplit, output_dir: Path) -> TrainState:
     """Epoch loop with per-epoch validation, checkpoints, early stopping; restores the best weights."""
     accelerator = parts.accelerator
-    best_weights: Optional[dict[str, torch.Tensor]] = None
     epochs = math.ceil(parts.max_steps / parts.steps_per_epoch)
     state.scm_warmup_epochs = parts.scm_warmup_epochs
     progress = tqdm(
         total=parts.max_steps, initial=state.global_step, desc="training", disable=not accelerator.is_local_main_process
     )
-    while state.epoch < epochs and state.global_step < parts.max_steps:
+    # An epoch whose steps are done but whose validation is not (a run stopped after a step checkpoint)
+    # is finished first: its history entry and the early-stopping decision must not be lost.
+    while state.epoch < epochs and (state.global_step < parts.max_steps or state.step_in_epoch > 0):
         train_one_epoch(args, parts, state, progress, output_dir)
         metrics = validation_metrics(args, parts, validation)
         metrics.update(epoch=state.epoch, step=state.global_step)
@@ -703,27 +807,30 @@ def train(args, parts: Components, state: TrainState, validation: PreparedSplit,
         score = -metrics["loss"] if args.metric_for_best_model == "loss" else metrics[args.metric_for_best_model]
         if state.best_metric is None or score > state.best_metric:
             state.best_metric, state.best_epoch, state.epochs_without_improvement = score, state.epoch, 0
-            best_weights = {
-                k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(parts.model).state_dict().items()
-            }
+            if args.early_stopping_patience:
+                parts.best_weights = {
+                    k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(parts.model).state_dict().items()
+                }
         else:
             state.epochs_without_improvement += 1
         state.epoch += 1
         state.step_in_epoch = 0
         if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, output_dir, state)
+            save_checkpoint(accelerator, output_dir, state, parts.best_weights, args.checkpoints_total_limit)
         if args.early_stopping_patience and state.epochs_without_improvement >= args.early_stopping_patience:
             logger.info("early stopping after epoch %d (best: epoch %d)", state.epoch - 1, state.best_epoch)
             break
     progress.close()
-    if best_weights is not None and args.early_stopping_patience:
-        accelerator.unwrap_model(parts.model).load_state_dict(best_weights)
+    if parts.best_weights is not None and args.early_stopping_patience:
+        accelerator.unwrap_model(parts.model).load_state_dict(parts.best_weights)
         logger.info("restored the best weights (epoch %d)", state.best_epoch)
     return state
 
 
 def train_one_epoch(args, parts: Components, state: TrainState, progress: Any, output_dir: Path) -> None:
     accelerator, model = parts.accelerator, parts.model
+    if state.global_step >= parts.max_steps:
+        return
     model.train()
     loader = parts.train_loader
     loader.set_epoch(state.epoch)
@@ -757,7 +864,7 @@ def train_one_epoch(args, parts: Components, state: TrainState, progress: Any, o
             progress.set_postfix(loss=f"{state.train_losses[-1]:.3f}")
             checkpoint_every = args.checkpointing_steps
             if checkpoint_every and checkpoint_every.isdigit() and state.global_step % int(checkpoint_every) == 0:
-                save_checkpoint(accelerator, output_dir, state)
+                save_checkpoint(accelerator, output_dir, state, parts.best_weights, args.checkpoints_total_limit)
             if state.global_step >= parts.max_steps:
                 break
 
@@ -859,6 +966,17 @@ def mean_prior_box(split: PreparedSplit) -> Optional[np.ndarray]:
     return np.concatenate(boxes).mean(axis=0) if boxes else None
 
 
+# The model's maps by their name in the results, and the output each one is.
+MAP_OUTPUTS = {"scm": "localization_maps", "semantic": "semantic_maps", "attention": "attention_maps"}
+
+
+def choose_localization_map(table: dict[str, dict]) -> str:
+    """The map the released model localizes with: the best MaxBoxAccV2 on the validation boxes (at the
+    thresholds calibrated there), F0*S0 -- the paper's -- on ties. Test never enters the choice."""
+    scores = {name: table[name]["validation"]["MaxBoxAccV2"] for name in MAP_OUTPUTS if name in table}
+    return max(scores, key=lambda name: (scores[name], name == "scm"))
+
+
 def final_evaluation(
     args, parts: Components, splits: dict[str, PreparedSplit]
 ) -> tuple[dict[str, Any], dict[str, Predictions]]:
@@ -879,22 +997,23 @@ def final_evaluation(
     test_boxed = evaluation_split(splits["loc_test"], predictions["loc_test"])
     prior = mean_prior_box(splits["train"]) if args.dataset == "phantoms" else mean_prior_box(splits["loc_validation"])
     table = localization_table(val_boxed, test_boxed, prior_box=prior, seed=args.seed, thresholds=FINE_THRESHOLDS)
-    threshold = table["scm"]["calibrated_on_validation"]["threshold"]
-    test_maps = [upsample_scoremap(m, test_boxed.frame_size) for m in test_boxed.maps["scm"]]
+    chosen = choose_localization_map(table)
+    threshold = table[chosen]["calibrated_on_validation"]["threshold"]
+    test_maps = [upsample_scoremap(m, test_boxed.frame_size) for m in test_boxed.maps[chosen]]
     predicted = [scoremap_to_boxes(m, threshold, multi_contour=True, normalized=True) for m in test_maps]
     results["localization"] = {
         "frame": list(test_boxed.frame_size),
         "images_validation": len(val_boxed.gt_boxes),
         "images_test": len(test_boxed.gt_boxes),
+        "localization_map": chosen,
+        "localization_map_output": MAP_OUTPUTS[chosen],
         "heatmap_threshold_from_validation": threshold,
         "threshold_step": float(FINE_THRESHOLDS[1] - FINE_THRESHOLDS[0]),
         "note": "calibrated_on_validation: thresholds chosen on the validation boxes, applied to test; "
         "test_oracle_max_over_thresholds: the best threshold on test itself, as WSOL papers report; "
         "maps and boxes in the 224x224 frame of wsolevaluation",
         "methods": table,
-        "cxr_protocol_scm_at_calibrated_threshold": cxr_protocol(
-            predicted, test_boxed.gt_boxes, test_boxed.gt_findings
-        ),
+        "cxr_protocol_at_calibrated_threshold": cxr_protocol(predicted, test_boxed.gt_boxes, test_boxed.gt_findings),
     }
     return results, predictions
 
@@ -961,8 +1080,9 @@ def _save_png(path: Path, rgb: np.ndarray) -> None:
 def write_overlays(
     output_dir: Path, split: PreparedSplit, predictions: Predictions, processor: CXRImageProcessor
 ) -> list[str]:
-    """heatmap_comparisons/: heatmap, predicted and ground-truth boxes on the original image;
-    localization_samples/: attention vs semantic vs SCM map. A fixed sample: the first boxed images."""
+    """heatmap_comparisons/: the released map (the processor's `localization_map`), its predicted and the
+    ground-truth boxes on the original image; localization_samples/: attention vs semantic vs SCM map,
+    boxes on the released one. A fixed sample: the first boxed images."""
     comparisons, samples = output_dir / "heatmap_comparisons", output_dir / "localization_samples"
     comparisons.mkdir(parents=True, exist_ok=True)
     samples.mkdir(parents=True, exist_ok=True)
@@ -974,14 +1094,16 @@ def write_overlays(
         image = np.asarray(split.source[index]["image"].convert("L"))
         geometry = split.geometry[index]
         original_boxes = np.asarray(split.source[index]["boxes"], dtype=np.float64).reshape(-1, 4)
-        panels = []
+        panels = {}
         for name in ("attention", "semantic", "scm"):
             heat = processor.heatmap_to_original(getattr(predictions, name)[row], geometry)
-            boxes = scoremap_to_boxes(heat, processor.localization_threshold, normalized=True)
-            panels.append(overlay_heatmap(image, heat, boxes=boxes if name == "scm" else None, gt_boxes=original_boxes))
+            released = MAP_OUTPUTS[name] == processor.localization_map
+            boxes = scoremap_to_boxes(heat, processor.localization_threshold, normalized=True) if released else None
+            panels[name] = overlay_heatmap(image, heat, boxes=boxes, gt_boxes=original_boxes)
+        released_name = next(n for n, key in MAP_OUTPUTS.items() if key == processor.localization_map)
         name = f"{split.image_ids[index]}.png"
-        _save_png(comparisons / name, panels[-1])
-        _save_png(samples / name, np.concatenate(panels, axis=1))
+        _save_png(comparisons / name, panels[released_name])
+        _save_png(samples / name, np.concatenate(list(panels.values()), axis=1))
         written.append(name)
     return written
 
@@ -989,7 +1111,8 @@ def write_overlays(
 def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
     """A Hub model card: YAML metadata (model-index from the results) and a usage snippet."""
     test = results["classification"]["test"]
-    scm = results["localization"]["methods"]["scm"]
+    released = results["localization"].get("localization_map", "scm")
+    scm = results["localization"]["methods"][released]
     dataset_name = "CXR phantoms (synthetic)" if args.dataset == "phantoms" else "NIH ChestX-ray14"
     dataset_type = "cxr-phantoms" if args.dataset == "phantoms" else "nih-chestxray14"
 
@@ -1017,13 +1140,19 @@ def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
         f"    dataset:\n      name: {dataset_name}\n      type: {dataset_type}\n      split: test",
         "    metrics:",
         metric(
-            "maxboxacc", scm["calibrated_on_validation"]["MaxBoxAcc"], "BoxAcc@0.5, threshold from validation"
+            "maxboxacc",
+            scm["calibrated_on_validation"]["MaxBoxAcc"],
+            f"BoxAcc@0.5 of the {released} map, threshold from validation",
         ).rstrip("\n"),
-        metric("maxboxacc", scm["test_oracle_max_over_thresholds"]["MaxBoxAcc"], "MaxBoxAcc (test oracle)").rstrip(
-            "\n"
-        ),
         metric(
-            "maxboxaccv2", scm["calibrated_on_validation"]["MaxBoxAccV2"], "MaxBoxAccV2, thresholds from validation"
+            "maxboxacc",
+            scm["test_oracle_max_over_thresholds"]["MaxBoxAcc"],
+            f"MaxBoxAcc of the {released} map (test oracle)",
+        ).rstrip("\n"),
+        metric(
+            "maxboxaccv2",
+            scm["calibrated_on_validation"]["MaxBoxAccV2"],
+            f"MaxBoxAccV2 of the {released} map, thresholds from validation",
         ).rstrip("\n"),
         "---",
         "",
@@ -1075,9 +1204,11 @@ def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
         'heatmap, boxes = result["heatmap"], result["boxes"]  # original pixels',
         "```",
         "",
-        f"The heatmap threshold ({results['localization']['heatmap_threshold_from_validation']:.2f} of the maximum) "
-        "was "
-        "chosen on validation boxes and is stored in the processor.",
+        f"`post_process_localization` localizes with the `{released}` map "
+        f"(`{MAP_OUTPUTS.get(released, released)}`) at a threshold of "
+        f"{results['localization']['heatmap_threshold_from_validation']:.2f} of the maximum: the map that localized "
+        "best on the validation boxes, and its threshold there, both stored in the processor "
+        "(`localization_map`, `localization_threshold`).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -1095,12 +1226,13 @@ def try_it_lines(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def save_model(args, accelerator, model, processor: CXRImageProcessor, results: dict, output_dir: Path) -> None:
+def save_model(accelerator, model, processor: CXRImageProcessor, output_dir: Path) -> None:
+    """Weights, config and processor: written before anything else at the end of a run, so that a full
+    disk or a crash while plotting cannot lose the trained model."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
     unwrapped.save_pretrained(str(output_dir), safe_serialization=True)
     processor.save_pretrained(str(output_dir))
-    (output_dir / "README.md").write_text(model_card(args, results))
 
 
 def push_to_hub(args: argparse.Namespace, output_dir: Path) -> None:
@@ -1210,7 +1342,7 @@ def prepare_all(args, processor: CXRImageProcessor, accelerator: Any) -> dict[st
             if id(dataset) not in done:
                 limit = limits.get(name, args.max_eval_samples)
                 done[id(dataset)] = prepare_split(
-                    name, dataset, processor, limit, cache_dir, args.preprocessing_num_workers
+                    name, dataset, processor, limit, cache_dir, args.preprocessing_num_workers, Path(args.output_dir)
                 )
             prepared[name] = done[id(dataset)]
     return prepared
@@ -1251,6 +1383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if checkpoint is not None:
             accelerator.load_state(str(checkpoint))
             state = TrainState(**json.loads((checkpoint / "train_state.json").read_text()))
+            parts.best_weights = load_best_weights(checkpoint)
             logger.info("resumed from %s at step %d", checkpoint, state.global_step)
         state = train(args, parts, state, splits["validation"], output_dir)
         results["training"] = {
@@ -1264,12 +1397,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         evaluation, predictions = final_evaluation(args, parts, splits)
         results.update(evaluation)
         processor.localization_threshold = float(evaluation["localization"]["heatmap_threshold_from_validation"])
+        processor.localization_map = evaluation["localization"]["localization_map_output"]
     if accelerator.is_main_process and (args.do_train or args.do_eval):
+        save_model(accelerator, parts.model, processor, output_dir)
+        (output_dir / "all_results.json").write_text(json.dumps(_jsonable(results), indent=2))
         if args.do_eval:
             write_plots(output_dir, state, results)
             results["overlays"] = write_overlays(output_dir, splits["loc_test"], predictions["loc_test"], processor)
-        save_model(args, accelerator, parts.model, processor, results if args.do_eval else _empty_results(), output_dir)
-        (output_dir / "all_results.json").write_text(json.dumps(_jsonable(results), indent=2))
+            (output_dir / "all_results.json").write_text(json.dumps(_jsonable(results), indent=2))
+        (output_dir / "README.md").write_text(model_card(args, results if args.do_eval else _empty_results()))
     if args.do_predict and accelerator.is_main_process:
         model_for_prediction = accelerator.unwrap_model(parts.model) if parts else model
         results["predictions"] = predict_files(args, model_for_prediction, processor, output_dir)

@@ -46,13 +46,15 @@ def test_smoke_run_writes_every_output(smoke_run):
     methods = results["localization"]["methods"]
     assert set(methods) == {"attention", "semantic", "scm", "random", "full_image", "train_mean_box"}
     for row in methods.values():
-        assert set(row) == {"calibrated_on_validation", "test_oracle_max_over_thresholds", "PxAP", "box_measures"}
+        assert set(row) == {
+            "calibrated_on_validation", "test_oracle_max_over_thresholds", "validation", "PxAP", "box_measures",
+        }  # fmt: skip
         assert {"mean_iou", "mean_giou", "mean_hausdorff", "mean_average_boundary_distance"} <= set(row["box_measures"])
     assert results["localization"]["frame"] == [224, 224]
     assert results["localization"]["threshold_step"] == pytest.approx(0.001)
     assert (
-        "Atelectasis" in results["localization"]["cxr_protocol_scm_at_calibrated_threshold"]
-        or results["localization"]["cxr_protocol_scm_at_calibrated_threshold"]
+        "Atelectasis" in results["localization"]["cxr_protocol_at_calibrated_threshold"]
+        or results["localization"]["cxr_protocol_at_calibrated_threshold"]
     )
     for folder in ("metrics_plots", "heatmap_comparisons", "localization_samples"):
         pngs = list((smoke_run / folder).glob("*.png"))
@@ -65,8 +67,27 @@ def test_smoke_run_writes_every_output(smoke_run):
         "confusion_matrix.png", "localization_baselines.png",
     }  # fmt: skip
     processor_config = json.loads((smoke_run / "preprocessor_config.json").read_text())
-    threshold = results["localization"]["heatmap_threshold_from_validation"]
+    localization = results["localization"]
+    threshold = localization["heatmap_threshold_from_validation"]
     assert processor_config["localization_threshold"] == pytest.approx(threshold)
+    # The released map is the validation-best one, and its own calibrated threshold goes with it.
+    chosen = localization["localization_map"]
+    validation_v2 = {m: methods[m]["validation"]["MaxBoxAccV2"] for m in ("scm", "semantic", "attention")}
+    assert validation_v2[chosen] == max(validation_v2.values())
+    assert threshold == methods[chosen]["calibrated_on_validation"]["threshold"]
+    assert processor_config["localization_map"] == run_wsol.MAP_OUTPUTS[chosen]
+
+
+def _table(validation_v2: dict[str, float]) -> dict[str, dict]:
+    return {name: {"validation": {"MaxBoxAccV2": value}} for name, value in validation_v2.items()}
+
+
+def test_released_map_is_chosen_on_validation_only():
+    # Test numbers are not in the table the choice reads; baselines never win even when they score higher.
+    table = _table({"scm": 3.0, "semantic": 14.0, "attention": 9.0, "random": 20.0})
+    assert run_wsol.choose_localization_map(table) == "semantic"
+    assert run_wsol.choose_localization_map(_table({"scm": 7.0, "semantic": 7.0, "attention": 7.0})) == "scm"
+    assert run_wsol.choose_localization_map(_table({"scm": 2.0, "semantic": 1.0, "attention": 5.5})) == "attention"
 
 
 def test_model_card_metadata(smoke_run):
@@ -279,8 +300,14 @@ def test_nih_run_with_stand_in_images(tmp_path):
     boxes[boxes["Image Index"].isin(boxed_images)].to_csv(data_dir / "BBox_List_2017.csv", index=False)
     # NIH images are 1024 x 1024 and the boxes are in that frame: the stand-ins must be too.
     ramp = np.tile(np.linspace(0, 255, 1024, dtype=np.uint8), (1024, 1))
-    for index, name in enumerate(rows["Image Index"]):
+    names = list(rows["Image Index"])
+    for index, name in enumerate(names):
         Image.fromarray(np.roll(ramp, index * 7, axis=1)).save(data_dir / "images_001" / "images" / name)
+    # One file with valid chunk CRCs and a corrupt compressed stream: it passes PIL's verify() and only
+    # fails when decoded. The run must list it and go on.
+    corrupt = next(n for n in names if n not in boxed_images)
+    _corrupt_png_stream(data_dir / "images_001" / "images" / corrupt)
+    before = sorted(p.name for p in data_dir.iterdir())  # a dataset mount may be read-only: write nothing there
     output = tmp_path / "run"
     results = run_wsol.main(
         ["--dataset", "nih", "--data_dir", str(data_dir), *TINY[6:], "--image_size", "64",
@@ -298,6 +325,33 @@ def test_nih_run_with_stand_in_images(tmp_path):
     for box in np.concatenate([b for b in splits["loc_test"].frame_boxes if len(b)]):
         assert 0 <= box[0] <= box[2] < 224 and 0 <= box[1] <= box[3] < 224
     assert (output / "all_results.json").is_file() and list((output / "heatmap_comparisons").glob("*.png"))
+    listed = pd.concat([pd.read_csv(f) for f in output.glob("problem_images_*.csv")])
+    assert list(listed["image_id"]) == [corrupt] and "broken" in listed["problem"].iloc[0].lower()
+    assert sorted(p.name for p in data_dir.iterdir()) == before
+
+
+def _corrupt_png_stream(path: Path) -> None:
+    import struct
+    import zlib
+
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") - 4
+    length = struct.unpack(">I", data[start : start + 4])[0]
+    body = start + 8
+    data[body + 64 : body + length] = bytes((i * 37) % 251 for i in range(length - 64))
+    crc = zlib.crc32(bytes(data[start + 4 : body + length])) & 0xFFFFFFFF
+    data[body + length : body + length + 4] = struct.pack(">I", crc)
+    path.write_bytes(bytes(data))
+
+
+def test_nih_folder_without_images_says_so(tmp_path):
+    nih_dir = ROOT / "tests" / "fixtures" / "nih"
+    data_dir = tmp_path / "nih"
+    data_dir.mkdir()
+    for name in ("Data_Entry_2017_sample.csv", "BBox_List_2017.csv"):
+        (data_dir / name).write_bytes((nih_dir / name).read_bytes())
+    with pytest.raises(SystemExit, match=r"no usable images .* in .*nih"):
+        run_wsol.main(["--dataset", "nih", "--data_dir", str(data_dir), *TINY[6:], "--output_dir", str(tmp_path / "r")])
 
 
 class _MainProcess:
@@ -435,3 +489,105 @@ def test_learning_rate_rewarms_when_the_scm_blocks_switch_on(tmp_path):
 )
 def test_frame_boxes_follow_the_reference_scaling(geometry, box, expected):
     assert run_wsol.frame_boxes([box], geometry).tolist() == [expected]
+
+
+# ----------------------------------------------------------------------------- faults (issue 12)
+
+EARLY_STOPPING = [*TINY, "--max_train_steps", "24", "--checkpointing_steps", "epoch", "--early_stopping_patience", "5",
+                  "--metric_for_best_model", "max_box_acc", "--seed", "3"]  # fmt: skip
+
+
+def _run_cli(flags: list[str]) -> subprocess.Popen:
+    env = {**_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(ROOT / "run_wsol.py"), *flags]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen) -> None:
+    _, stderr = process.communicate(timeout=900)
+    assert process.returncode == 0, stderr[-3000:]
+
+
+def _kill_when(process: subprocess.Popen, ready) -> None:
+    import signal
+    import time
+
+    deadline = time.monotonic() + 600
+    while not ready():
+        assert process.poll() is None, f"the run ended before the kill point: {process.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_early_stopping(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("faults") / "full"
+    _finish(_run_cli([*EARLY_STOPPING, "--output_dir", str(output)]))
+    return output
+
+
+def _same_outcome(full: Path, resumed: Path) -> None:
+    first, second = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], atol=0, rtol=0, msg=key)
+    a, b = (json.loads((p / "all_results.json").read_text()) for p in (full, resumed))
+    assert a["training"] == b["training"]
+    assert a["classification"] == b["classification"]
+    assert a["localization"] == b["localization"]
+
+
+@pytest.mark.parametrize("kill_after", ["step_6", "step_12", "step_24"])
+def test_kill_and_resume_ships_the_same_model(uninterrupted_early_stopping, tmp_path, kill_after):
+    """kill -9 after an epoch checkpoint (step_24: during the final evaluation), resume from latest: the
+    released weights (early stopping's best epoch) and every result equal the uninterrupted run's."""
+    output = tmp_path / "killed"
+    marker = output / "checkpoints" / kill_after / run_wsol.COMPLETE_MARKER
+    _kill_when(_run_cli([*EARLY_STOPPING, "--output_dir", str(output)]), marker.is_file)
+    assert not (output / "all_results.json").exists()
+    _finish(_run_cli([*EARLY_STOPPING, "--output_dir", str(output), "--resume_from_checkpoint", "latest"]))
+    full_results = json.loads((uninterrupted_early_stopping / "all_results.json").read_text())
+    assert full_results["training"]["best_epoch"] < full_results["training"]["epochs"] - 1 or kill_after == "step_6"
+    _same_outcome(uninterrupted_early_stopping, output)
+
+
+def test_resume_after_a_step_checkpoint_finishes_the_epoch(tmp_path):
+    """A run stopped after its last step's checkpoint but before that epoch's validation: the resumed run
+    validates it (the history keeps every epoch) instead of ending without it."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "6", "--do_eval", "false", "--seed", "5"]
+    run_wsol.main([*common, "--output_dir", str(full)])
+    checkpoint = run_wsol.completed_checkpoints(full)[-1]
+    assert json.loads((checkpoint / "train_state.json").read_text())["history"] == []
+    results = run_wsol.main([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint)])
+    assert [entry["epoch"] for entry in results["training"]["history"]] == [0]
+
+
+def test_checkpoint_limit_and_a_failed_write_named(tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    common = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "2", "--do_eval", "false"]
+    run_wsol.main([*common, "--output_dir", str(output), "--checkpoints_total_limit", "2"])
+    assert [c.name for c in run_wsol.completed_checkpoints(output)] == ["step_4", "step_6"]
+
+    from accelerate import Accelerator
+
+    def full_disk(self, path, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1234 vs 1200")
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    with pytest.raises(RuntimeError, match=r"could not write checkpoint .*step_2.*unexpected pos.*MiB free"):
+        run_wsol.main([*common, "--output_dir", str(tmp_path / "full_disk")])
+    assert not list((tmp_path / "full_disk" / "checkpoints").glob("step_2*"))
+
+
+def test_model_is_saved_before_plots_and_overlays(tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_wsol, "write_plots", disk_full)
+    output = tmp_path / "run"
+    with pytest.raises(OSError, match="No space"):
+        run_wsol.main([*TINY, "--max_train_steps", "2", "--output_dir", str(output)])
+    assert (output / "model.safetensors").is_file() and (output / "preprocessor_config.json").is_file()
+    assert json.loads((output / "all_results.json").read_text())["classification"]["test"]["num_samples"] > 0

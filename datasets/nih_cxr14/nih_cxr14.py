@@ -336,7 +336,8 @@ def build_dataset_dict(
 ):
     """A `datasets.DatasetDict` of the images in `data_dir` (three_class: train/validation/test;
     bbox: test). Images are referenced by path. Missing or unreadable files are skipped, counted in the
-    log and listed in `report_dir/problem_images.csv` (default: `data_dir`)."""
+    log and, when `report_dir` is given, listed in `report_dir/problem_images_<config>.csv` (never in
+    `data_dir`, which may be a read-only mount)."""
     from datasets import DatasetDict
 
     data_dir = Path(data_dir)
@@ -371,11 +372,14 @@ def build_dataset_dict(
         rows = rows.rename(columns={"Image Index": "image_id", "Patient ID": "patient_id"})
         result[split] = records_to_dataset(list(_records(rows, images, problems)))
     if problems:
-        report = Path(report_dir or data_dir) / "problem_images.csv"
-        report.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(problems, columns=["Image Index", "problem"]).to_csv(report, index=False)
         counts = pd.Series([p for _, p in problems]).value_counts().to_dict()
-        logger.warning("skipped %d images (%s); list in %s", len(problems), counts, report)
+        where = "not written (no report_dir)"
+        if report_dir is not None:
+            report = Path(report_dir) / f"problem_images_{config}.csv"
+            report.parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(problems, columns=["Image Index", "problem"]).to_csv(report, index=False)
+            where = str(report)
+        logger.warning("skipped %d images of %s (%s); list: %s", len(problems), data_dir, counts, where)
     return DatasetDict(result)
 
 
