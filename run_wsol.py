@@ -182,6 +182,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+PREDICT_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def expand_predict_files(paths: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Files as given; a folder stands for its images (DICOM/PNG/JPEG/TIFF by suffix, sorted, not recursive)."""
+    files: list[str] = []
+    for path in paths:
+        entry = Path(path)
+        if entry.is_dir():
+            found = sorted(str(p) for p in entry.iterdir() if p.is_file() and p.suffix.lower() in PREDICT_SUFFIXES)
+            if not found:
+                parser.error(f"--predict_files: the folder {path} holds no {'/'.join(PREDICT_SUFFIXES)} files")
+            files += found
+        elif entry.is_file():
+            files.append(path)
+        else:
+            parser.error(f"--predict_files: {path} does not exist")
+    return files
+
+
 def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Check what argparse cannot; every failure is one line (`parser.error`)."""
     if args.dataset == "nih":
@@ -202,9 +222,7 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         and os.environ.get("HF_HUB_OFFLINE") == "1"
     ):
         parser.error(f"--model_name_or_path {args.model_name_or_path} is not a folder and the hub is offline")
-    for path in args.predict_files:
-        if not Path(path).is_file():
-            parser.error(f"--predict_files: {path} does not exist")
+    args.predict_files = expand_predict_files(args.predict_files, parser)
     if args.do_predict is None:
         args.do_predict = bool(args.predict_files)
     if args.do_predict and not args.predict_files:
@@ -566,7 +584,10 @@ def class_weights_from_counts(labels: torch.Tensor) -> list[float]:
 def build_model(args: argparse.Namespace, train_labels: torch.Tensor) -> DeiTSCMForImageClassification:
     overrides = parse_overrides(args.config_overrides)
     if args.model_name_or_path:
-        model = DeiTSCMForImageClassification.from_pretrained(args.model_name_or_path, **overrides)
+        # safetensors only: a model folder never needs pickle (a pytorch_model.bin alone is refused).
+        model = DeiTSCMForImageClassification.from_pretrained(
+            args.model_name_or_path, use_safetensors=True, **overrides
+        )
     else:
         variant = SCM_VARIANTS[args.scm_variant]
         config = DeiTSCMConfig.from_preset(
@@ -1196,7 +1217,9 @@ def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
         "",
         'repo = "path/or/hub-id"',
         "processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)",
-        "model = AutoModelForImageClassification.from_pretrained(repo, trust_remote_code=True).eval()",
+        "model = AutoModelForImageClassification.from_pretrained(",
+        "    repo, trust_remote_code=True, use_safetensors=True",
+        ").eval()",
         'inputs = processor(["patient.dcm"])            # DICOM, PNG, JPEG, arrays',
         'outputs = model(inputs["pixel_values"])',
         "result = processor.post_process_localization(outputs, geometry=inputs, id2label=model.config.id2label)[0]",
@@ -1262,6 +1285,14 @@ def push_to_hub(args: argparse.Namespace, output_dir: Path) -> None:
         ) from error
 
 
+def overlay_name(path: str) -> str:
+    """A unique, stable overlay file name: the stem, the suffix and a hash of the absolute path
+    (`good.png`, `good.jpg` and `sub/good.png` must not overwrite each other)."""
+    source = Path(path)
+    digest = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:8]
+    return f"{source.stem}{source.suffix.replace('.', '_')}_{digest}_overlay.png"
+
+
 def predict_files(args, model, processor: CXRImageProcessor, output_dir: Path) -> list[dict[str, Any]]:
     """Predict PNG/JPEG/DICOM files: predictions.json plus an overlay per file in predictions/."""
     folder = output_dir / "predictions"
@@ -1275,7 +1306,7 @@ def predict_files(args, model, processor: CXRImageProcessor, output_dir: Path) -
     for index, result in zip(inputs["indices"].tolist(), results):
         path = args.predict_files[index]
         overlay = overlay_heatmap(processor.decode(path), result["heatmap"], boxes=result["boxes"])
-        name = Path(path).stem + "_overlay.png"
+        name = overlay_name(path)
         _save_png(folder / name, overlay)
         records.append(
             {

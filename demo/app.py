@@ -56,7 +56,9 @@ class Predictor:
 
         self.source = model
         self.processor = AutoImageProcessor.from_pretrained(model, trust_remote_code=True)
-        self.model = AutoModelForImageClassification.from_pretrained(model, trust_remote_code=True).eval()
+        self.model = AutoModelForImageClassification.from_pretrained(
+            model, trust_remote_code=True, use_safetensors=True
+        ).eval()
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
 
     @torch.no_grad()

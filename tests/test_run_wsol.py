@@ -138,6 +138,48 @@ def test_prediction_only_run_writes_json_and_overlays(smoke_run, tmp_path):
     assert "broken.png" in bad["error"]
 
 
+def test_prediction_overlays_never_collide_and_folders_are_expanded(smoke_run, tmp_path):
+    rng = np.random.default_rng(2)
+    (tmp_path / "sub").mkdir()
+    files = [tmp_path / "good.png", tmp_path / "good.jpg", tmp_path / "sub" / "good.png"]
+    for file in files:
+        Image.fromarray((rng.random((80, 90)) * 255).astype(np.uint8)).save(file)
+    common = ["--do_train", "false", "--do_eval", "false", "--model_name_or_path", str(smoke_run)]
+    names = []
+    for attempt in ("first", "second"):
+        output = tmp_path / attempt
+        run_wsol.main([*common, "--output_dir", str(output), "--predict_files", *map(str, files)])
+        records = json.loads((output / "predictions" / "predictions.json").read_text())
+        overlays = [Path(r["overlay"]).name for r in records]
+        assert len(set(overlays)) == 3 and all((output / "predictions" / n).is_file() for n in overlays)
+        assert [r["file"] for r in records] == [str(f) for f in files]
+        names.append(overlays)
+    assert names[0] == names[1]  # stable across runs
+    # A folder stands for the images in it (sorted, not recursive).
+    output = tmp_path / "folder"
+    run_wsol.main([*common, "--output_dir", str(output), "--predict_files", str(tmp_path)])
+    records = json.loads((output / "predictions" / "predictions.json").read_text())
+    assert [r["file"] for r in records] == [str(tmp_path / "good.jpg"), str(tmp_path / "good.png")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as raised:
+        run_wsol.main([*common, "--output_dir", str(output), "--predict_files", str(empty)])
+    assert raised.value.code == 2
+
+
+def test_pickle_weights_are_never_loaded(smoke_run, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (folder / name).write_bytes((smoke_run / name).read_bytes())
+    torch.save(load_file(str(smoke_run / "model.safetensors")), folder / "pytorch_model.bin")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(image)
+    with pytest.raises(OSError, match="safetensors|model.safetensors"):
+        run_wsol.main(["--do_train", "false", "--do_eval", "false", "--model_name_or_path", str(folder),
+                       "--output_dir", str(tmp_path / "out"), "--predict_files", str(image)])  # fmt: skip
+
+
 def test_model_card_python_example_runs_as_written(smoke_run, tmp_path):
     """The card's Python block, taken from the generated README.md, run in a fresh interpreter that cannot
     import this repository: only the repo id and the input file are filled in."""
