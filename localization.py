@@ -37,6 +37,52 @@ DEFAULT_THRESHOLDS = np.arange(0, 1, 0.01)
 FINE_THRESHOLDS = np.arange(0, 1, 0.001)
 
 
+class LocalizationInputError(ValueError):
+    """A score map or box the metrics cannot score: non-finite values, a normalized map outside
+    [0, 1], a box that is inverted, non-finite or negative, an image without ground-truth box. The
+    message names the image (its position in the inputs). wsolevaluation rejects the same inputs."""
+
+
+def _where(index: Optional[int]) -> str:
+    return "" if index is None else f"image {index}: "
+
+
+def check_scoremap(scoremap: np.ndarray, index: Optional[int] = None, normalized: bool = True) -> np.ndarray:
+    """A 2-D, finite map (in [0, 1] when `normalized`), else `LocalizationInputError`."""
+    scoremap = np.asarray(scoremap)
+    if scoremap.ndim != 2 or scoremap.size == 0:
+        raise LocalizationInputError(
+            f"{_where(index)}a score map must be a non-empty 2-D array, got shape {scoremap.shape}"
+        )
+    if not np.issubdtype(scoremap.dtype, np.number) or not np.isfinite(scoremap).all():
+        raise LocalizationInputError(f"{_where(index)}the score map holds NaN or infinite values")
+    if normalized and (scoremap.min() < 0 or scoremap.max() > 1):
+        raise LocalizationInputError(
+            f"{_where(index)}a normalized score map must lie in [0, 1], "
+            f"got [{scoremap.min():.4g}, {scoremap.max():.4g}]"
+        )
+    return scoremap
+
+
+def check_boxes(boxes: np.ndarray, index: Optional[int] = None, allow_empty: bool = False) -> np.ndarray:
+    """(K, 4) finite, non-negative, x0 <= x1 and y0 <= y1 (inclusive corners), else `LocalizationInputError`."""
+    try:
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    except (TypeError, ValueError) as error:
+        raise LocalizationInputError(f"{_where(index)}boxes must be (K, 4) numbers: {error}") from error
+    if len(boxes) == 0 and not allow_empty:
+        raise LocalizationInputError(f"{_where(index)}no ground-truth box; score only images that have one")
+    if not np.isfinite(boxes).all() or (boxes < 0).any():
+        raise LocalizationInputError(f"{_where(index)}boxes must be finite and non-negative, got {boxes.tolist()}")
+    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if inverted.any():
+        raise LocalizationInputError(
+            f"{_where(index)}box {boxes[inverted][0].tolist()} is inverted: corners must be (x0, y0, x1, y1) "
+            "with x0 <= x1 and y0 <= y1"
+        )
+    return boxes
+
+
 def _float_map(scoremap: np.ndarray) -> np.ndarray:
     """Float maps keep their precision (the reference computes in the map's own dtype); others become float32."""
     scoremap = np.asarray(scoremap)
@@ -57,8 +103,9 @@ def normalize_scoremap(scoremap: np.ndarray) -> np.ndarray:
 
 def quantize_scoremap(scoremap: np.ndarray) -> np.ndarray:
     """[0, 1] float map -> uint8 as the reference does it: `x * 255` in the map's own precision, then
-    truncation (not rounding). A float64 map cast to float32 first would move pixels across levels."""
-    return (_float_map(scoremap) * 255).astype(np.uint8)
+    truncation (not rounding). A float64 map cast to float32 first would move pixels across levels.
+    Values outside [0, 1] or NaN would wrap around in uint8: they raise `LocalizationInputError`."""
+    return (_float_map(check_scoremap(scoremap)) * 255).astype(np.uint8)
 
 
 def _contours(binary: np.ndarray) -> Sequence[np.ndarray]:
@@ -344,6 +391,7 @@ CXR_IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 def upsample_scoremap(grid_map: np.ndarray, frame_size: Sequence[int]) -> np.ndarray:
     """A (h, w) map -> min-max normalized (H, W) float32 map, bicubic, as wsolevaluation's CAM computer."""
     height, width = int(frame_size[0]), int(frame_size[1])
+    check_scoremap(grid_map, normalized=False)
     resized = cv2.resize(np.asarray(grid_map, dtype=np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
     return normalize_scoremap(resized)
 
@@ -388,6 +436,11 @@ class LocalizationScores:
         """Score normalized maps (in the frame of their boxes). `workers` > 1 spreads images over
         threads (OpenCV releases the GIL while tracing contours)."""
         thresholds = np.asarray(thresholds, dtype=np.float64)
+        if len(scoremaps) != len(gt_boxes):
+            raise LocalizationInputError(f"{len(scoremaps)} score maps for {len(gt_boxes)} images' boxes")
+        for index, (scoremap, boxes) in enumerate(zip(scoremaps, gt_boxes)):
+            check_scoremap(scoremap, index)
+            check_boxes(boxes, index)
 
         def one(item: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
             largest, multi, _ = threshold_ious(item[0], item[1], thresholds)
@@ -415,6 +468,9 @@ class LocalizationScores:
         thresholds=DEFAULT_THRESHOLDS,
     ) -> LocalizationScores:
         """A baseline that predicts the same box at every threshold (full image, a prior box)."""
+        for index, (box, truth) in enumerate(zip(boxes, gt_boxes)):
+            check_boxes(box, index)
+            check_boxes(truth, index)
         ious = np.array([pairwise_iou(b, g).max() if len(np.asarray(g)) else 0.0 for b, g in zip(boxes, gt_boxes)])
         grid = np.repeat(ious[:, None], len(thresholds), axis=1)
         correct = np.ones(len(ious), bool) if correct_class is None else np.asarray(correct_class, bool)
@@ -500,8 +556,9 @@ def pixel_average_precision(
     positive = np.zeros(len(edges) - 1)
     negative = np.zeros(len(edges) - 1)
     ignores = ignore_masks if ignore_masks is not None else [None] * len(scoremaps)
-    for scoremap, boxes, ignore in zip(scoremaps, gt_boxes, ignores):
-        mask = boxes_to_mask(boxes, scoremap.shape)
+    for index, (scoremap, boxes, ignore) in enumerate(zip(scoremaps, gt_boxes, ignores)):
+        scoremap = check_scoremap(scoremap, index)
+        mask = boxes_to_mask(check_boxes(boxes, index), scoremap.shape)
         keep = np.ones(scoremap.shape, dtype=bool) if ignore is None else ~np.asarray(ignore, dtype=bool)
         if keep.shape != scoremap.shape:
             raise ValueError(f"ignore mask of shape {keep.shape} does not match the score map's {scoremap.shape}")
@@ -716,6 +773,9 @@ def plot_localization_table(table: dict[str, dict], path: str) -> None:
 __all__ = [
     "DEFAULT_THRESHOLDS",
     "FINE_THRESHOLDS",
+    "LocalizationInputError",
+    "check_boxes",
+    "check_scoremap",
     "ThresholdBoxes",
     "boxes_over_thresholds",
     "box_area",

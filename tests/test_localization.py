@@ -15,6 +15,7 @@ from localization import (
     DEFAULT_THRESHOLDS,
     FINE_THRESHOLDS,
     EvaluationSplit,
+    LocalizationInputError,
     LocalizationScores,
     box_boundary_distances,
     box_measures,
@@ -33,6 +34,7 @@ from localization import (
     plot_localization_table,
     quantize_scoremap,
     scoremap_to_boxes,
+    upsample_scoremap,
 )
 
 # ----------------------------------------------------------------------------- per-image measures
@@ -311,3 +313,65 @@ def test_pxap_ignores_marked_pixels():
     assert pixel_average_precision([scoremap], truth, ignore_masks=[ignore | half]) == pytest.approx(100.0)
     with pytest.raises(ValueError, match="ignore mask"):
         pixel_average_precision([scoremap], truth, ignore_masks=[np.zeros((3, 3), bool)])
+
+
+# ----------------------------------------------------------------------------- bad metric inputs (issue 12)
+
+
+def _good_inputs(count: int = 3):
+    rng = np.random.default_rng(0)
+    maps = [rng.random((32, 32)).astype(np.float32) for _ in range(count)]
+    boxes = [np.array([[4.0, 4.0, 20.0, 24.0]]) for _ in range(count)]
+    return maps, boxes
+
+
+@pytest.mark.parametrize(
+    "bad_map, fragment",
+    [
+        (np.full((32, 32), np.nan, np.float32), "NaN or infinite"),
+        (np.full((32, 32), np.inf, np.float32), "NaN or infinite"),
+        (np.full((32, 32), 1.5, np.float32), r"\[0, 1\]"),
+        (np.full((32, 32), -0.2, np.float32), r"\[0, 1\]"),
+        (np.zeros((2, 32, 32), np.float32), "2-D"),
+    ],
+)
+def test_bad_score_maps_are_refused_by_every_metric(bad_map, fragment):
+    maps, boxes = _good_inputs()
+    maps[1] = bad_map
+    with pytest.raises(LocalizationInputError, match=f"image 1: .*{fragment}"):
+        LocalizationScores.from_maps(maps, boxes)
+    with pytest.raises(LocalizationInputError, match=f"image 1: .*{fragment}"):
+        pixel_average_precision(maps, boxes)
+    if bad_map.ndim == 2:
+        with pytest.raises(LocalizationInputError, match=fragment):
+            quantize_scoremap(bad_map)
+
+
+@pytest.mark.parametrize(
+    "bad_boxes, fragment",
+    [
+        (np.array([[20.0, 4.0, 10.0, 24.0]]), "inverted"),
+        (np.array([[4.0, 30.0, 20.0, 10.0]]), "inverted"),
+        (np.array([[np.nan, 4.0, 20.0, 24.0]]), "finite"),
+        (np.array([[-3.0, 4.0, 20.0, 24.0]]), "non-negative"),
+        (np.zeros((0, 4)), "no ground-truth box"),
+    ],
+)
+def test_bad_boxes_are_refused_by_every_metric(bad_boxes, fragment):
+    maps, boxes = _good_inputs()
+    boxes[2] = bad_boxes
+    with pytest.raises(LocalizationInputError, match=f"image 2: .*{fragment}"):
+        LocalizationScores.from_maps(maps, boxes)
+    with pytest.raises(LocalizationInputError, match=f"image 2: .*{fragment}"):
+        pixel_average_precision(maps, boxes)
+    with pytest.raises(LocalizationInputError, match=f"image 2: .*{fragment}"):
+        LocalizationScores.from_fixed_boxes([np.array([0.0, 0.0, 31.0, 31.0])] * 3, boxes)
+
+
+def test_a_nan_grid_map_is_refused_before_normalization():
+    # Normalizing would turn it into zeros, whose threshold-0 box is the full image: a silent score.
+    grid = np.ones((12, 12), np.float32)
+    grid[3, 4] = np.nan
+    with pytest.raises(LocalizationInputError, match="NaN"):
+        upsample_scoremap(grid, (224, 224))
+    assert issubclass(LocalizationInputError, ValueError)
