@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -69,6 +69,13 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
+
+
+def cli_error(message: str) -> NoReturn:
+    """A mistake in what the user gave (flags, data folder): one line on stderr and exit status 2, as
+    argparse does, instead of a traceback."""
+    sys.stderr.write(f"run_wsol.py: error: {message}\n")
+    raise SystemExit(2)
 
 
 def _bool(text: str) -> bool:
@@ -202,6 +209,38 @@ def expand_predict_files(paths: Sequence[str], parser: argparse.ArgumentParser) 
     return files
 
 
+def validate_model_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """The config the flags would build, trackers, workers and schedule milestones, checked before any
+    data is built: a typo in --config_overrides or an image size the patch does not divide is one line."""
+    from accelerate.utils import LoggerType
+
+    overrides = parse_overrides(args.config_overrides)
+    unknown = sorted(set(overrides) - set(DeiTSCMConfig().to_dict()))
+    if unknown:
+        parser.error(
+            f"--config_overrides: unknown config field(s) {', '.join(unknown)} (see configuration_deit_scm.py)"
+        )
+    if not args.model_name_or_path:
+        try:
+            DeiTSCMConfig.from_preset(
+                args.preset,
+                args.scm_variant,
+                image_size=args.image_size,
+                **{**resolve_recipe(args).config, **overrides},
+            )
+        except (ValueError, TypeError) as error:
+            parser.error(f"these flags make an invalid model: {error}")
+    trackers = {t.value for t in LoggerType} | {"none"}
+    bad = [name for name in args.report_to.split(",") if name.strip() not in trackers]
+    if bad:
+        parser.error(f"--report_to: unknown tracker(s) {', '.join(bad)}; choose from {', '.join(sorted(trackers))}")
+    for name in ("num_workers", "preprocessing_num_workers"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be non-negative, got {getattr(args, name)}")
+    if any(epoch < 0 for epoch in args.lr_step_epochs):
+        parser.error(f"--lr_step_epochs must be non-negative epochs, got {args.lr_step_epochs}")
+
+
 def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Check what argparse cannot; every failure is one line (`parser.error`)."""
     if args.dataset == "nih":
@@ -231,6 +270,7 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("evaluation or prediction without training needs --model_name_or_path")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
+    validate_model_flags(args, parser)
     for name in ("learning_rate", "scm_learning_rate"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
@@ -307,15 +347,18 @@ def load_raw_splits(args: argparse.Namespace) -> dict[str, Any]:
         return splits
     nih = load_dataset_module("nih")
     reports = Path(args.output_dir)
-    splits = dict(
-        nih.build_dataset_dict(args.data_dir, "three_class", report_dir=reports, view=args.view, seed=args.seed)
-    )
-    boxed = nih.build_dataset_dict(args.data_dir, "bbox", report_dir=reports)["test"]
+    try:
+        splits = dict(
+            nih.build_dataset_dict(args.data_dir, "three_class", report_dir=reports, view=args.view, seed=args.seed)
+        )
+        boxed = nih.build_dataset_dict(args.data_dir, "bbox", report_dir=reports)["test"]
+    except nih.NIHMetadataError as error:
+        cli_error(f"NIH metadata in {args.data_dir}: {error}")
     empty = [name for name, split in {**splits, "bbox": boxed}.items() if len(split) == 0]
     if empty:
-        raise SystemExit(
-            f"run_wsol.py: error: no usable images for the {', '.join(empty)} split(s) in {args.data_dir} (looked for "
-            "the metadata's PNG files in that folder and its subfolders, e.g. images_001/images/)"
+        cli_error(
+            f"no usable images for the {', '.join(empty)} split(s) in {args.data_dir} (looked for the metadata's PNG "
+            "files in that folder and its subfolders, e.g. images_001/images/)"
         )
     # The box set is the localization data; half of its patients calibrate the threshold, half test it.
     halves = np.array([patient_bucket(pid, args.seed) < 0.5 for pid in boxed["patient_id"]])
@@ -464,7 +507,7 @@ def prepare_split(
         logger.warning("%s: dropped %d image(s) that could not be preprocessed, e.g. %s: %s; list: %s",
                        name, len(failed), problems[0][0], problems[0][1], where)  # fmt: skip
         if len(failed) == len(dataset):
-            raise SystemExit(f"run_wsol.py: error: no image of the {name} split could be read (first: {problems[0]})")
+            cli_error(f"no image of the {name} split could be read (first: {problems[0]})")
         keep = [i for i in range(len(dataset)) if not errors[i]]
         dataset, processed = dataset.select(keep), processed.select(keep)
     pixels = torch.from_numpy(_uint8_pixels(processed))
@@ -719,7 +762,7 @@ def resolve_checkpoint(args: argparse.Namespace) -> Optional[Path]:
         return done[-1]
     path = Path(args.resume_from_checkpoint)
     if not (path / COMPLETE_MARKER).is_file():
-        raise SystemExit(f"run_wsol.py: error: {path} is not a complete checkpoint")
+        cli_error(f"{path} is not a complete checkpoint")
     return path
 
 
