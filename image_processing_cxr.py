@@ -95,6 +95,30 @@ class _Decoded:
     source: str
 
 
+def _typed(source: str, work: Any) -> Any:
+    """Run `work()`; any exception but `CXRImageError` becomes one naming `source` (chained)."""
+    try:
+        return work()
+    except CXRImageError:
+        raise
+    except MemoryError as error:
+        raise CXRImageError(source, "out of memory while decoding") from error
+    except Exception as error:  # a per-image failure of any library is this image's error
+        raise CXRImageError(source, f"{type(error).__name__}: {error}") from error
+
+
+def _looks_like_dicom(data: bytes) -> bool:
+    """A DICOM file with its 128-byte preamble and "DICM", or a bare data set (no preamble) whose first
+    element is in the file-meta (0002) or identifying (0008) group, little-endian."""
+    return (len(data) >= 132 and data[128:132] == b"DICM") or data[:2] in (b"\x02\x00", b"\x08\x00")
+
+
+def _finite_pixels(pixels: np.ndarray, source: str, stage: str) -> np.ndarray:
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        raise CXRImageError(source, f"contains NaN or infinite values ({stage})")
+    return pixels
+
+
 class CXRImageProcessorKwargs(ImagesKwargs, total=False):
     intensity_normalization: str
     intensity_percentiles: Sequence[float]
@@ -167,6 +191,10 @@ class CXRImageProcessor(BaseImageProcessor):
             so that bone and the mediastinum come out bright.
         strict (`bool`, defaults to `False`): non-radiograph DICOM modalities (CT, MR, US...) raise
             instead of warning.
+        max_image_pixels (`int`, defaults to 100,000,000): an input with more pixels (rows x columns, as
+            its header says, before anything is decoded) is refused with `CXRImageError`: a PNG header
+            claiming 30000 x 30000 pixels would otherwise allocate gigabytes. Full-field digital
+            radiographs are 10-30 megapixels.
         localization_map (`str`, defaults to `"localization_maps"`): which model output
             `post_process_localization` localizes with: `"localization_maps"` (F0 * S0, the paper's
             inference map), `"semantic_maps"` (S0, plain CAM) or `"attention_maps"` (F0). `run_wsol.py`
@@ -202,6 +230,7 @@ class CXRImageProcessor(BaseImageProcessor):
         dicom_multiframe: str = "first",
         dicom_invert_monochrome1: bool = True,
         strict: bool = False,
+        max_image_pixels: int = 100_000_000,
         localization_threshold: float = 0.5,
         localization_map: str = "localization_maps",
         **kwargs: Any,
@@ -229,6 +258,7 @@ class CXRImageProcessor(BaseImageProcessor):
         self.dicom_multiframe = dicom_multiframe
         self.dicom_invert_monochrome1 = dicom_invert_monochrome1
         self.strict = strict
+        self.max_image_pixels = max_image_pixels
         self.localization_threshold = localization_threshold
         self.localization_map = localization_map
         self._check_settings()
@@ -260,6 +290,8 @@ class CXRImageProcessor(BaseImageProcessor):
             raise ValueError(f"clahe_clip_limit must be a positive number, got {self.clahe_clip_limit!r}")
         if self.clahe_max_size is not None and not (_is_int(self.clahe_max_size) and self.clahe_max_size >= 1):
             raise ValueError(f"clahe_max_size must be None or an integer >= 1, got {self.clahe_max_size!r}")
+        if not (_is_int(self.max_image_pixels) and self.max_image_pixels >= 1):
+            raise ValueError(f"max_image_pixels must be an integer >= 1, got {self.max_image_pixels!r}")
         if not _finite(self.rescale_factor) or self.rescale_factor <= 0:
             raise ValueError(f"rescale_factor must be a positive finite number, got {self.rescale_factor!r}")
         if not all(_finite(v) for v in self.image_mean):
@@ -280,12 +312,16 @@ class CXRImageProcessor(BaseImageProcessor):
     # ------------------------------------------------------------------------------------- decode
 
     def decode(self, image: ImageLike, source: Optional[str] = None) -> np.ndarray:
-        """Decode one input to a 2-D grayscale array, keeping its bit depth (uint8, uint16, float...)."""
-        return self._decode(image, source or "image").pixels
+        """Decode one input to a 2-D grayscale array, keeping its bit depth (uint8, uint16, float...).
+        Raises `CXRImageError` (and nothing else) for any input it cannot use."""
+        source = source or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else "image")
+        return _typed(source, lambda: self._decode(image, source)).pixels
 
     def _decode(self, image: ImageLike, source: str) -> _Decoded:
         if isinstance(image, (str, os.PathLike)):
             path = os.fspath(image)
+            if os.path.isdir(path):
+                raise CXRImageError(path, "is a folder, not an image file")
             if not os.path.isfile(path):
                 raise CXRImageError(path, "no such file")
             with open(path, "rb") as handle:
@@ -294,9 +330,12 @@ class CXRImageProcessor(BaseImageProcessor):
         if isinstance(image, (bytes, bytearray, memoryview)):
             return self._decode_bytes(bytes(image), source)
         if isinstance(image, Image.Image):
-            return _Decoded(self._from_pil(image, source), source)
+            self._check_pixel_count(image.size[0] * image.size[1], source)
+            return _Decoded(_finite_pixels(self._from_pil(image, source), source, "decoded image"), source)
         if isinstance(image, torch.Tensor):
             array = image.detach().cpu()
+            if array.dtype in (torch.bfloat16, torch.float16):
+                array = array.float()  # numpy has no bfloat16; float32 holds both exactly
             if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
                 array = array.permute(1, 2, 0)  # torch images are channels-first
             return _Decoded(self._from_array(array.numpy(), source), source)
@@ -307,14 +346,25 @@ class CXRImageProcessor(BaseImageProcessor):
     def _decode_bytes(self, data: bytes, source: str, hint_dicom: bool = False) -> _Decoded:
         if not data:
             raise CXRImageError(source, "empty file")
-        if (len(data) >= 132 and data[128:132] == b"DICM") or hint_dicom:
+        if _looks_like_dicom(data) or hint_dicom:
             return _Decoded(self._from_dicom(data, source), source)
         try:
             with Image.open(io.BytesIO(data)) as pil:
+                self._check_pixel_count(pil.size[0] * pil.size[1], source)
                 pil.load()
-                return _Decoded(self._from_pil(pil, source), source)
+                return _Decoded(_finite_pixels(self._from_pil(pil, source), source, "decoded image"), source)
+        except Image.DecompressionBombError as error:
+            raise CXRImageError(source, f"image too large to decode safely ({error})") from error
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            if isinstance(error, CXRImageError):
+                raise
             raise CXRImageError(source, f"cannot decode image ({error})") from error
+
+    def _check_pixel_count(self, count: int, source: str) -> None:
+        if count > self.max_image_pixels:
+            raise CXRImageError(
+                source, f"{count:,} pixels, more than max_image_pixels ({self.max_image_pixels:,}); not decoded"
+            )
 
     @staticmethod
     def _from_pil(pil: Image.Image, source: str) -> np.ndarray:
@@ -353,6 +403,7 @@ class CXRImageProcessor(BaseImageProcessor):
                 raise CXRImageError(source, f"expected H x W x 1, 3 or 4, got shape {array.shape}")
         elif array.ndim != 2:
             raise CXRImageError(source, f"expected a 2-D or 3-D image, got {array.ndim}-D shape {array.shape}")
+        self._check_pixel_count(array.shape[0] * array.shape[1], source)
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise CXRImageError(source, "contains NaN or infinite values")
         if array.dtype.kind == "f":
@@ -385,15 +436,20 @@ class CXRImageProcessor(BaseImageProcessor):
             raise CXRImageError(source, f"unsupported photometric interpretation {photometric}")
         if "PixelData" not in dataset:
             raise CXRImageError(source, "DICOM has no pixel data")
+        rows, columns = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
+        self._check_pixel_count(rows * columns * int(getattr(dataset, "NumberOfFrames", 1) or 1), source)
         try:
             pixels = dataset.pixel_array
         except Exception as error:
-            syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", "unknown")
-            name = getattr(syntax, "name", str(syntax))
+            syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+            name = getattr(syntax, "name", str(syntax or "unknown"))
+            if syntax is not None and getattr(syntax, "is_compressed", False):
+                hint = "; compressed DICOM needs a decoder: pip install pylibjpeg pylibjpeg-libjpeg "
+                hint += "pylibjpeg-openjpeg (or python-gdcm)"
+            else:
+                hint = "; the pixel data or its description (Rows, Columns, BitsAllocated...) is malformed"
             raise CXRImageError(
-                source,
-                f"cannot decode pixel data with transfer syntax {name} ({error}); compressed DICOM needs a "
-                "decoder: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)",
+                source, f"cannot decode pixel data with transfer syntax {name} ({error}){hint}"
             ) from error
         frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
         if frames > 1:
@@ -401,6 +457,10 @@ class CXRImageProcessor(BaseImageProcessor):
                 raise CXRImageError(source, f"multi-frame DICOM ({frames} frames)")
             pixels = pixels[0]
         if photometric.startswith(("RGB", "YBR")):
+            if pixels.ndim != 3 or pixels.shape[-1] != 3:
+                raise CXRImageError(
+                    source, f"{photometric} DICOM whose pixel data has shape {pixels.shape} (SamplesPerPixel?)"
+                )
             if photometric.startswith("YBR"):
                 from pydicom.pixels import convert_color_space
 
@@ -416,10 +476,12 @@ class CXRImageProcessor(BaseImageProcessor):
             # After the VOI transform, so that the window applies to stored values as intended.
             pixels = pixels.max() + pixels.min() - pixels
         pixels = np.asarray(pixels)
-        if pixels.dtype.kind == "f" or pixels.dtype.itemsize > 2 or pixels.min() < 0:
-            pixels = pixels.astype(np.float32)
         if pixels.ndim != 2 or pixels.size == 0:
             raise CXRImageError(source, f"DICOM pixel data has shape {pixels.shape}")
+        # RescaleSlope/Intercept or a LUT can give NaN or overflow (slope 1e308): an error, not a black image.
+        _finite_pixels(pixels, source, "after the modality/VOI LUT")
+        if pixels.dtype.kind == "f" or pixels.dtype.itemsize > 2 or pixels.min() < 0:
+            pixels = pixels.astype(np.float64 if np.abs(pixels).max() > 3e38 else np.float32)
         return pixels
 
     # ------------------------------------------------------------------------------------- pipeline
@@ -504,12 +566,17 @@ class CXRImageProcessor(BaseImageProcessor):
         return pixels
 
     def process_one(self, image: ImageLike, source: str = "image") -> tuple[np.ndarray, list[int]]:
-        """One input -> (uint8 H x W after resize, geometry). Raises `CXRImageError`."""
-        decoded = self._decode(image, source)
-        gray = self._to_uint8(decoded.pixels)
-        if self.do_clahe:
-            gray = self.apply_clahe(gray)
-        return self._resize(gray, decoded.pixels.shape[:2])
+        """One input -> (uint8 H x W after resize, geometry). Raises `CXRImageError` and nothing else:
+        a library's own exception on a malformed file (pydicom, PIL, OpenCV) becomes one naming `source`."""
+
+        def run() -> tuple[np.ndarray, list[int]]:
+            decoded = self._decode(image, source)
+            gray = self._to_uint8(decoded.pixels)
+            if self.do_clahe:
+                gray = self.apply_clahe(gray)
+            return self._resize(gray, decoded.pixels.shape[:2])
+
+        return _typed(source, run)
 
     def apply_clahe(self, gray: np.ndarray) -> np.ndarray:
         """CLAHE on a uint8 image, at a working size of at most `clahe_max_size` when set."""
