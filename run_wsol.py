@@ -222,12 +222,10 @@ def validate_model_flags(args: argparse.Namespace, parser: argparse.ArgumentPars
         )
     if not args.model_name_or_path:
         try:
-            DeiTSCMConfig.from_preset(
-                args.preset,
-                args.scm_variant,
-                image_size=args.image_size,
-                **{**resolve_recipe(args).config, **overrides},
-            )
+            settings = {**resolve_recipe(args).config, "drop_path_rate": args.drop_path_rate, **overrides}
+            if args.label_smoothing is not None:
+                settings["label_smoothing"] = args.label_smoothing
+            DeiTSCMConfig.from_preset(args.preset, args.scm_variant, image_size=args.image_size, **settings)
         except (ValueError, TypeError) as error:
             parser.error(f"these flags make an invalid model: {error}")
     trackers = {t.value for t in LoggerType} | {"none"}
