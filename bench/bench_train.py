@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import run_wsol  # noqa: E402
+import wsol_data  # noqa: E402
 from configuration_deit_scm import DeiTSCMConfig  # noqa: E402
 from cxr_data import load_dataset_module  # noqa: E402
 from image_processing_cxr import CXRImageProcessor  # noqa: E402
@@ -54,17 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_cache(args: argparse.Namespace, cache_dir: Path) -> tuple[run_wsol.PreparedSplit, dict[str, float]]:
+def build_cache(args: argparse.Namespace, cache_dir: Path) -> tuple[wsol_data.PreparedSplit, dict[str, float]]:
     phantoms = load_dataset_module("phantoms")
     start = time.perf_counter()
     dataset = phantoms.build_phantom_dataset(num_train=args.images, num_validation=0, num_test=0, size=256)["train"]
     generate_seconds = time.perf_counter() - start
     processor = CXRImageProcessor(size={"height": args.image_size, "width": args.image_size})
     start = time.perf_counter()
-    split = run_wsol.prepare_split("train", dataset, processor, None, cache_dir, args.num_proc)
+    split = wsol_data.prepare_split("train", dataset, processor, None, cache_dir, args.num_proc)
     cold = time.perf_counter() - start
     start = time.perf_counter()
-    split = run_wsol.prepare_split("train", dataset, processor, None, cache_dir, args.num_proc)
+    split = wsol_data.prepare_split("train", dataset, processor, None, cache_dir, args.num_proc)
     warm = time.perf_counter() - start
     rates = {
         "phantom_generation_img_s": round(args.images / generate_seconds, 1),
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step = make_step(args, model, optimizer)
     processor = CXRImageProcessor(size={"height": args.image_size, "width": args.image_size})
-    normalizer = run_wsol.PixelNormalizer(processor).to(args.device)
-    loader = run_wsol.make_loader(split, args.batch_size, shuffle=True, num_workers=0)
+    normalizer = wsol_data.PixelNormalizer(processor).to(args.device)
+    loader = wsol_data.make_loader(split, args.batch_size, shuffle=True, num_workers=0)
     generator = torch.Generator().manual_seed(0)
     synthetic = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
     synthetic_labels = torch.randint(0, 3, (args.batch_size,), device=args.device)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
             for pixels, labels, _ in loader:
                 pixels = pixels.to(args.device, non_blocking=True)
                 labels = labels.to(args.device, non_blocking=True)
-                step(normalizer(run_wsol.augment_batch(pixels, generator)), labels)
+                step(normalizer(wsol_data.augment_batch(pixels, generator)), labels)
                 done += 1
                 if done == args.steps:
                     return

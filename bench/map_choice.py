@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import run_wsol  # noqa: E402
+import wsol_data  # noqa: E402
 from localization import (  # noqa: E402
     DEFAULT_THRESHOLDS,
     LocalizationScores,
@@ -60,7 +61,7 @@ def candidate_maps(attention: torch.Tensor, semantic: torch.Tensor, seed: int) -
 
 
 @torch.inference_mode()
-def predict(model, split: run_wsol.PreparedSplit, normalizer, batch_size: int = 64) -> dict[str, torch.Tensor]:
+def predict(model, split: wsol_data.PreparedSplit, normalizer, batch_size: int = 64) -> dict[str, torch.Tensor]:
     attention, semantic, logits = [], [], []
     for start in range(0, len(split), batch_size):
         pixels = split.pixels[start : start + batch_size]
@@ -80,7 +81,7 @@ def boxed_scores(split, predictions, seed: int, thresholds) -> dict[str, Localiz
     correct = (predictions["logits"][keep].argmax(1) == split.labels[keep]).numpy()
     return {
         name: LocalizationScores.from_maps(
-            [upsample_scoremap(m, run_wsol.EVALUATION_FRAME) for m in grid_maps], boxes, correct, thresholds
+            [upsample_scoremap(m, wsol_data.EVALUATION_FRAME) for m in grid_maps], boxes, correct, thresholds
         )
         for name, grid_maps in maps.items()
     }
@@ -94,10 +95,10 @@ def score_run(run: Path, thresholds) -> dict:
     if saved.get("cache_dir"):
         argv += ["--cache_dir", saved["cache_dir"]]
     args = run_wsol.parse_args(argv)
-    processor = run_wsol.build_processor(args)
-    splits = run_wsol.prepare_all(args, processor, run_wsol.make_accelerator(args))
+    processor = wsol_data.build_processor(args)
+    splits = wsol_data.prepare_all(args, processor, run_wsol.make_accelerator(args))
     model = DeiTSCMForImageClassification.from_pretrained(run).eval()
-    normalizer = run_wsol.PixelNormalizer(processor)
+    normalizer = wsol_data.PixelNormalizer(processor)
     validation = boxed_scores(
         splits["loc_validation"], predict(model, splits["loc_validation"], normalizer), saved["seed"], thresholds
     )

@@ -193,7 +193,8 @@ def test_image_dataset_with_stand_in_images(tmp_path, raw_metadata):
     corrupt = next((tmp_path / "images_001" / "images").glob("*.png"))
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     dataset = nih.build_dataset_dict(tmp_path, config="three_class", report_dir=tmp_path / "report")
-    problems = pd.read_csv(tmp_path / "report" / "problem_images.csv")
+    problems = pd.read_csv(tmp_path / "report" / "problem_images_three_class.csv")
+    assert not list(tmp_path.glob("problem_images*"))  # nothing written into the data folder
     assert sorted(problems["problem"]) == ["missing", "unreadable"]
     assert names[0] in set(problems["Image Index"]) and corrupt.name in set(problems["Image Index"])
     built = sum(len(part) for part in dataset.values())

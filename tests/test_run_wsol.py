@@ -16,6 +16,11 @@ from remote_code import run_outside_repo
 from safetensors.torch import load_file
 
 import run_wsol
+import wsol_data
+import wsol_evaluation
+import wsol_outputs
+from cxr_data import CLASS_NAMES
+from image_processing_cxr import CXRImageProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -75,7 +80,7 @@ def test_smoke_run_writes_every_output(smoke_run):
     validation_v2 = {m: methods[m]["validation"]["MaxBoxAccV2"] for m in ("scm", "semantic", "attention")}
     assert validation_v2[chosen] == max(validation_v2.values())
     assert threshold == methods[chosen]["calibrated_on_validation"]["threshold"]
-    assert processor_config["localization_map"] == run_wsol.MAP_OUTPUTS[chosen]
+    assert processor_config["localization_map"] == wsol_evaluation.MAP_OUTPUTS[chosen]
 
 
 def _table(validation_v2: dict[str, float]) -> dict[str, dict]:
@@ -85,9 +90,11 @@ def _table(validation_v2: dict[str, float]) -> dict[str, dict]:
 def test_released_map_is_chosen_on_validation_only():
     # Test numbers are not in the table the choice reads; baselines never win even when they score higher.
     table = _table({"scm": 3.0, "semantic": 14.0, "attention": 9.0, "random": 20.0})
-    assert run_wsol.choose_localization_map(table) == "semantic"
-    assert run_wsol.choose_localization_map(_table({"scm": 7.0, "semantic": 7.0, "attention": 7.0})) == "scm"
-    assert run_wsol.choose_localization_map(_table({"scm": 2.0, "semantic": 1.0, "attention": 5.5})) == "attention"
+    assert wsol_evaluation.choose_localization_map(table) == "semantic"
+    assert wsol_evaluation.choose_localization_map(_table({"scm": 7.0, "semantic": 7.0, "attention": 7.0})) == "scm"
+    assert (
+        wsol_evaluation.choose_localization_map(_table({"scm": 2.0, "semantic": 1.0, "attention": 5.5})) == "attention"
+    )
 
 
 def test_model_card_metadata(smoke_run):
@@ -132,7 +139,7 @@ def test_prediction_only_run_writes_json_and_overlays(smoke_run, tmp_path):
     )  # fmt: skip
     records = json.loads((output / "predictions" / "predictions.json").read_text())
     good = next(r for r in records if r["file"] == str(image))
-    assert good["label"] in run_wsol.CLASS_NAMES and 0 <= good["score"] <= 1
+    assert good["label"] in CLASS_NAMES and 0 <= good["score"] <= 1
     assert Path(good["overlay"]).is_file()
     bad = next(r for r in records if r["file"] == str(broken))
     assert "broken.png" in bad["error"]
@@ -205,7 +212,7 @@ def test_model_card_try_it_points_to_the_demo(smoke_run, tmp_path):
     args = run_wsol.parse_args(
         ["--push_to_hub", "--hub_model_id", "o/m", "--hub_space_id", "o/m-demo", "--output_dir", str(tmp_path / "x")]
     )
-    assert run_wsol.try_it_lines(args) == ["A demo page: [o/m-demo](https://huggingface.co/spaces/o/m-demo)."]
+    assert wsol_outputs.try_it_lines(args) == ["A demo page: [o/m-demo](https://huggingface.co/spaces/o/m-demo)."]
 
 
 def test_push_offline_fails_fast_after_saving(tmp_path, monkeypatch):
@@ -325,19 +332,19 @@ def test_preprocessing_cache_is_keyed_by_content_and_settings(tmp_path):
         num_train=40, num_validation=0, num_test=0, size=64
     )["train"]
     processor = CXRImageProcessor(size={"height": 32, "width": 32})
-    first = run_wsol.prepare_split("train", dataset, processor, None, tmp_path, 1)
+    first = wsol_data.prepare_split("train", dataset, processor, None, tmp_path, 1)
     files = set(tmp_path.iterdir())
     expected = np.stack([processor.process_one(np.asarray(image))[0] for image in dataset["image"]])
     np.testing.assert_array_equal(first.pixels.numpy(), expected)
-    again = run_wsol.prepare_split("train", dataset, processor, None, tmp_path, 1)
+    again = wsol_data.prepare_split("train", dataset, processor, None, tmp_path, 1)
     assert set(tmp_path.iterdir()) == files  # read back, not rebuilt
     torch.testing.assert_close(again.pixels, first.pixels)
     assert first.pixels.dtype == torch.uint8  # not the int64 of the datasets numpy formatter: 8x the memory
-    subset = run_wsol.prepare_split("train", dataset, processor, 10, tmp_path, 1)
+    subset = wsol_data.prepare_split("train", dataset, processor, 10, tmp_path, 1)
     assert subset.pixels.dtype == torch.uint8
     assert subset.pixels.shape[0] == len(subset.labels) == 10
     changed = CXRImageProcessor(size={"height": 32, "width": 32}, do_clahe=False)
-    rebuilt = run_wsol.prepare_split("train", dataset, changed, None, tmp_path, 1)
+    rebuilt = wsol_data.prepare_split("train", dataset, changed, None, tmp_path, 1)
     assert len(set(tmp_path.iterdir())) == len(files) + 2  # the subset's and the new setting's
     assert not torch.equal(rebuilt.pixels, first.pixels)
 
@@ -374,11 +381,11 @@ def test_nih_run_with_stand_in_images(tmp_path):
     )  # fmt: skip
     assert results["localization"]["images_validation"] + results["localization"]["images_test"] == len(boxed_images)
     assert results["classification"]["test"]["num_samples"] > 0
-    splits = run_wsol.prepare_all(
+    splits = wsol_data.prepare_all(
         run_wsol.parse_args(
             ["--dataset", "nih", "--data_dir", str(data_dir), "--image_size", "64", "--output_dir", str(tmp_path / "x")]
         ),
-        run_wsol.CXRImageProcessor(size={"height": 64, "width": 64}),
+        CXRImageProcessor(size={"height": 64, "width": 64}),
         _MainProcess(),
     )
     for box in np.concatenate([b for b in splits["loc_test"].frame_boxes if len(b)]):
@@ -496,7 +503,7 @@ def _components(args) -> run_wsol.Components:
     from accelerate import Accelerator
 
     model = run_wsol.build_model(args, torch.zeros(0, dtype=torch.long))
-    split = run_wsol.PreparedSplit(
+    split = wsol_data.PreparedSplit(
         "t",
         torch.zeros(16, 64, 64, dtype=torch.uint8),
         torch.zeros(16, dtype=torch.long),
@@ -550,7 +557,7 @@ def test_learning_rate_rewarms_when_the_scm_blocks_switch_on(tmp_path):
     ],
 )
 def test_frame_boxes_follow_the_reference_scaling(geometry, box, expected):
-    assert run_wsol.frame_boxes([box], geometry).tolist() == [expected]
+    assert wsol_data.frame_boxes([box], geometry).tolist() == [expected]
 
 
 # ----------------------------------------------------------------------------- faults (issue 12)

@@ -1,0 +1,345 @@
+"""Data for `run_wsol.py`: the splits (phantoms or NIH), the preprocessed uint8 cache, loaders and
+augmentation. A split is decoded, windowed, CLAHE'd and resized once (`cached_preprocess`); training
+then reads arrays."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cxr_data import load_dataset_module, patient_bucket
+from image_processing_cxr import CXRImageProcessor
+
+logger = logging.getLogger("run_wsol")
+
+
+# wsolevaluation resizes every image, map and box to 224 x 224: the WSOL metrics are computed in that frame
+# whatever the model's input size, so they compare with published numbers.
+EVALUATION_FRAME = (224, 224)
+
+
+def cli_error(message: str) -> NoReturn:
+    """A mistake in what the user gave (flags, data folder): one line on stderr and exit status 2, as
+    argparse does, instead of a traceback."""
+    sys.stderr.write(f"run_wsol.py: error: {message}\n")
+    raise SystemExit(2)
+
+
+@dataclass
+class PreparedSplit:
+    """A split preprocessed once to uint8 at training resolution, with what evaluation needs."""
+
+    name: str
+    pixels: torch.Tensor  # (N, H, W) uint8: the processor's output before rescale/normalize
+    labels: torch.Tensor  # (N,) int64
+    frame_boxes: list[np.ndarray]  # ground-truth boxes in the evaluation frame, EVALUATION_FRAME (N x (K, 4))
+    findings: list[list[str]]
+    geometry: np.ndarray  # (N, 8), the processor's geometry rows
+    image_ids: list[str]
+    source: Any  # the datasets.Dataset, for decoding originals of a few samples
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_raw_splits(args: argparse.Namespace) -> dict[str, Any]:
+    """The source splits: train / validation / test (classification) and, for localization,
+    loc_validation (calibration of the heatmap threshold) and loc_test."""
+    if args.dataset == "phantoms":
+        phantoms = load_dataset_module("phantoms")
+        count = args.num_phantoms
+        splits = phantoms.build_phantom_dataset(
+            num_train=count,
+            num_validation=max(count // 6, 12),
+            num_test=max(count // 4, 12),
+            size=args.phantom_size,
+            seed=args.seed,
+        )
+        splits = dict(splits)
+        splits["loc_validation"], splits["loc_test"] = splits["validation"], splits["test"]
+        return splits
+    nih = load_dataset_module("nih")
+    reports = Path(args.output_dir)
+    try:
+        splits = dict(
+            nih.build_dataset_dict(args.data_dir, "three_class", report_dir=reports, view=args.view, seed=args.seed)
+        )
+        boxed = nih.build_dataset_dict(args.data_dir, "bbox", report_dir=reports)["test"]
+    except nih.NIHMetadataError as error:
+        cli_error(f"NIH metadata in {args.data_dir}: {error}")
+    empty = [name for name, split in {**splits, "bbox": boxed}.items() if len(split) == 0]
+    if empty:
+        cli_error(
+            f"no usable images for the {', '.join(empty)} split(s) in {args.data_dir} (looked for the metadata's PNG "
+            "files in that folder and its subfolders, e.g. images_001/images/)"
+        )
+    # The box set is the localization data; half of its patients calibrate the threshold, half test it.
+    halves = np.array([patient_bucket(pid, args.seed) < 0.5 for pid in boxed["patient_id"]])
+    splits["loc_validation"] = boxed.select(np.flatnonzero(halves))
+    splits["loc_test"] = boxed.select(np.flatnonzero(~halves))
+    return splits
+
+
+def frame_boxes(
+    boxes: Sequence[Sequence[float]], geometry: Sequence[int], frame: Sequence[int] = EVALUATION_FRAME
+) -> np.ndarray:
+    """Boxes in original pixels -> the evaluation frame, truncated to integers as wsolevaluation's
+    `resize_bbox` does it: `int(x * new_size / old_size)`, multiplication first.
+
+    The frame is the model input (content scaled, then offset by the padding) stretched to `frame`. With
+    a squashed resize (no padding) that is the reference's own formula, original -> frame in one step.
+    """
+    original_h, original_w, content_h, content_w, top, left, input_h, input_w = (int(v) for v in geometry[:8])
+    frame_h, frame_w = int(frame[0]), int(frame[1])
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if (content_h, content_w, top, left) == (input_h, input_w, 0, 0):
+        scaled = boxes * np.array([frame_w, frame_h] * 2) / np.array([original_w, original_h] * 2)
+    else:
+        inside = boxes * np.array([content_w, content_h] * 2) / np.array([original_w, original_h] * 2)
+        inside = inside + np.array([left, top, left, top])
+        scaled = inside * np.array([frame_w, frame_h] * 2) / np.array([input_w, input_h] * 2)
+    return scaled.astype(np.int64)
+
+
+def _digest(*parts: Any) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:20]
+
+
+def source_fingerprint(dataset: Any) -> str:
+    """Identity of a split's content: its ids, labels and boxes, and the code that made it (phantom
+    images are drawn by `cxr_phantoms.py`, so a change there must rebuild the cache)."""
+    code = hashlib.sha256()
+    for path in sorted((Path(__file__).parent / "datasets").rglob("*.py")):
+        code.update(path.read_bytes())
+    # Columns are lazy in datasets >= 4 and their repr is truncated: materialize them.
+    boxes = [[list(box) for box in image_boxes] for image_boxes in dataset["boxes"]]
+    return _digest(list(dataset["image_id"]), list(dataset["label"]), boxes, code.hexdigest())
+
+
+def cached_preprocess(
+    dataset: Any, processor: CXRImageProcessor, cache_dir: Optional[Path], num_proc: int, name: str
+) -> Any:
+    """Map a split once through the processor into uint8 arrays at training resolution.
+
+    The cache file is keyed by the source content and the processor's settings, so changing any
+    setting (size, CLAHE, windowing...) rebuilds it and nothing else does. Training then reads arrays:
+    no decoding and no CLAHE per step."""
+    from datasets import Array2D, Features, List, Value
+    from datasets import Image as ImageFeature
+
+    # CACHE_VERSION: the cached columns' layout; a cache of another layout is never read back.
+    settings = _digest(processor.to_dict(), CACHE_VERSION)
+    fingerprint = f"{source_fingerprint(dataset)}-{settings}"
+    height, width = processor.size["height"], processor.size["width"]
+    features = Features(
+        {
+            "pixels": Array2D(shape=(height, width), dtype="uint8"),
+            "geometry": List(Value("int64"), length=8),
+            "error": Value("string"),
+        }
+    )
+
+    def process(batch: dict[str, list]) -> dict[str, list]:
+        pixels, geometry, errors = [], [], []
+        for image, image_id in zip(batch["image"], batch["image_id"]):
+            # Decoded here, not by `datasets`: a file that passed the readability check and then fails to
+            # decode (a PNG with valid CRCs and a corrupt stream) is one problem image, not a dead run.
+            try:
+                gray, geo = processor.process_one(_decode(image, image_id), source=image_id)
+                error = ""
+            except Exception as failure:  # any decoder or processor failure is this image's problem
+                gray, geo = np.zeros((height, width), np.uint8), [0] * 8
+                error = f"{type(failure).__name__}: {failure}"[:500]
+            pixels.append(gray)
+            geometry.append(geo)
+            errors.append(error)
+        return {"pixels": pixels, "geometry": geometry, "error": errors}
+
+    cache_file = str(cache_dir / f"{name}-{fingerprint}.arrow") if cache_dir else None
+    if cache_dir:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    return dataset.cast_column("image", ImageFeature(decode=False)).map(
+        process,
+        batched=True,
+        batch_size=32,
+        num_proc=num_proc if num_proc > 1 and len(dataset) >= 64 else None,
+        remove_columns=[c for c in dataset.column_names if c not in ("image_id",)],
+        features=Features({"image_id": dataset.features["image_id"], **features}),
+        cache_file_name=cache_file,
+        load_from_cache_file=True,
+        new_fingerprint=fingerprint,
+        desc=f"preprocessing {name}",
+    )
+
+
+CACHE_VERSION = "pixels-geometry-error-v2"
+
+
+def _decode(image: dict[str, Any], image_id: str) -> np.ndarray:
+    """An undecoded `datasets` image ({"bytes", "path"}) -> array, with the file named on failure."""
+    import io
+
+    from PIL import Image
+
+    source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    with Image.open(source) as opened:
+        opened.load()
+        return np.asarray(opened)
+
+
+def prepare_split(
+    name: str,
+    dataset: Any,
+    processor: CXRImageProcessor,
+    limit: Optional[int],
+    cache_dir: Optional[Path] = None,
+    num_proc: int = 1,
+    report_dir: Optional[Path] = None,
+) -> PreparedSplit:
+    """A split as uint8 tensors at training resolution (from the cache) with its labels and boxes.
+    Images that fail to decode or preprocess are dropped, logged and listed in
+    `report_dir/problem_images_<split>.csv`."""
+    if limit is not None and limit < len(dataset):
+        dataset = dataset.select(range(limit))
+    processed = cached_preprocess(dataset, processor, cache_dir, num_proc, name)
+    errors = processed["error"]
+    failed = [i for i, error in enumerate(errors) if error]
+    if failed:
+        problems = [(processed[i]["image_id"], errors[i]) for i in failed]
+        where = "not written"
+        if report_dir is not None:
+            import pandas as pd
+
+            report = Path(report_dir) / f"problem_images_{name}.csv"
+            report.parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(problems, columns=["image_id", "problem"]).to_csv(report, index=False)
+            where = str(report)
+        logger.warning("%s: dropped %d image(s) that could not be preprocessed, e.g. %s: %s; list: %s",
+                       name, len(failed), problems[0][0], problems[0][1], where)  # fmt: skip
+        if len(failed) == len(dataset):
+            cli_error(f"no image of the {name} split could be read (first: {problems[0]})")
+        keep = [i for i in range(len(dataset)) if not errors[i]]
+        dataset, processed = dataset.select(keep), processed.select(keep)
+    pixels = torch.from_numpy(_uint8_pixels(processed))
+    geometry = np.asarray(processed.with_format("numpy")["geometry"], dtype=np.int64)
+    return PreparedSplit(
+        name=name,
+        pixels=pixels,
+        labels=torch.tensor(dataset["label"], dtype=torch.long),
+        frame_boxes=[frame_boxes(b, g) for b, g in zip(dataset["boxes"], geometry)],
+        findings=[list(f) for f in dataset["findings"]],
+        geometry=geometry,
+        image_ids=list(dataset["image_id"]),
+        source=dataset,
+    )
+
+
+def _uint8_pixels(processed: Any) -> np.ndarray:
+    """The `pixels` column as one (N, H, W) uint8 array, read from Arrow's buffers. The numpy formatter
+    of `datasets` returns int64 here: 8x the memory (37 GB instead of 4.7 GB for NIH at 224x224)."""
+    column = processed.with_format("arrow")["pixels"].combine_chunks()  # follows a selection's indices
+    storage = getattr(column, "storage", column)
+    flat = storage.flatten().flatten().to_numpy(zero_copy_only=False)
+    height, width = processed.features["pixels"].shape
+    # A copy: the Arrow buffers are read-only (often a memory-mapped cache file); training wants RAM.
+    return np.array(flat.reshape(len(processed), height, width), dtype=np.uint8, copy=True)
+
+
+class PixelNormalizer(torch.nn.Module):
+    """uint8 (B, H, W) -> normalized float (B, C, H, W), the processor's rescale and normalize, on
+    whatever device the batch is on."""
+
+    def __init__(self, processor: CXRImageProcessor) -> None:
+        super().__init__()
+        channels = processor.num_channels
+        mean = processor.image_mean[:channels] if processor.do_normalize else [0.0] * channels
+        std = processor.image_std[:channels] if processor.do_normalize else [1.0] * channels
+        scale = processor.rescale_factor if processor.do_rescale else 1.0
+        self.register_buffer("scale", torch.tensor(scale / np.asarray(std), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer(
+            "shift", torch.tensor(np.asarray(mean) / np.asarray(std), dtype=torch.float32).view(1, -1, 1, 1)
+        )
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.unsqueeze(1).float() * self.scale - self.shift
+
+
+def augment_batch(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Small random affine jitter (rotation +-7 deg, scale 0.9-1.1, shift +-6%) of uint8 images, as
+    one batched resampling; no flips (the heart's side is anatomy, not noise)."""
+    batch = pixels.shape[0]
+    angle = (torch.rand(batch, generator=generator) * 2 - 1) * math.radians(7)
+    scale = 0.9 + torch.rand(batch, generator=generator) * 0.2
+    shift = (torch.rand(batch, 2, generator=generator) * 2 - 1) * 0.06
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    theta = theta.to(pixels.device)
+    grid = F.affine_grid(theta, (batch, 1, *pixels.shape[-2:]), align_corners=False)
+    moved = F.grid_sample(
+        pixels.unsqueeze(1).float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return moved.squeeze(1).round().clamp(0, 255).to(torch.uint8)
+
+
+def make_loader(split: PreparedSplit, batch_size: int, shuffle: bool, num_workers: int) -> torch.utils.data.DataLoader:
+    """Batches of the in-memory uint8 arrays. Workers are off by default: there is nothing to decode,
+    and process hand-off would cost more than the indexing; pinned memory speeds the copy to a GPU."""
+    indices = torch.arange(len(split))
+    dataset = torch.utils.data.TensorDataset(split.pixels, split.labels, indices)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        drop_last=False,
+    )
+
+
+def build_processor(args: argparse.Namespace) -> CXRImageProcessor:
+    if args.model_name_or_path and Path(args.model_name_or_path, "preprocessor_config.json").exists():
+        return CXRImageProcessor.from_pretrained(args.model_name_or_path)
+    return CXRImageProcessor(size={"height": args.image_size, "width": args.image_size})
+
+
+def prepare_all(args, processor: CXRImageProcessor, accelerator: Any) -> dict[str, PreparedSplit]:
+    """Every split preprocessed once (the main process builds the cache, the others read it); a split
+    serving twice (phantom validation = loc_validation) is shared."""
+    import datasets as hf_datasets
+
+    raw = load_raw_splits(args)
+    limits = {"train": args.max_train_samples}
+    # Outside the output folder: --overwrite_output_dir must not throw away a cache that still matches.
+    cache_dir = (
+        Path(args.cache_dir) if args.cache_dir else Path(hf_datasets.config.HF_DATASETS_CACHE) / "deit_scm_preprocessed"
+    )
+    if not accelerator.is_local_main_process:
+        hf_datasets.disable_progress_bars()
+    prepared: dict[str, PreparedSplit] = {}
+    done: dict[int, PreparedSplit] = {}
+    with accelerator.main_process_first():
+        for name, dataset in raw.items():
+            if id(dataset) not in done:
+                limit = limits.get(name, args.max_eval_samples)
+                done[id(dataset)] = prepare_split(
+                    name, dataset, processor, limit, cache_dir, args.preprocessing_num_workers, Path(args.output_dir)
+                )
+            prepared[name] = done[id(dataset)]
+    return prepared

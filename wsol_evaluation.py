@@ -1,0 +1,183 @@
+"""Evaluation for `run_wsol.py`: prediction over a split, classification scores, and localization with its
+baselines in wsolevaluation's 224x224 frame, thresholds calibrated on validation; the released map is
+chosen there too (`choose_localization_map`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from cxr_data import CLASS_NAMES
+from localization import (
+    FINE_THRESHOLDS,
+    EvaluationSplit,
+    LocalizationScores,
+    classification_metrics,
+    cxr_protocol,
+    localization_table,
+    scoremap_to_boxes,
+    upsample_scoremap,
+)
+from modeling_deit_scm import select_class_maps
+from wsol_data import EVALUATION_FRAME, PreparedSplit, make_loader
+
+logger = logging.getLogger("run_wsol")
+
+
+class EvaluationParts(Protocol):
+    """What evaluation needs of the training components: the Accelerator, the (prepared) model and the
+    uint8 -> normalized float module."""
+
+    accelerator: Any
+    model: Any
+    normalizer: Any
+
+
+@dataclass
+class Predictions:
+    """Everything the evaluation needs from one pass over a split, gathered over processes."""
+
+    logits: np.ndarray  # (N, C)
+    labels: np.ndarray  # (N,)
+    indices: np.ndarray  # (N,) positions in the split
+    attention: np.ndarray  # (N, h, w) F0
+    semantic: np.ndarray  # (N, h, w) S0 of the ground-truth class
+    scm: np.ndarray  # (N, h, w) F0 * S0 of the ground-truth class
+    loss: float
+
+
+@torch.no_grad()
+def predict_split(args, parts: EvaluationParts, split: PreparedSplit) -> Predictions:
+    accelerator = parts.accelerator
+    loader = accelerator.prepare(
+        make_loader(split, args.per_device_eval_batch_size, shuffle=False, num_workers=args.num_workers)
+    )
+    model = parts.model
+    model.eval()
+    collected: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("logits", "labels", "indices", "attention", "semantic", "scm", "loss")
+    }
+    for pixels, labels, indices in tqdm(
+        loader, desc=f"evaluating {split.name}", disable=not accelerator.is_local_main_process, leave=False
+    ):
+        outputs = model(parts.normalizer(pixels), labels=labels)
+        per_sample_loss = F.cross_entropy(outputs.logits.float(), labels, reduction="none")
+        batch = {
+            "logits": outputs.logits.float(),
+            "labels": labels,
+            "indices": indices,
+            "attention": outputs.attention_maps.float(),
+            "semantic": select_class_maps(outputs.semantic_maps.float(), labels=labels),
+            "scm": select_class_maps(outputs.localization_maps.float(), labels=labels),
+            "loss": per_sample_loss,
+        }
+        for key, value in accelerator.gather_for_metrics(batch).items():
+            collected[key].append(value.cpu())
+    merged = {k: torch.cat(v).numpy() for k, v in collected.items()}
+    return Predictions(
+        merged["logits"],
+        merged["labels"],
+        merged["indices"],
+        merged["attention"],
+        merged["semantic"],
+        merged["scm"],
+        float(merged["loss"].mean()),
+    )
+
+
+def evaluation_split(split: PreparedSplit, predictions: Predictions) -> EvaluationSplit:
+    """The boxed images of a split, in the evaluation frame, for the localization harness."""
+    keep = [i for i, index in enumerate(predictions.indices) if len(split.frame_boxes[index]) > 0]
+    order = predictions.indices[keep]
+    correct = predictions.logits[keep].argmax(1) == predictions.labels[keep]
+    frame = EVALUATION_FRAME
+    return EvaluationSplit(
+        maps={
+            "attention": predictions.attention[keep],
+            "semantic": predictions.semantic[keep],
+            "scm": predictions.scm[keep],
+        },
+        gt_boxes=[split.frame_boxes[i] for i in order],
+        frame_size=frame,
+        correct_class=correct,
+        gt_findings=[split.findings[i] for i in order],
+    )
+
+
+def classification_scores(predictions: Predictions) -> dict[str, Any]:
+    probabilities = torch.softmax(torch.from_numpy(predictions.logits), -1).numpy()
+    return classification_metrics(predictions.labels, probabilities, CLASS_NAMES)
+
+
+def validation_metrics(args, parts: EvaluationParts, validation: PreparedSplit) -> dict[str, float]:
+    predictions = predict_split(args, parts, validation)
+    scores = classification_scores(predictions)
+    metrics = {"loss": predictions.loss, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+    boxed = evaluation_split(validation, predictions)
+    if boxed.gt_boxes:
+        maps = [upsample_scoremap(m, boxed.frame_size) for m in boxed.maps["scm"]]
+        metrics["max_box_acc"] = LocalizationScores.from_maps(maps, boxed.gt_boxes).oracle()["MaxBoxAcc"]
+    return metrics
+
+
+def mean_prior_box(split: PreparedSplit) -> Optional[np.ndarray]:
+    boxes = [b for b in split.frame_boxes if len(b)]
+    return np.concatenate(boxes).mean(axis=0) if boxes else None
+
+
+# The model's maps by their name in the results, and the output each one is.
+MAP_OUTPUTS = {"scm": "localization_maps", "semantic": "semantic_maps", "attention": "attention_maps"}
+
+
+def choose_localization_map(table: dict[str, dict]) -> str:
+    """The map the released model localizes with: the best MaxBoxAccV2 on the validation boxes (at the
+    thresholds calibrated there), F0*S0 -- the paper's -- on ties. Test never enters the choice."""
+    scores = {name: table[name]["validation"]["MaxBoxAccV2"] for name in MAP_OUTPUTS if name in table}
+    return max(scores, key=lambda name: (scores[name], name == "scm"))
+
+
+def final_evaluation(
+    args, parts: EvaluationParts, splits: dict[str, PreparedSplit]
+) -> tuple[dict[str, Any], dict[str, Predictions]]:
+    """Classification on validation and test; localization (with baselines) on the box splits."""
+    # A split serving twice (phantom validation = loc_validation) is predicted once.
+    by_split: dict[int, Predictions] = {}
+    predictions = {}
+    for name in ("validation", "test", "loc_validation", "loc_test"):
+        if id(splits[name]) not in by_split:
+            by_split[id(splits[name])] = predict_split(args, parts, splits[name])
+        predictions[name] = by_split[id(splits[name])]
+    results: dict[str, Any] = {"classification": {}}
+    for name in ("validation", "test"):
+        results["classification"][name] = classification_scores(predictions[name])
+        results["classification"][name]["loss"] = predictions[name].loss
+        results["classification"][name]["num_samples"] = int(len(predictions[name].labels))
+    val_boxed = evaluation_split(splits["loc_validation"], predictions["loc_validation"])
+    test_boxed = evaluation_split(splits["loc_test"], predictions["loc_test"])
+    prior = mean_prior_box(splits["train"]) if args.dataset == "phantoms" else mean_prior_box(splits["loc_validation"])
+    table = localization_table(val_boxed, test_boxed, prior_box=prior, seed=args.seed, thresholds=FINE_THRESHOLDS)
+    chosen = choose_localization_map(table)
+    threshold = table[chosen]["calibrated_on_validation"]["threshold"]
+    test_maps = [upsample_scoremap(m, test_boxed.frame_size) for m in test_boxed.maps[chosen]]
+    predicted = [scoremap_to_boxes(m, threshold, multi_contour=True, normalized=True) for m in test_maps]
+    results["localization"] = {
+        "frame": list(test_boxed.frame_size),
+        "images_validation": len(val_boxed.gt_boxes),
+        "images_test": len(test_boxed.gt_boxes),
+        "localization_map": chosen,
+        "localization_map_output": MAP_OUTPUTS[chosen],
+        "heatmap_threshold_from_validation": threshold,
+        "threshold_step": float(FINE_THRESHOLDS[1] - FINE_THRESHOLDS[0]),
+        "note": "calibrated_on_validation: thresholds chosen on the validation boxes, applied to test; "
+        "test_oracle_max_over_thresholds: the best threshold on test itself, as WSOL papers report; "
+        "maps and boxes in the 224x224 frame of wsolevaluation",
+        "methods": table,
+        "cxr_protocol_at_calibrated_threshold": cxr_protocol(predicted, test_boxed.gt_boxes, test_boxed.gt_findings),
+    }
+    return results, predictions

@@ -1,0 +1,340 @@
+"""Outputs of `run_wsol.py`: plots, overlays, the model card, saving, pushing and file predictions."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxr_data import CLASS_NAMES
+from image_processing_cxr import CXRImageProcessor, overlay_heatmap
+from localization import (
+    plot_localization_table,
+    scoremap_to_boxes,
+)
+from wsol_data import PreparedSplit
+from wsol_evaluation import MAP_OUTPUTS, Predictions
+
+logger = logging.getLogger("run_wsol")
+
+
+OVERLAY_SAMPLES = 8
+
+
+def write_plots(output_dir: Path, state: Any, results: dict[str, Any]) -> None:
+    """metrics_plots/: per-epoch curves from `state` (a `TrainState`: `history`, `train_losses`), the
+    confusion matrix and the baselines chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = output_dir / "metrics_plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    epochs = [h["epoch"] for h in state.history]
+    curves = {
+        "loss.png": ("loss", "validation loss"),
+        "accuracy.png": ("accuracy", "validation accuracy"),
+        "macro_f1.png": ("macro_f1", "validation macro F1"),
+        "localization.png": ("max_box_acc", "validation MaxBoxAcc (SCM map, %)"),
+    }
+    for filename, (key, title) in curves.items():
+        figure, axis = plt.subplots(figsize=(5, 3.2))
+        if key == "loss" and state.train_losses:
+            steps = np.arange(1, len(state.train_losses) + 1)
+            axis.plot(
+                steps / max(len(steps), 1) * max(len(epochs), 1) - 1,
+                state.train_losses,
+                alpha=0.4,
+                label="train (per step)",
+            )
+        axis.plot(epochs, [h.get(key, np.nan) for h in state.history], marker="o", label=title)
+        axis.set_xlabel("epoch")
+        axis.set_title(title)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(folder / filename, dpi=110)
+        plt.close(figure)
+    matrix = np.asarray(results["classification"]["test"]["confusion_matrix"])
+    figure, axis = plt.subplots(figsize=(4.5, 4))
+    axis.imshow(matrix, cmap="Blues")
+    for (row, col), value in np.ndenumerate(matrix):
+        axis.text(col, row, str(value), ha="center", va="center")
+    axis.set_xticks(range(len(CLASS_NAMES)), [n.replace("_", "\n") for n in CLASS_NAMES], fontsize=8)
+    axis.set_yticks(range(len(CLASS_NAMES)), [n.replace("_", "\n") for n in CLASS_NAMES], fontsize=8)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title("test confusion matrix")
+    figure.tight_layout()
+    figure.savefig(folder / "confusion_matrix.png", dpi=110)
+    plt.close(figure)
+    plot_localization_table(results["localization"]["methods"], str(folder / "localization_baselines.png"))
+
+
+def _save_png(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path)
+
+
+def write_overlays(
+    output_dir: Path, split: PreparedSplit, predictions: Predictions, processor: CXRImageProcessor
+) -> list[str]:
+    """heatmap_comparisons/: the released map (the processor's `localization_map`), its predicted and the
+    ground-truth boxes on the original image; localization_samples/: attention vs semantic vs SCM map,
+    boxes on the released one. A fixed sample: the first boxed images."""
+    comparisons, samples = output_dir / "heatmap_comparisons", output_dir / "localization_samples"
+    comparisons.mkdir(parents=True, exist_ok=True)
+    samples.mkdir(parents=True, exist_ok=True)
+    position = {int(index): row for row, index in enumerate(predictions.indices)}
+    chosen = [i for i in range(len(split)) if len(split.frame_boxes[i])][:OVERLAY_SAMPLES]
+    written = []
+    for index in chosen:
+        row = position[index]
+        image = np.asarray(split.source[index]["image"].convert("L"))
+        geometry = split.geometry[index]
+        original_boxes = np.asarray(split.source[index]["boxes"], dtype=np.float64).reshape(-1, 4)
+        panels = {}
+        for name in ("attention", "semantic", "scm"):
+            heat = processor.heatmap_to_original(getattr(predictions, name)[row], geometry)
+            released = MAP_OUTPUTS[name] == processor.localization_map
+            boxes = scoremap_to_boxes(heat, processor.localization_threshold, normalized=True) if released else None
+            panels[name] = overlay_heatmap(image, heat, boxes=boxes, gt_boxes=original_boxes)
+        released_name = next(n for n, key in MAP_OUTPUTS.items() if key == processor.localization_map)
+        name = f"{split.image_ids[index]}.png"
+        _save_png(comparisons / name, panels[released_name])
+        _save_png(samples / name, np.concatenate(list(panels.values()), axis=1))
+        written.append(name)
+    return written
+
+
+def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
+    """A Hub model card: YAML metadata (model-index from the results) and a usage snippet."""
+    test = results["classification"]["test"]
+    released = results["localization"].get("localization_map", "scm")
+    scm = results["localization"]["methods"][released]
+    dataset_name = "CXR phantoms (synthetic)" if args.dataset == "phantoms" else "NIH ChestX-ray14"
+    dataset_type = "cxr-phantoms" if args.dataset == "phantoms" else "nih-chestxray14"
+
+    def metric(kind: str, value: float, name: str) -> str:
+        return f"      - type: {kind}\n        value: {value:.4f}\n        name: {name}\n"
+
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-classification",
+        "license: apache-2.0",
+        "tags:\n- medical\n- chest-x-ray\n- weakly-supervised-object-localization\n- deit\n- scm\n- custom_code",
+        f"datasets:\n- {dataset_type}",
+        "metrics:\n- accuracy\n- f1\n- roc_auc\n- maxboxacc",
+        "model-index:",
+        f"- name: deit-scm-{args.preset}-{args.scm_variant}",
+        "  results:",
+        "  - task:\n      type: image-classification\n      name: Three-class chest X-ray classification",
+        f"    dataset:\n      name: {dataset_name}\n      type: {dataset_type}\n      split: test",
+        "    metrics:",
+        metric("accuracy", test["accuracy"], "Accuracy").rstrip("\n"),
+        metric("f1", test["macro_f1"], "Macro F1").rstrip("\n"),
+        metric("roc_auc", test["macro_roc_auc_ovr"], "Macro one-vs-rest ROC-AUC").rstrip("\n"),
+        "  - task:\n      type: object-detection\n      name: Weakly supervised localization (heatmap boxes)",
+        f"    dataset:\n      name: {dataset_name}\n      type: {dataset_type}\n      split: test",
+        "    metrics:",
+        metric(
+            "maxboxacc",
+            scm["calibrated_on_validation"]["MaxBoxAcc"],
+            f"BoxAcc@0.5 of the {released} map, threshold from validation",
+        ).rstrip("\n"),
+        metric(
+            "maxboxacc",
+            scm["test_oracle_max_over_thresholds"]["MaxBoxAcc"],
+            f"MaxBoxAcc of the {released} map (test oracle)",
+        ).rstrip("\n"),
+        metric(
+            "maxboxaccv2",
+            scm["calibrated_on_validation"]["MaxBoxAccV2"],
+            f"MaxBoxAccV2 of the {released} map, thresholds from validation",
+        ).rstrip("\n"),
+        "---",
+        "",
+        f"# DeiT-SCM ({args.preset}, `{args.scm_variant}` SCM) — {dataset_name}",
+        "",
+        "DeiT with the Semantic/Spatial Calibration Module (Bai et al., ECCV 2022): classifies a chest radiograph as "
+        "Atelectasis / Other pathologies / No pathologies and localizes the finding from image labels only.",
+        "" if args.dataset == "nih" else "**Trained on synthetic phantoms: a demonstration, not a medical device.**",
+        "",
+        "## Results (test split)",
+        "",
+        "Maps and boxes in wsolevaluation's 224×224 frame, thresholds on a 0.001 grid. Box measures: the "
+        "largest-contour box at the threshold chosen on validation against the ground-truth box it overlaps most.",
+        "",
+        "| method | BoxAcc@0.5 (τ from validation) | MaxBoxAcc (test oracle) | MaxBoxAccV2 (τ from validation) "
+        "| top-1 Loc | PxAP | mean IoU | mean GIoU | Hausdorff (px) | avg. boundary distance (px) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in results["localization"]["methods"].items():
+        cal, oracle = row["calibrated_on_validation"], row["test_oracle_max_over_thresholds"]
+        box = row.get("box_measures") or {}
+        lines.append(
+            f"| {name} | {cal['MaxBoxAcc']:.1f} | {oracle['MaxBoxAcc']:.1f} | {cal['MaxBoxAccV2']:.1f} "
+            f"| {cal['top1_loc']:.1f} | {row['PxAP']:.1f} | {box.get('mean_iou', float('nan')):.3f} "
+            f"| {box.get('mean_giou', float('nan')):.3f} | {box.get('mean_hausdorff', float('nan')):.1f} "
+            f"| {box.get('mean_average_boundary_distance', float('nan')):.1f} |"
+        )
+    lines += [
+        "",
+        f"Classification: accuracy {test['accuracy']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, macro F1 "
+        f"{test['macro_f1']:.3f}, macro ROC-AUC {test['macro_roc_auc_ovr']:.3f}.",
+        "",
+        "## Try it",
+        "",
+        *try_it_lines(args),
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoImageProcessor, AutoModelForImageClassification",
+        "",
+        'repo = "path/or/hub-id"',
+        "processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)",
+        "model = AutoModelForImageClassification.from_pretrained(",
+        "    repo, trust_remote_code=True, use_safetensors=True",
+        ").eval()",
+        'inputs = processor(["patient.dcm"])            # DICOM, PNG, JPEG, arrays',
+        'outputs = model(inputs["pixel_values"])',
+        "result = processor.post_process_localization(outputs, geometry=inputs, id2label=model.config.id2label)[0]",
+        'print(result["label_name"], result["score"])',
+        'heatmap, boxes = result["heatmap"], result["boxes"]  # original pixels',
+        "```",
+        "",
+        f"`post_process_localization` localizes with the `{released}` map "
+        f"(`{MAP_OUTPUTS.get(released, released)}`) at a threshold of "
+        f"{results['localization']['heatmap_threshold_from_validation']:.2f} of the maximum: the map that localized "
+        "best on the validation boxes, and its threshold there, both stored in the processor "
+        "(`localization_map`, `localization_threshold`).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def try_it_lines(args: argparse.Namespace) -> list[str]:
+    """The card's pointer to the demo: the Space when one is pushed, else the local command."""
+    if args.push_to_hub and args.hub_space_id:
+        return [f"A demo page: [{args.hub_space_id}](https://huggingface.co/spaces/{args.hub_space_id})."]
+    return [
+        "Run the demo page (Gradio, offline) from a clone of the project's repository:",
+        "",
+        "```bash",
+        f"python demo/app.py --model {args.hub_model_id or args.output_dir}",
+        "```",
+    ]
+
+
+def save_model(accelerator, model, processor: CXRImageProcessor, output_dir: Path) -> None:
+    """Weights, config and processor: written before anything else at the end of a run, so that a full
+    disk or a crash while plotting cannot lose the trained model."""
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
+    unwrapped.save_pretrained(str(output_dir), safe_serialization=True)
+    processor.save_pretrained(str(output_dir))
+
+
+def push_to_hub(args: argparse.Namespace, output_dir: Path) -> None:
+    """Upload the output folder (checkpoints excluded). Offline, fail at once with a clear message."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise SystemExit(
+            f"run_wsol.py: error: cannot push: the hub is offline (HF_HUB_OFFLINE=1); "
+            f"everything is saved in {output_dir}"
+        )
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(args.hub_model_id, exist_ok=True)
+        api.upload_folder(
+            repo_id=args.hub_model_id, folder_path=str(output_dir), ignore_patterns=["checkpoints/*", "*.tmp"]
+        )
+        if args.hub_space_id:
+            sys.path.insert(0, str(Path(__file__).resolve().parent / "demo"))
+            from push_space import push_space
+
+            logger.info("demo Space: %s", push_space(args.hub_model_id, args.hub_space_id))
+    except Exception as error:  # network and auth errors of every kind end the same way
+        raise SystemExit(
+            f"run_wsol.py: error: push to {args.hub_model_id} failed ({type(error).__name__}: {error}); "
+            f"everything is saved in {output_dir}"
+        ) from error
+
+
+def overlay_name(path: str) -> str:
+    """A unique, stable overlay file name: the stem, the suffix and a hash of the absolute path
+    (`good.png`, `good.jpg` and `sub/good.png` must not overwrite each other)."""
+    source = Path(path)
+    digest = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:8]
+    return f"{source.stem}{source.suffix.replace('.', '_')}_{digest}_overlay.png"
+
+
+def predict_files(args, model, processor: CXRImageProcessor, output_dir: Path) -> list[dict[str, Any]]:
+    """Predict PNG/JPEG/DICOM files: predictions.json plus an overlay per file in predictions/."""
+    folder = output_dir / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = processor(list(args.predict_files), on_error="skip")
+    model.eval()
+    with torch.no_grad():
+        outputs = model(inputs["pixel_values"].to(next(model.parameters()).device))
+    results = processor.post_process_localization(outputs, geometry=inputs, id2label=model.config.id2label)
+    records = []
+    for index, result in zip(inputs["indices"].tolist(), results):
+        path = args.predict_files[index]
+        overlay = overlay_heatmap(processor.decode(path), result["heatmap"], boxes=result["boxes"])
+        name = overlay_name(path)
+        _save_png(folder / name, overlay)
+        records.append(
+            {
+                "file": str(path),
+                "label": result["label_name"],
+                "score": result["score"],
+                "boxes": result["boxes"].tolist(),
+                "box_scores": result["box_scores"].tolist(),
+                "overlay": str(folder / name),
+            }
+        )
+    records += [{"file": args.predict_files[i], "error": message} for i, message in inputs.get("skipped", [])]
+    (folder / "predictions.json").write_text(json.dumps(records, indent=2))
+    return records
+
+
+def _empty_results() -> dict[str, Any]:
+    nan = float("nan")
+    row = {
+        "calibrated_on_validation": {"MaxBoxAcc": nan, "MaxBoxAccV2": nan, "top1_loc": nan},
+        "test_oracle_max_over_thresholds": {"MaxBoxAcc": nan},
+        "PxAP": nan,
+    }
+    return {
+        "classification": {
+            "test": {"accuracy": nan, "macro_f1": nan, "balanced_accuracy": nan, "macro_roc_auc_ovr": nan}
+        },
+        "localization": {"methods": {"scm": row}, "heatmap_threshold_from_validation": nan},
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    return value
