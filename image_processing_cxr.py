@@ -416,6 +416,25 @@ class CXRImageProcessor(BaseImageProcessor):
             return array.astype(np.uint16)
         return array.astype(np.float32)
 
+    @staticmethod
+    def _dicom_pixel_array(dataset: Any, source: str) -> np.ndarray:
+        """`dataset.pixel_array`, or a `CXRImageError` that says whether a decoder is missing (compressed
+        transfer syntax) or the data is malformed."""
+        try:
+            pixels = dataset.pixel_array
+        except Exception as error:
+            syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+            name = getattr(syntax, "name", str(syntax or "unknown"))
+            if syntax is not None and getattr(syntax, "is_compressed", False):
+                hint = "; compressed DICOM needs a decoder: pip install pylibjpeg pylibjpeg-libjpeg "
+                hint += "pylibjpeg-openjpeg (or python-gdcm)"
+            else:
+                hint = "; the pixel data or its description (Rows, Columns, BitsAllocated...) is malformed"
+            raise CXRImageError(
+                source, f"cannot decode pixel data with transfer syntax {name} ({error}){hint}"
+            ) from error
+        return pixels
+
     def _from_dicom(self, data: bytes, source: str) -> np.ndarray:
         try:
             import pydicom
@@ -438,19 +457,7 @@ class CXRImageProcessor(BaseImageProcessor):
             raise CXRImageError(source, "DICOM has no pixel data")
         rows, columns = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
         self._check_pixel_count(rows * columns * int(getattr(dataset, "NumberOfFrames", 1) or 1), source)
-        try:
-            pixels = dataset.pixel_array
-        except Exception as error:
-            syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-            name = getattr(syntax, "name", str(syntax or "unknown"))
-            if syntax is not None and getattr(syntax, "is_compressed", False):
-                hint = "; compressed DICOM needs a decoder: pip install pylibjpeg pylibjpeg-libjpeg "
-                hint += "pylibjpeg-openjpeg (or python-gdcm)"
-            else:
-                hint = "; the pixel data or its description (Rows, Columns, BitsAllocated...) is malformed"
-            raise CXRImageError(
-                source, f"cannot decode pixel data with transfer syntax {name} ({error}){hint}"
-            ) from error
+        pixels = self._dicom_pixel_array(dataset, source)
         frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
         if frames > 1:
             if self.dicom_multiframe == "error":
@@ -675,6 +682,21 @@ class CXRImageProcessor(BaseImageProcessor):
         )
         return normalize_scoremap(warped)
 
+    def _geometry_rows(self, geometry: Any, target_sizes: Optional[Sequence[Sequence[int]]], batch: int) -> np.ndarray:
+        """(B, 8) geometry rows from the processor's output, or from `target_sizes` for squashed inputs."""
+        if isinstance(geometry, (BatchFeature, dict)):
+            geometry = geometry["geometry"]
+        if geometry is not None:
+            rows = np.asarray(geometry.cpu() if isinstance(geometry, torch.Tensor) else geometry)
+        elif target_sizes is not None:
+            input_h, input_w = self.size["height"], self.size["width"]
+            rows = np.asarray([[h, w, input_h, input_w, 0, 0, input_h, input_w] for h, w in target_sizes])
+        else:
+            raise ValueError("post_process_localization needs geometry (from the processor) or target_sizes")
+        if len(rows) != batch:
+            raise ValueError(f"{len(rows)} geometry rows for {batch} images")
+        return rows
+
     def post_process_localization(
         self,
         outputs: Any,
@@ -714,17 +736,7 @@ class CXRImageProcessor(BaseImageProcessor):
         if maps.ndim == 3:  # F0 is one map for every class
             maps = maps[:, None].expand(-1, logits.shape[-1], -1, -1)
         batch = maps.shape[0]
-        if isinstance(geometry, (BatchFeature, dict)):
-            geometry = geometry["geometry"]
-        if geometry is not None:
-            rows = np.asarray(geometry.cpu() if isinstance(geometry, torch.Tensor) else geometry)
-        elif target_sizes is not None:
-            input_h, input_w = self.size["height"], self.size["width"]
-            rows = np.asarray([[h, w, input_h, input_w, 0, 0, input_h, input_w] for h, w in target_sizes])
-        else:
-            raise ValueError("post_process_localization needs geometry (from the processor) or target_sizes")
-        if len(rows) != batch:
-            raise ValueError(f"{len(rows)} geometry rows for {batch} images")
+        rows = self._geometry_rows(geometry, target_sizes, batch)
         chosen = logits.argmax(-1) if labels is None else torch.as_tensor(labels).long().view(-1)
         probabilities = logits.softmax(-1)
         tau = self.localization_threshold if threshold is None else float(threshold)

@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,31 +32,30 @@ from tqdm.auto import tqdm
 from configuration_deit_scm import BACKBONE_PRESETS, SCM_VARIANTS, DeiTSCMConfig
 from cxr_data import CLASS_NAMES
 from modeling_deit_scm import DeiTSCMForImageClassification
+from wsol_checkpoints import (
+    TrainState,
+    load_best_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from wsol_data import (
     PixelNormalizer,
     PreparedSplit,
     augment_batch,
     build_processor,
-    cli_error,
     make_loader,
     prepare_all,
 )
 from wsol_evaluation import final_evaluation, validation_metrics
 from wsol_outputs import (
-    _empty_results,
-    _jsonable,
-    model_card,
+    expand_predict_files,
     predict_files,
     push_to_hub,
-    save_model,
-    write_overlays,
-    write_plots,
+    write_run_outputs,
 )
 from wsol_recipes import RECIPE_CHOICES, apply_recipe, resolve_recipe
 
 logger = logging.getLogger("run_wsol")
-CHECKPOINT_PREFIX = "step_"
-COMPLETE_MARKER = "COMPLETE"
 
 
 # ================================================================================================
@@ -89,6 +88,15 @@ def _positive_int(text: str) -> int:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = OneLineArgumentParser(prog="run_wsol.py", description=__doc__.split("\n\n")[0])
+    for add in (_data_arguments, _model_arguments, _optimization_arguments, _run_arguments):
+        add(parser)
+    args = parser.parse_args(argv)
+    apply_recipe(args)
+    validate_args(args, parser)
+    return args
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=("phantoms", "nih"), default="phantoms")
     data.add_argument("--data_dir", help="NIH ChestX-ray14 folder (images, Data_Entry_2017*.csv, BBox_List_2017.csv)")
@@ -105,6 +113,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=max(1, min(8, (os.cpu_count() or 1))),
         help="processes for the one-time preprocessing map",
     )
+    data.add_argument("--num_workers", type=int, default=0)
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="a saved DeiT-SCM folder or Hub id (instead of --preset)")
     model.add_argument("--preset", choices=sorted(BACKBONE_PRESETS), default="deit-micro")
@@ -113,9 +125,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--backbone_weights", help="timm/transformers DeiT checkpoint, or timm:<name>")
     model.add_argument("--image_size", type=_positive_int, default=96)
     model.add_argument("--torch_compile", action="store_true")
+
+
+def _optimization_arguments(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", default="outputs/wsol")
-    train.add_argument("--overwrite_output_dir", action="store_true")
     train.add_argument(
         "--recipe",
         choices=RECIPE_CHOICES,
@@ -155,6 +168,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     train.add_argument(
         "--metric_for_best_model", default="macro_f1", choices=("macro_f1", "accuracy", "loss", "max_box_acc")
     )
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    train = parser.add_argument_group("run")
+    train.add_argument("--output_dir", default="outputs/wsol")
+    train.add_argument("--overwrite_output_dir", action="store_true")
     train.add_argument("--checkpointing_steps", help='N steps or "epoch"')
     train.add_argument("--resume_from_checkpoint", help='a checkpoint folder or "latest"')
     train.add_argument(
@@ -166,7 +185,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--cpu", action="store_true", help="train on CPU (automatic for multi-process runs without a GPU)"
     )
     train.add_argument("--report_to", default="none", help='"none", "all", or tracker names (tensorboard, wandb...)')
-    train.add_argument("--num_workers", type=int, default=0)
     train.add_argument("--push_to_hub", action="store_true")
     train.add_argument("--hub_model_id")
     train.add_argument(
@@ -177,30 +195,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     actions.add_argument("--do_eval", type=_bool, default=True)
     actions.add_argument("--do_predict", type=_bool, default=None, help="default: when --predict_files are given")
     actions.add_argument("--predict_files", nargs="*", default=[], help="PNG/JPEG/DICOM files to predict")
-    args = parser.parse_args(argv)
-    apply_recipe(args)
-    validate_args(args, parser)
-    return args
-
-
-PREDICT_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
-
-
-def expand_predict_files(paths: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
-    """Files as given; a folder stands for its images (DICOM/PNG/JPEG/TIFF by suffix, sorted, not recursive)."""
-    files: list[str] = []
-    for path in paths:
-        entry = Path(path)
-        if entry.is_dir():
-            found = sorted(str(p) for p in entry.iterdir() if p.is_file() and p.suffix.lower() in PREDICT_SUFFIXES)
-            if not found:
-                parser.error(f"--predict_files: the folder {path} holds no {'/'.join(PREDICT_SUFFIXES)} files")
-            files += found
-        elif entry.is_file():
-            files.append(path)
-        else:
-            parser.error(f"--predict_files: {path} does not exist")
-    return files
 
 
 def validate_model_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -263,6 +257,17 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
     validate_model_flags(args, parser)
+    validate_numbers(args, parser)
+    output = Path(args.output_dir)
+    fresh = not (args.overwrite_output_dir or args.resume_from_checkpoint)
+    if args.do_train and fresh and ((output / "config.json").exists() or (output / "checkpoints").exists()):
+        parser.error(
+            f"--output_dir {output} already holds a run; add --overwrite_output_dir or --resume_from_checkpoint"
+        )
+
+
+def validate_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Rates, decays, patience, smoothing and class weights: finite and in range."""
     for name in ("learning_rate", "scm_learning_rate"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
@@ -285,18 +290,6 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"--class_weights needs {len(CLASS_NAMES)} comma-separated numbers, auto, none, or variant")
         if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
             parser.error(f"--class_weights must be finite, non-negative and not all zero, got {args.class_weights}")
-    output = Path(args.output_dir)
-    if (
-        args.do_train
-        and output.is_dir()
-        and any(output.iterdir())
-        and not (args.overwrite_output_dir or args.resume_from_checkpoint)
-    ):
-        has_model = (output / "config.json").exists() or (output / "checkpoints").exists()
-        if has_model:
-            parser.error(
-                f"--output_dir {output} already holds a run; add --overwrite_output_dir or --resume_from_checkpoint"
-            )
 
 
 # ================================================================================================
@@ -377,109 +370,6 @@ def build_optimizer(args: argparse.Namespace, model: DeiTSCMForImageClassificati
 # ================================================================================================
 # Checkpoints
 # ================================================================================================
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint records beyond Accelerate's own state (model, optimizer, scheduler, RNG)."""
-
-    global_step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0
-    best_metric: Optional[float] = None
-    best_epoch: int = -1
-    epochs_without_improvement: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    train_losses: list[float] = field(default_factory=list)
-    scm_warmup_epochs: int = 0
-
-
-def completed_checkpoints(output_dir: Path) -> list[Path]:
-    """Checkpoint folders that finished writing, oldest first. A folder without the marker (a run
-    killed mid-save) is never a candidate."""
-    folder = output_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [
-        path
-        for path in folder.iterdir()
-        if path.is_dir()
-        and path.name.startswith(CHECKPOINT_PREFIX)
-        and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
-        and (path / COMPLETE_MARKER).is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-BEST_WEIGHTS_FILE = "best_model.safetensors"
-
-
-def save_checkpoint(
-    accelerator: Any,
-    output_dir: Path,
-    state: TrainState,
-    best_weights: Optional[dict[str, torch.Tensor]] = None,
-    total_limit: Optional[int] = None,
-) -> Path:
-    """Write to a temporary folder, mark it complete, then rename it into place; keep the newest
-    `total_limit` complete checkpoints. A failed write (a full disk) names the folder, the cause and
-    the free space, and leaves the earlier checkpoints as they were."""
-    final = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.global_step}"
-    partial = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(partial))
-        if accelerator.is_main_process:
-            if best_weights is not None:
-                from safetensors.torch import save_file
-
-                save_file(best_weights, str(partial / BEST_WEIGHTS_FILE))
-            (partial / "train_state.json").write_text(json.dumps(asdict(state)))
-            (partial / COMPLETE_MARKER).write_text("ok\n")
-    except (OSError, RuntimeError) as error:
-        free = shutil.disk_usage(partial.parent).free / 2**20 if partial.parent.exists() else float("nan")
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise RuntimeError(
-            f"could not write checkpoint {final}: {error} ({free:.0f} MiB free on that disk; "
-            "a full disk is the usual cause: free space or lower --checkpoints_total_limit)"
-        ) from error
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
-        if total_limit:
-            for old in completed_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_best_weights(checkpoint: Path) -> Optional[dict[str, torch.Tensor]]:
-    """The best-epoch weights a checkpoint carries (written when early stopping is on), else None."""
-    path = checkpoint / BEST_WEIGHTS_FILE
-    if not path.is_file():
-        return None
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def resolve_checkpoint(args: argparse.Namespace) -> Optional[Path]:
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        done = completed_checkpoints(Path(args.output_dir))
-        if not done:
-            logger.warning("no complete checkpoint in %s; starting from scratch", args.output_dir)
-            return None
-        return done[-1]
-    path = Path(args.resume_from_checkpoint)
-    if not (path / COMPLETE_MARKER).is_file():
-        cli_error(f"{path} is not a complete checkpoint")
-    return path
 
 
 # ================================================================================================
@@ -683,8 +573,8 @@ def make_accelerator(args: argparse.Namespace) -> Any:
     )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def start_run(args: argparse.Namespace) -> tuple[Any, Path]:
+    """The Accelerator, logging, the seed and a clean (or resumed) output folder."""
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(args)
@@ -699,28 +589,37 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    processor = build_processor(args)
-    results: dict[str, Any] = {
-        "args": dict(vars(args)),
-        "num_processes": accelerator.num_processes,
-    }
-    splits = prepare_all(args, processor, accelerator) if (args.do_train or args.do_eval) else {}
-    model = build_model(args, splits["train"].labels if splits else torch.zeros(0, dtype=torch.long))
     if args.report_to != "none":
         accelerator.init_trackers(
             "run_wsol", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         )
+    return accelerator, output_dir
+
+
+def resume_and_train(args, parts: Components, validation: PreparedSplit, output_dir: Path) -> TrainState:
+    """Train from scratch or from the checkpoint `--resume_from_checkpoint` names (with its best weights)."""
+    state = TrainState()
+    checkpoint = resolve_checkpoint(args)
+    if checkpoint is not None:
+        parts.accelerator.load_state(str(checkpoint))
+        state = TrainState(**json.loads((checkpoint / "train_state.json").read_text()))
+        parts.best_weights = load_best_weights(checkpoint)
+        logger.info("resumed from %s at step %d", checkpoint, state.global_step)
+    return train(args, parts, state, validation, output_dir)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    accelerator, output_dir = start_run(args)
+    processor = build_processor(args)
+    results: dict[str, Any] = {"args": dict(vars(args)), "num_processes": accelerator.num_processes}
+    splits = prepare_all(args, processor, accelerator) if (args.do_train or args.do_eval) else {}
+    model = build_model(args, splits["train"].labels if splits else torch.zeros(0, dtype=torch.long))
     normalizer = PixelNormalizer(processor)
     parts = build_components(args, accelerator, model, splits["train"], normalizer) if splits else None
-    state = TrainState()
+    state, predictions = TrainState(), {}
     if args.do_train:
-        checkpoint = resolve_checkpoint(args)
-        if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
-            state = TrainState(**json.loads((checkpoint / "train_state.json").read_text()))
-            parts.best_weights = load_best_weights(checkpoint)
-            logger.info("resumed from %s at step %d", checkpoint, state.global_step)
-        state = train(args, parts, state, splits["validation"], output_dir)
+        state = resume_and_train(args, parts, splits["validation"], output_dir)
         results["training"] = {
             "steps": state.global_step,
             "epochs": state.epoch,
@@ -734,13 +633,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         processor.localization_threshold = float(evaluation["localization"]["heatmap_threshold_from_validation"])
         processor.localization_map = evaluation["localization"]["localization_map_output"]
     if accelerator.is_main_process and (args.do_train or args.do_eval):
-        save_model(accelerator, parts.model, processor, output_dir)
-        (output_dir / "all_results.json").write_text(json.dumps(_jsonable(results), indent=2))
-        if args.do_eval:
-            write_plots(output_dir, state, results)
-            results["overlays"] = write_overlays(output_dir, splits["loc_test"], predictions["loc_test"], processor)
-            (output_dir / "all_results.json").write_text(json.dumps(_jsonable(results), indent=2))
-        (output_dir / "README.md").write_text(model_card(args, results if args.do_eval else _empty_results()))
+        write_run_outputs(args, accelerator, parts.model, processor, results, state, splits, predictions)
     if args.do_predict and accelerator.is_main_process:
         model_for_prediction = accelerator.unwrap_model(parts.model) if parts else model
         results["predictions"] = predict_files(args, model_for_prediction, processor, output_dir)

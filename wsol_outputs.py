@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,10 @@ from wsol_data import PreparedSplit
 from wsol_evaluation import MAP_OUTPUTS, Predictions
 
 logger = logging.getLogger("run_wsol")
+DATASET_NAMES = {
+    "phantoms": ("CXR phantoms (synthetic)", "cxr-phantoms"),
+    "nih": ("NIH ChestX-ray14", "nih-chestxray14"),
+}
 
 
 OVERLAY_SAMPLES = 8
@@ -117,65 +122,45 @@ def write_overlays(
     return written
 
 
-def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
-    """A Hub model card: YAML metadata (model-index from the results) and a usage snippet."""
+def _card_metadata(args: argparse.Namespace, results: dict[str, Any], released: str) -> Any:
+    """The card's YAML: `ModelCardData` with a model-index of classification and localization results."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     test = results["classification"]["test"]
-    released = results["localization"].get("localization_map", "scm")
-    scm = results["localization"]["methods"][released]
-    dataset_name = "CXR phantoms (synthetic)" if args.dataset == "phantoms" else "NIH ChestX-ray14"
-    dataset_type = "cxr-phantoms" if args.dataset == "phantoms" else "nih-chestxray14"
+    row = results["localization"]["methods"][released]
+    dataset_name, dataset_type = DATASET_NAMES[args.dataset]
+    common = {"dataset_type": dataset_type, "dataset_name": dataset_name, "dataset_split": "test"}
+    classification = {"task_type": "image-classification", "task_name": "Three-class chest X-ray classification"}
+    localization = {"task_type": "object-detection", "task_name": "Weakly supervised localization (heatmap boxes)"}
+    metrics = [
+        (classification, "accuracy", test["accuracy"], "Accuracy"),
+        (classification, "f1", test["macro_f1"], "Macro F1"),
+        (classification, "roc_auc", test["macro_roc_auc_ovr"], "Macro one-vs-rest ROC-AUC"),
+        (localization, "maxboxacc", row["calibrated_on_validation"]["MaxBoxAcc"],
+         f"BoxAcc@0.5 of the {released} map, threshold from validation"),
+        (localization, "maxboxacc", row["test_oracle_max_over_thresholds"]["MaxBoxAcc"],
+         f"MaxBoxAcc of the {released} map (test oracle)"),
+        (localization, "maxboxaccv2", row["calibrated_on_validation"]["MaxBoxAccV2"],
+         f"MaxBoxAccV2 of the {released} map, thresholds from validation"),
+    ]  # fmt: skip
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        license="apache-2.0",
+        tags=["medical", "chest-x-ray", "weakly-supervised-object-localization", "deit", "scm", "custom_code"],
+        datasets=[dataset_type],
+        metrics=["accuracy", "f1", "roc_auc", "maxboxacc"],
+        model_name=f"deit-scm-{args.preset}-{args.scm_variant}",
+        eval_results=[
+            EvalResult(**task, **common, metric_type=kind, metric_value=round(float(value), 4), metric_name=name)
+            for task, kind, value, name in metrics
+        ],
+    )
 
-    def metric(kind: str, value: float, name: str) -> str:
-        return f"      - type: {kind}\n        value: {value:.4f}\n        name: {name}\n"
 
+def _localization_rows(results: dict[str, Any]) -> list[str]:
+    """The card's localization table: one row per map and baseline."""
     lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: image-classification",
-        "license: apache-2.0",
-        "tags:\n- medical\n- chest-x-ray\n- weakly-supervised-object-localization\n- deit\n- scm\n- custom_code",
-        f"datasets:\n- {dataset_type}",
-        "metrics:\n- accuracy\n- f1\n- roc_auc\n- maxboxacc",
-        "model-index:",
-        f"- name: deit-scm-{args.preset}-{args.scm_variant}",
-        "  results:",
-        "  - task:\n      type: image-classification\n      name: Three-class chest X-ray classification",
-        f"    dataset:\n      name: {dataset_name}\n      type: {dataset_type}\n      split: test",
-        "    metrics:",
-        metric("accuracy", test["accuracy"], "Accuracy").rstrip("\n"),
-        metric("f1", test["macro_f1"], "Macro F1").rstrip("\n"),
-        metric("roc_auc", test["macro_roc_auc_ovr"], "Macro one-vs-rest ROC-AUC").rstrip("\n"),
-        "  - task:\n      type: object-detection\n      name: Weakly supervised localization (heatmap boxes)",
-        f"    dataset:\n      name: {dataset_name}\n      type: {dataset_type}\n      split: test",
-        "    metrics:",
-        metric(
-            "maxboxacc",
-            scm["calibrated_on_validation"]["MaxBoxAcc"],
-            f"BoxAcc@0.5 of the {released} map, threshold from validation",
-        ).rstrip("\n"),
-        metric(
-            "maxboxacc",
-            scm["test_oracle_max_over_thresholds"]["MaxBoxAcc"],
-            f"MaxBoxAcc of the {released} map (test oracle)",
-        ).rstrip("\n"),
-        metric(
-            "maxboxaccv2",
-            scm["calibrated_on_validation"]["MaxBoxAccV2"],
-            f"MaxBoxAccV2 of the {released} map, thresholds from validation",
-        ).rstrip("\n"),
-        "---",
-        "",
-        f"# DeiT-SCM ({args.preset}, `{args.scm_variant}` SCM) — {dataset_name}",
-        "",
-        "DeiT with the Semantic/Spatial Calibration Module (Bai et al., ECCV 2022): classifies a chest radiograph as "
-        "Atelectasis / Other pathologies / No pathologies and localizes the finding from image labels only.",
-        "" if args.dataset == "nih" else "**Trained on synthetic phantoms: a demonstration, not a medical device.**",
-        "",
-        "## Results (test split)",
-        "",
-        "Maps and boxes in wsolevaluation's 224×224 frame, thresholds on a 0.001 grid. Box measures: the "
-        "largest-contour box at the threshold chosen on validation against the ground-truth box it overlaps most.",
-        "",
         "| method | BoxAcc@0.5 (τ from validation) | MaxBoxAcc (test oracle) | MaxBoxAccV2 (τ from validation) "
         "| top-1 Loc | PxAP | mean IoU | mean GIoU | Hausdorff (px) | avg. boundary distance (px) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -189,7 +174,47 @@ def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
             f"| {box.get('mean_giou', float('nan')):.3f} | {box.get('mean_hausdorff', float('nan')):.1f} "
             f"| {box.get('mean_average_boundary_distance', float('nan')):.1f} |"
         )
-    lines += [
+    return lines
+
+
+USAGE = """```python
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+repo = "path/or/hub-id"
+processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
+model = AutoModelForImageClassification.from_pretrained(
+    repo, trust_remote_code=True, use_safetensors=True
+).eval()
+inputs = processor(["patient.dcm"])            # DICOM, PNG, JPEG, arrays
+outputs = model(inputs["pixel_values"])
+result = processor.post_process_localization(outputs, geometry=inputs, id2label=model.config.id2label)[0]
+print(result["label_name"], result["score"])
+heatmap, boxes = result["heatmap"], result["boxes"]  # original pixels
+```"""
+
+
+def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
+    """A Hub model card (`huggingface_hub.ModelCard`): metadata with a model-index from the results, the
+    results tables, the demo and a usage snippet."""
+    from huggingface_hub import ModelCard
+
+    test = results["classification"]["test"]
+    released = results["localization"].get("localization_map", "scm")
+    dataset_name, _ = DATASET_NAMES[args.dataset]
+    threshold = results["localization"]["heatmap_threshold_from_validation"]
+    body = [
+        f"# DeiT-SCM ({args.preset}, `{args.scm_variant}` SCM) — {dataset_name}",
+        "",
+        "DeiT with the Semantic/Spatial Calibration Module (Bai et al., ECCV 2022): classifies a chest radiograph as "
+        "Atelectasis / Other pathologies / No pathologies and localizes the finding from image labels only.",
+        "" if args.dataset == "nih" else "**Trained on synthetic phantoms: a demonstration, not a medical device.**",
+        "",
+        "## Results (test split)",
+        "",
+        "Maps and boxes in wsolevaluation's 224×224 frame, thresholds on a 0.001 grid. Box measures: the "
+        "largest-contour box at the threshold chosen on validation against the ground-truth box it overlaps most.",
+        "",
+        *_localization_rows(results),
         "",
         f"Classification: accuracy {test['accuracy']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, macro F1 "
         f"{test['macro_f1']:.3f}, macro ROC-AUC {test['macro_roc_auc_ovr']:.3f}.",
@@ -200,28 +225,14 @@ def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
         "",
         "## Usage",
         "",
-        "```python",
-        "from transformers import AutoImageProcessor, AutoModelForImageClassification",
+        USAGE,
         "",
-        'repo = "path/or/hub-id"',
-        "processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)",
-        "model = AutoModelForImageClassification.from_pretrained(",
-        "    repo, trust_remote_code=True, use_safetensors=True",
-        ").eval()",
-        'inputs = processor(["patient.dcm"])            # DICOM, PNG, JPEG, arrays',
-        'outputs = model(inputs["pixel_values"])',
-        "result = processor.post_process_localization(outputs, geometry=inputs, id2label=model.config.id2label)[0]",
-        'print(result["label_name"], result["score"])',
-        'heatmap, boxes = result["heatmap"], result["boxes"]  # original pixels',
-        "```",
-        "",
-        f"`post_process_localization` localizes with the `{released}` map "
-        f"(`{MAP_OUTPUTS.get(released, released)}`) at a threshold of "
-        f"{results['localization']['heatmap_threshold_from_validation']:.2f} of the maximum: the map that localized "
-        "best on the validation boxes, and its threshold there, both stored in the processor "
-        "(`localization_map`, `localization_threshold`).",
+        f"`post_process_localization` localizes with the `{released}` map (`{MAP_OUTPUTS.get(released, released)}`) "
+        f"at a threshold of {threshold:.2f} of the maximum: the map that localized best on the validation boxes, "
+        "and its threshold there, both stored in the processor (`localization_map`, `localization_threshold`).",
     ]
-    return "\n".join(lines) + "\n"
+    metadata = _card_metadata(args, results, released)
+    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(body) + "\n"))
 
 
 def try_it_lines(args: argparse.Namespace) -> list[str]:
@@ -338,3 +349,49 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return _jsonable(value.tolist())
     return value
+
+
+def write_results(output_dir: Path, results: dict[str, Any]) -> None:
+    (output_dir / "all_results.json").write_text(json.dumps(_jsonable(results), indent=2))
+
+
+def write_run_outputs(
+    args: argparse.Namespace,
+    accelerator: Any,
+    model: Any,
+    processor: CXRImageProcessor,
+    results: dict[str, Any],
+    state: Any,
+    splits: dict[str, PreparedSplit],
+    predictions: dict[str, Predictions],
+) -> None:
+    """Everything a run leaves in `--output_dir`, the model first (a full disk or a crash while plotting
+    must not lose it), then the results, plots and overlays, and the card last."""
+    output_dir = Path(args.output_dir)
+    save_model(accelerator, model, processor, output_dir)
+    write_results(output_dir, results)
+    if args.do_eval:
+        write_plots(output_dir, state, results)
+        results["overlays"] = write_overlays(output_dir, splits["loc_test"], predictions["loc_test"], processor)
+        write_results(output_dir, results)
+    (output_dir / "README.md").write_text(model_card(args, results if args.do_eval else _empty_results()))
+
+
+PREDICT_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def expand_predict_files(paths: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Files as given; a folder stands for its images (DICOM/PNG/JPEG/TIFF by suffix, sorted, not recursive)."""
+    files: list[str] = []
+    for path in paths:
+        entry = Path(path)
+        if entry.is_dir():
+            found = sorted(str(p) for p in entry.iterdir() if p.is_file() and p.suffix.lower() in PREDICT_SUFFIXES)
+            if not found:
+                parser.error(f"--predict_files: the folder {path} holds no {'/'.join(PREDICT_SUFFIXES)} files")
+            files += found
+        elif entry.is_file():
+            files.append(path)
+        else:
+            parser.error(f"--predict_files: {path} does not exist")
+    return files

@@ -16,6 +16,7 @@ from remote_code import run_outside_repo
 from safetensors.torch import load_file
 
 import run_wsol
+import wsol_checkpoints
 import wsol_data
 import wsol_evaluation
 import wsol_outputs
@@ -238,7 +239,7 @@ def test_resume_continues_exactly(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "3", "--do_eval", "false", "--seed", "7"]
     run_wsol.main([*common, "--output_dir", str(full)])
-    checkpoints = run_wsol.completed_checkpoints(full)
+    checkpoints = wsol_checkpoints.completed_checkpoints(full)
     assert [c.name for c in checkpoints] == ["step_3", "step_6"]
     run_wsol.main([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoints[0])])
     first, second = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
@@ -255,9 +256,9 @@ def test_latest_never_picks_a_half_written_checkpoint(tmp_path):
     for name, complete in (("step_3", True), ("step_6", True), ("step_9.tmp", False), ("step_12", False)):
         (folder / name).mkdir(parents=True)
         if complete:
-            (folder / name / run_wsol.COMPLETE_MARKER).write_text("ok")
+            (folder / name / wsol_checkpoints.COMPLETE_MARKER).write_text("ok")
     args = run_wsol.parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
-    assert run_wsol.resolve_checkpoint(args).name == "step_6"
+    assert wsol_checkpoints.resolve_checkpoint(args).name == "step_6"
 
 
 def test_two_processes_gather_every_eval_sample_once(tmp_path):
@@ -612,7 +613,7 @@ def test_kill_and_resume_ships_the_same_model(uninterrupted_early_stopping, tmp_
     """kill -9 after an epoch checkpoint (step_24: during the final evaluation), resume from latest: the
     released weights (early stopping's best epoch) and every result equal the uninterrupted run's."""
     output = tmp_path / "killed"
-    marker = output / "checkpoints" / kill_after / run_wsol.COMPLETE_MARKER
+    marker = output / "checkpoints" / kill_after / wsol_checkpoints.COMPLETE_MARKER
     _kill_when(_run_cli([*EARLY_STOPPING, "--output_dir", str(output)]), marker.is_file)
     assert not (output / "all_results.json").exists()
     _finish(_run_cli([*EARLY_STOPPING, "--output_dir", str(output), "--resume_from_checkpoint", "latest"]))
@@ -627,7 +628,7 @@ def test_resume_after_a_step_checkpoint_finishes_the_epoch(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "6", "--do_eval", "false", "--seed", "5"]
     run_wsol.main([*common, "--output_dir", str(full)])
-    checkpoint = run_wsol.completed_checkpoints(full)[-1]
+    checkpoint = wsol_checkpoints.completed_checkpoints(full)[-1]
     assert json.loads((checkpoint / "train_state.json").read_text())["history"] == []
     results = run_wsol.main([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint)])
     assert [entry["epoch"] for entry in results["training"]["history"]] == [0]
@@ -637,7 +638,7 @@ def test_checkpoint_limit_and_a_failed_write_named(tmp_path, monkeypatch):
     output = tmp_path / "run"
     common = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "2", "--do_eval", "false"]
     run_wsol.main([*common, "--output_dir", str(output), "--checkpoints_total_limit", "2"])
-    assert [c.name for c in run_wsol.completed_checkpoints(output)] == ["step_4", "step_6"]
+    assert [c.name for c in wsol_checkpoints.completed_checkpoints(output)] == ["step_4", "step_6"]
 
     from accelerate import Accelerator
 
@@ -654,7 +655,7 @@ def test_model_is_saved_before_plots_and_overlays(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(run_wsol, "write_plots", disk_full)
+    monkeypatch.setattr(wsol_outputs, "write_plots", disk_full)
     output = tmp_path / "run"
     with pytest.raises(OSError, match="No space"):
         run_wsol.main([*TINY, "--max_train_steps", "2", "--output_dir", str(output)])
