@@ -25,10 +25,13 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from configuration_deit_scm import DEFAULT_ID2LABEL
+
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent
-CLASS_NAMES = ["Atelectasis", "Other_pathologies", "No_pathologies"]
+# The classes are the model's (its config's default id2label): defined once, there.
+CLASS_NAMES = list(DEFAULT_ID2LABEL.values())
 SPLITS = ("train", "validation", "test")
 AGE_BINS = (0, 20, 40, 60, 80, 121)
 AGE_BIN_NAMES = ("0-19", "20-39", "40-59", "60-79", "80+")
@@ -36,6 +39,19 @@ DATASET_MODULES = {
     "nih": ROOT / "datasets" / "nih_cxr14" / "nih_cxr14.py",
     "phantoms": ROOT / "datasets" / "cxr_phantoms" / "cxr_phantoms.py",
 }
+
+
+def write_problem_list(
+    problems: Sequence[tuple[str, str]], report_dir: Optional[Path], name: str, id_column: str = "image_id"
+) -> str:
+    """`report_dir/problem_images_<name>.csv` listing each unusable image and why; returns where it went
+    ("not written" without a folder: a dataset folder may be read-only, so nothing goes there by default)."""
+    if report_dir is None:
+        return "not written (no report folder)"
+    report = Path(report_dir) / f"problem_images_{name}.csv"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(list(problems), columns=[id_column, "problem"]).to_csv(report, index=False)
+    return str(report)
 
 
 def load_dataset_module(name: str) -> ModuleType:

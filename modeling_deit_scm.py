@@ -28,9 +28,9 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 try:
-    from .configuration_deit_scm import DeiTSCMConfig
+    from .configuration_deit_scm import DeiTSCMConfig, _pair
 except ImportError:
-    from configuration_deit_scm import DeiTSCMConfig
+    from configuration_deit_scm import DeiTSCMConfig, _pair
 
 _MINMAX_EPS = 1e-12
 
@@ -94,10 +94,6 @@ class DeiTSCMImageClassifierOutput(ModelOutput):
 # --------------------------------------------------------------------------------------------------
 # Backbone
 # --------------------------------------------------------------------------------------------------
-
-
-def _pair(value: Union[int, list, tuple]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def interpolate_position_embeddings(

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxr_data import load_dataset_module, patient_bucket
+from cxr_data import load_dataset_module, patient_bucket, write_problem_list
 from image_processing_cxr import CXRImageProcessor
 
 logger = logging.getLogger("run_wsol")
@@ -221,14 +221,7 @@ def prepare_split(
     failed = [i for i, error in enumerate(errors) if error]
     if failed:
         problems = [(processed[i]["image_id"], errors[i]) for i in failed]
-        where = "not written"
-        if report_dir is not None:
-            import pandas as pd
-
-            report = Path(report_dir) / f"problem_images_{name}.csv"
-            report.parent.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame(problems, columns=["image_id", "problem"]).to_csv(report, index=False)
-            where = str(report)
+        where = write_problem_list(problems, report_dir, name)
         logger.warning("%s: dropped %d image(s) that could not be preprocessed, e.g. %s: %s; list: %s",
                        name, len(failed), problems[0][0], problems[0][1], where)  # fmt: skip
         if len(failed) == len(dataset):

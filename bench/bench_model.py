@@ -23,7 +23,6 @@ import json
 import logging
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import timed  # noqa: E402
 
 from configuration_deit_scm import BACKBONE_PRESETS, DeiTSCMConfig  # noqa: E402
 from modeling_deit_scm import DeiTSCMForImageClassification  # noqa: E402
@@ -104,18 +105,6 @@ def make_steps(model: torch.nn.Module, args: argparse.Namespace, compiled: bool)
     return train_step, infer_step
 
 
-def timed(step: Callable, steps: int, device: str) -> float:
-    """Images per second over `steps` calls."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def top_kernels(step: Callable, args: argparse.Namespace, count: int = 12) -> list[dict[str, object]]:
     """The operators that take most of one training step's time (device time on CUDA, CPU time
     otherwise), from `torch.profiler`: where the time goes when a ratio misses its goal."""
@@ -173,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     for round_index in range(args.rounds):
         for variant in variants:
             for mode in ("train", "infer"):
-                seconds[variant][mode].append(timed(runners[variant][mode], args.steps, args.device))
+                seconds[variant][mode].append(timed(runners[variant][mode], args.device, repeat=args.steps))
         logger.info("round %d/%d done", round_index + 1, args.rounds)
     images = args.batch_size * args.steps
     results = {

@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import timed  # noqa: E402
+
 import wsol_data  # noqa: E402
 from configuration_deit_scm import DeiTSCMConfig  # noqa: E402
 from cxr_data import load_dataset_module  # noqa: E402
@@ -87,16 +89,6 @@ def make_step(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def timed(function, device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    function()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict:

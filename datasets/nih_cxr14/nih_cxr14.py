@@ -50,6 +50,7 @@ from cxr_data import (  # noqa: E402
     patient_splits,
     records_to_dataset,
     stratified_sample,
+    write_problem_list,
 )
 
 logger = logging.getLogger(__name__)
@@ -373,12 +374,7 @@ def build_dataset_dict(
         result[split] = records_to_dataset(list(_records(rows, images, problems)))
     if problems:
         counts = pd.Series([p for _, p in problems]).value_counts().to_dict()
-        where = "not written (no report_dir)"
-        if report_dir is not None:
-            report = Path(report_dir) / f"problem_images_{config}.csv"
-            report.parent.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame(problems, columns=["Image Index", "problem"]).to_csv(report, index=False)
-            where = str(report)
+        where = write_problem_list(problems, report_dir, config, id_column="Image Index")
         logger.warning("skipped %d images of %s (%s); list: %s", len(problems), data_dir, counts, where)
     return DatasetDict(result)
 
