@@ -14,18 +14,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cxr_data import CLASS_NAMES
-from localization import (
-    FINE_THRESHOLDS,
-    EvaluationSplit,
-    LocalizationScores,
-    classification_metrics,
-    cxr_protocol,
-    localization_table,
-    scoremap_to_boxes,
-    upsample_scoremap,
-)
+from localization import FINE_THRESHOLDS, scoremap_to_boxes, upsample_scoremap
 from modeling_deit_scm import select_class_maps
 from wsol_data import EVALUATION_FRAME, PreparedSplit, make_loader
+from wsol_metrics import EvaluationSplit, LocalizationScores, classification_metrics, cxr_protocol, localization_table
 
 logger = logging.getLogger("run_wsol")
 

@@ -18,12 +18,10 @@ import torch
 
 from cxr_data import CLASS_NAMES
 from image_processing_cxr import CXRImageProcessor, overlay_heatmap
-from localization import (
-    plot_localization_table,
-    scoremap_to_boxes,
-)
+from localization import scoremap_to_boxes
 from wsol_data import PreparedSplit
 from wsol_evaluation import MAP_OUTPUTS, Predictions
+from wsol_metrics import plot_localization_table
 
 logger = logging.getLogger("run_wsol")
 DATASET_NAMES = {

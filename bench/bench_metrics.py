@@ -19,7 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from localization import DEFAULT_THRESHOLDS, IOU_THRESHOLDS_V2, LocalizationScores  # noqa: E402
+from localization import DEFAULT_THRESHOLDS  # noqa: E402
+from wsol_metrics import IOU_THRESHOLDS_V2, LocalizationScores  # noqa: E402
 
 
 def cam_like_maps(count: int, seed: int, size: int = 224) -> list[np.ndarray]:

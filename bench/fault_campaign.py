@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from image_processing_cxr import CXRImageError, CXRImageProcessor  # noqa: E402
-from localization import LocalizationInputError, LocalizationScores, pixel_average_precision  # noqa: E402
+from localization import LocalizationInputError  # noqa: E402
+from wsol_metrics import LocalizationScores, pixel_average_precision  # noqa: E402
 
 OUTCOMES = ("handled", "typed_error", "other_exception", "silent_wrong")
 

@@ -33,13 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import run_wsol  # noqa: E402
 import wsol_data  # noqa: E402
-from localization import (  # noqa: E402
-    DEFAULT_THRESHOLDS,
-    LocalizationScores,
-    calibrated_report,
-    upsample_scoremap,
-)
+from localization import DEFAULT_THRESHOLDS, upsample_scoremap  # noqa: E402
 from modeling_deit_scm import DeiTSCMForImageClassification  # noqa: E402
+from wsol_metrics import LocalizationScores, calibrated_report  # noqa: E402
 
 CANDIDATES = ("scm", "cam", "attention", "relu_product", "minmax_product", "random")
 

@@ -14,27 +14,29 @@ from hypothesis import strategies as st
 from localization import (
     DEFAULT_THRESHOLDS,
     FINE_THRESHOLDS,
-    EvaluationSplit,
     LocalizationInputError,
+    boxes_at_threshold,
+    boxes_over_thresholds,
+    normalize_scoremap,
+    quantize_scoremap,
+    scoremap_to_boxes,
+    upsample_scoremap,
+)
+from wsol_metrics import (
+    EvaluationSplit,
     LocalizationScores,
     box_boundary_distances,
     box_measures,
-    boxes_at_threshold,
-    boxes_over_thresholds,
     calibrate_thresholds,
     calibrated_report,
     classification_metrics,
     cxr_protocol,
     localization_table,
-    normalize_scoremap,
     pairwise_giou,
     pairwise_iobb,
     pairwise_iou,
     pixel_average_precision,
     plot_localization_table,
-    quantize_scoremap,
-    scoremap_to_boxes,
-    upsample_scoremap,
 )
 
 # ----------------------------------------------------------------------------- per-image measures

@@ -4,7 +4,7 @@ maps against ground-truth boxes, with the conventions of clovaai/wsolevaluation 
     metric = evaluate.load("metrics/wsol_localization")      # a local path: nothing is downloaded
     metric.compute(scoremaps=[...], gt_boxes=[...])            # maps (H, W); boxes [[x0, y0, x1, y1], ...]
 
-A thin wrapper: the computation is `localization.LocalizationScores` of this repository.
+A thin wrapper: the computation is `wsol_metrics.LocalizationScores` of this repository.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from localization import DEFAULT_THRESHOLDS, LocalizationScores, normalize_scoremap  # noqa: E402
+from localization import DEFAULT_THRESHOLDS, normalize_scoremap  # noqa: E402
+from wsol_metrics import LocalizationScores  # noqa: E402
 
 _CITATION = """\
 @inproceedings{choe2020wsol,

@@ -1,0 +1,501 @@
+"""WSOL evaluation metrics (not uploaded with the model): box measures, BoxAcc / MaxBoxAcc / MaxBoxAccV2,
+top-1 and GT-known Loc, PxAP, thresholds calibrated on validation, the chest X-ray IoBB/IoU protocol,
+classification metrics, the baselines harness and its chart.
+
+Conventions follow clovaai/wsolevaluation (Choe et al., "Evaluating Weakly Supervised Object Localization
+Methods Right", CVPR 2020); boxes come from `localization.py`, the same code the processor's
+post-processing uses, so that the evaluated boxes are the boxes users get.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from localization import (
+    DEFAULT_THRESHOLDS,
+    LocalizationInputError,
+    ThresholdBoxes,
+    boxes_over_thresholds,
+    check_boxes,
+    check_scoremap,
+    quantize_scoremap,
+    scoremap_to_boxes,
+    upsample_scoremap,
+)
+
+
+def _as_boxes(boxes: np.ndarray) -> np.ndarray:
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+
+
+def box_area(boxes: np.ndarray) -> np.ndarray:
+    """Inclusive-pixel area: (x1 - x0 + 1) * (y1 - y0 + 1), zero for inverted boxes."""
+    boxes = _as_boxes(boxes)
+    return np.maximum(boxes[:, 2] - boxes[:, 0] + 1, 0) * np.maximum(boxes[:, 3] - boxes[:, 1] + 1, 0)
+
+
+def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = _as_boxes(a)[:, None], _as_boxes(b)[None]
+    width = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1
+    height = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1
+    return np.maximum(width, 0) * np.maximum(height, 0)
+
+
+def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) IoU with inclusive pixel corners, as wsolevaluation; degenerate pairs give 0."""
+    inter = _intersection(a, b)
+    union = box_area(a)[:, None] + box_area(b)[None] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def pairwise_giou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) generalized IoU (Rezatofighi et al., CVPR 2019): IoU - |C minus (A u B)| / |C|, C the
+    smallest enclosing box; in [-1, 1], inclusive pixel corners."""
+    a2, b2 = _as_boxes(a)[:, None], _as_boxes(b)[None]
+    inter = _intersection(a, b)
+    union = box_area(a)[:, None] + box_area(b)[None] - inter
+    hull = (np.maximum(a2[..., 2], b2[..., 2]) - np.minimum(a2[..., 0], b2[..., 0]) + 1) * (
+        np.maximum(a2[..., 3], b2[..., 3]) - np.minimum(a2[..., 1], b2[..., 1]) + 1
+    )
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return iou - np.divide(hull - union, hull, out=np.zeros_like(inter), where=hull > 0)
+
+
+def pairwise_iobb(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(N, M) intersection over the detected (predicted) box's area: IoBB of Wang et al., CVPR 2017."""
+    inter = _intersection(predicted, truth)
+    area = box_area(predicted)[:, None]
+    return np.divide(inter, area, out=np.zeros_like(inter), where=area > 0)
+
+
+def box_outline(box: np.ndarray) -> np.ndarray:
+    """Integer points on the outline of an inclusive box, one per unit step."""
+    x0, y0, x1, y1 = (int(round(v)) for v in np.asarray(box).reshape(4))
+    xs, ys = np.arange(x0, x1 + 1), np.arange(y0, y1 + 1)
+    top = np.stack([xs, np.full_like(xs, y0)], 1)
+    bottom = np.stack([xs, np.full_like(xs, y1)], 1)
+    left = np.stack([np.full_like(ys, x0), ys], 1)
+    right = np.stack([np.full_like(ys, x1), ys], 1)
+    return np.unique(np.concatenate([top, bottom, left, right]), axis=0).astype(np.float64)
+
+
+def _distance_to_outline(points: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Euclidean distance from points to the outline of a box (inside points: to the nearest side)."""
+    x0, y0, x1, y1 = np.asarray(box, dtype=np.float64).reshape(4)
+    px, py = points[:, 0], points[:, 1]
+    dx = np.maximum.reduce([x0 - px, np.zeros_like(px), px - x1])
+    dy = np.maximum.reduce([y0 - py, np.zeros_like(py), py - y1])
+    outside = np.hypot(dx, dy)
+    inside = np.minimum.reduce([px - x0, x1 - px, py - y0, y1 - py])
+    return np.where((dx > 0) | (dy > 0), outside, inside)
+
+
+def box_boundary_distances(predicted: np.ndarray, truth: np.ndarray, image_size: Sequence[int]) -> dict[str, float]:
+    """Hausdorff and average symmetric boundary distance between two boxes' outlines.
+
+    Returns pixels and the same divided by the image diagonal (`image_size` = (height, width)).
+    """
+    a, b = box_outline(predicted), box_outline(truth)
+    a_to_b, b_to_a = _distance_to_outline(a, truth), _distance_to_outline(b, predicted)
+    hausdorff = float(max(a_to_b.max(), b_to_a.max()))
+    average = float((a_to_b.sum() + b_to_a.sum()) / (len(a) + len(b)))
+    diagonal = float(np.hypot(*image_size))
+    return {
+        "hausdorff": hausdorff,
+        "average_boundary_distance": average,
+        "hausdorff_normalized": hausdorff / diagonal,
+        "average_boundary_distance_normalized": average / diagonal,
+    }
+
+
+def box_measures(predicted: np.ndarray, truth: np.ndarray, image_size: Sequence[int]) -> dict[str, float]:
+    """IoU, GIoU, IoBB and the boundary distances of one predicted box against one ground-truth box."""
+    measures = {
+        "iou": float(pairwise_iou(predicted, truth)[0, 0]),
+        "giou": float(pairwise_giou(predicted, truth)[0, 0]),
+        "iobb": float(pairwise_iobb(predicted, truth)[0, 0]),
+    }
+    measures.update(box_boundary_distances(predicted, truth, image_size))
+    return measures
+
+
+IOU_THRESHOLDS_V2 = (0.3, 0.5, 0.7)
+
+
+CXR_IOBB_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+CXR_IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def threshold_ious(
+    scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+) -> tuple[np.ndarray, np.ndarray, ThresholdBoxes]:
+    """For a normalized map: per threshold, the best IoU with any ground-truth box of the largest
+    contour's box, and of any contour's box. Returns (largest (T,), multi (T,), the boxes)."""
+    boxes = boxes_over_thresholds(quantize_scoremap(scoremap), thresholds)
+    truth = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+    count = len(thresholds)
+    if len(truth) == 0:
+        return np.zeros(count), np.zeros(count), boxes
+    largest = pairwise_iou(boxes.largest, truth).max(axis=1)
+    multi = np.zeros(count)
+    np.maximum.at(multi, boxes.multi_owner, pairwise_iou(boxes.multi_boxes, truth).max(axis=1))
+    return largest, multi, boxes
+
+
+@dataclass
+class LocalizationScores:
+    """Per image and threshold: best IoU of the largest-contour box and of any contour box.
+
+    `correct_class` marks images whose predicted class is right (for top-1 Loc).
+    """
+
+    largest_iou: np.ndarray  # (N, T)
+    multi_iou: np.ndarray  # (N, T)
+    correct_class: np.ndarray  # (N,) bool
+    thresholds: np.ndarray  # (T,)
+
+    @classmethod
+    def from_maps(
+        cls,
+        scoremaps: Sequence[np.ndarray],
+        gt_boxes: Sequence[np.ndarray],
+        correct_class: Optional[Sequence[bool]] = None,
+        thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+        workers: int = 1,
+    ) -> LocalizationScores:
+        """Score normalized maps (in the frame of their boxes). `workers` > 1 spreads images over
+        threads (OpenCV releases the GIL while tracing contours)."""
+        thresholds = np.asarray(thresholds, dtype=np.float64)
+        if len(scoremaps) != len(gt_boxes):
+            raise LocalizationInputError(f"{len(scoremaps)} score maps for {len(gt_boxes)} images' boxes")
+        for index, (scoremap, boxes) in enumerate(zip(scoremaps, gt_boxes)):
+            check_scoremap(scoremap, index)
+            check_boxes(boxes, index)
+
+        def one(item: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            largest, multi, _ = threshold_ious(item[0], item[1], thresholds)
+            return largest, multi
+
+        pairs = list(zip(scoremaps, gt_boxes))
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:
+                results = list(pool.map(one, pairs))
+        else:
+            results = [one(pair) for pair in pairs]
+        largest = np.array([r[0] for r in results]).reshape(len(results), len(thresholds))
+        multi = np.array([r[1] for r in results]).reshape(len(results), len(thresholds))
+        correct = np.ones(len(results), bool) if correct_class is None else np.asarray(correct_class, bool)
+        return cls(largest, multi, correct, thresholds)
+
+    @classmethod
+    def from_fixed_boxes(
+        cls,
+        boxes: Sequence[np.ndarray],
+        gt_boxes: Sequence[np.ndarray],
+        correct_class=None,
+        thresholds=DEFAULT_THRESHOLDS,
+    ) -> LocalizationScores:
+        """A baseline that predicts the same box at every threshold (full image, a prior box)."""
+        for index, (box, truth) in enumerate(zip(boxes, gt_boxes)):
+            check_boxes(box, index)
+            check_boxes(truth, index)
+        ious = np.array([pairwise_iou(b, g).max() if len(np.asarray(g)) else 0.0 for b, g in zip(boxes, gt_boxes)])
+        grid = np.repeat(ious[:, None], len(thresholds), axis=1)
+        correct = np.ones(len(ious), bool) if correct_class is None else np.asarray(correct_class, bool)
+        return cls(grid, grid.copy(), correct, np.asarray(thresholds, dtype=np.float64))
+
+    def box_acc(self, delta: float = 0.5, multi_contour: bool = False) -> np.ndarray:
+        """BoxAcc(tau, delta) in percent for every threshold tau: images whose box reaches IoU >= delta."""
+        ious = self.multi_iou if multi_contour else self.largest_iou
+        # count * 100 / N, the reference's formula, so results are bit-identical to it.
+        return (ious >= delta).sum(axis=0) * 100.0 / len(ious)
+
+    def top1_loc(self, delta: float = 0.5) -> np.ndarray:
+        """Per threshold: percent of images with the right class and IoU >= delta (largest contour)."""
+        hits = (self.largest_iou >= delta) & self.correct_class[:, None]
+        return hits.sum(axis=0) * 100.0 / len(hits)
+
+    def oracle(self) -> dict[str, float]:
+        """Best over thresholds on this very split, as WSOL papers report (an upper bound)."""
+        v2 = [self.box_acc(d, True).max() for d in IOU_THRESHOLDS_V2]
+        best = int(self.box_acc(0.5).argmax())
+        # top-1 Loc at MaxBoxAcc's threshold, the same rule as the calibrated path (not its own best).
+        return {
+            "MaxBoxAcc": float(self.box_acc(0.5).max()),
+            "MaxBoxAccV2": float(np.mean(v2)),
+            "top1_loc": float(self.top1_loc()[best]),
+            "gt_known_loc": float(self.box_acc(0.5).max()),
+            "threshold": float(self.thresholds[best]),
+        }
+
+    def at_thresholds(self, threshold_index: int, v2_indices: Sequence[int]) -> dict[str, float]:
+        """Measures with thresholds fixed beforehand (chosen on another split)."""
+        v2 = [self.box_acc(d, True)[i] for d, i in zip(IOU_THRESHOLDS_V2, v2_indices)]
+        return {
+            "MaxBoxAcc": float(self.box_acc(0.5)[threshold_index]),
+            "MaxBoxAccV2": float(np.mean(v2)),
+            "top1_loc": float(self.top1_loc()[threshold_index]),
+            "gt_known_loc": float(self.box_acc(0.5)[threshold_index]),
+            "threshold": float(self.thresholds[threshold_index]),
+        }
+
+
+def calibrate_thresholds(validation: LocalizationScores) -> tuple[int, list[int]]:
+    """Threshold indices chosen on validation only: the MaxBoxAcc one (delta 0.5, largest contour) and
+    one per MaxBoxAccV2 delta (all contours). Ties go to the lowest threshold."""
+    main = int(validation.box_acc(0.5).argmax())
+    per_delta = [int(validation.box_acc(d, True).argmax()) for d in IOU_THRESHOLDS_V2]
+    return main, per_delta
+
+
+def calibrated_report(validation: LocalizationScores, test: LocalizationScores) -> dict[str, dict[str, float]]:
+    """Test measures at thresholds calibrated on validation, the test-set oracle beside them, and the
+    validation measures at those thresholds (what a choice between maps may look at)."""
+    main, per_delta = calibrate_thresholds(validation)
+    return {
+        "calibrated_on_validation": test.at_thresholds(main, per_delta),
+        "test_oracle_max_over_thresholds": test.oracle(),
+        "validation": validation.at_thresholds(main, per_delta),
+    }
+
+
+def boxes_to_mask(boxes: np.ndarray, frame_size: Sequence[int]) -> np.ndarray:
+    """Rasterize inclusive xyxy boxes into a boolean (H, W) mask."""
+    mask = np.zeros((int(frame_size[0]), int(frame_size[1])), dtype=bool)
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        mask[max(int(y0), 0) : int(y1) + 1, max(int(x0), 0) : int(x1) + 1] = True
+    return mask
+
+
+def pixel_average_precision(
+    scoremaps: Sequence[np.ndarray],
+    gt_boxes: Sequence[np.ndarray],
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    ignore_masks: Optional[Sequence[Optional[np.ndarray]]] = None,
+) -> float:
+    """PxAP (percent): area under the pixel precision-recall curve, boxes rasterized as masks.
+
+    Histograms over the thresholds' bins, accumulated over all images, as wsolevaluation's mask
+    evaluator ([0, t1), ..., [t_last, 1), [1, 2), [2, 3) bins; precision weighted by recall steps).
+    `ignore_masks` (per image, boolean (H, W) or None) marks pixels counted neither as foreground nor as
+    background, as the reference's "ignore" regions (they override the foreground).
+    """
+    edges = np.append(np.asarray(thresholds, dtype=np.float64), [1.0, 2.0, 3.0])
+    positive = np.zeros(len(edges) - 1)
+    negative = np.zeros(len(edges) - 1)
+    ignores = ignore_masks if ignore_masks is not None else [None] * len(scoremaps)
+    for index, (scoremap, boxes, ignore) in enumerate(zip(scoremaps, gt_boxes, ignores)):
+        scoremap = check_scoremap(scoremap, index)
+        mask = boxes_to_mask(check_boxes(boxes, index), scoremap.shape)
+        keep = np.ones(scoremap.shape, dtype=bool) if ignore is None else ~np.asarray(ignore, dtype=bool)
+        if keep.shape != scoremap.shape:
+            raise ValueError(f"ignore mask of shape {keep.shape} does not match the score map's {scoremap.shape}")
+        positive += np.histogram(scoremap[mask & keep], bins=edges)[0]
+        negative += np.histogram(scoremap[~mask & keep], bins=edges)[0]
+    true_positive = positive[::-1].cumsum()
+    false_positive = negative[::-1].cumsum()
+    if positive.sum() <= 0 or (true_positive + false_positive).max() <= 0:
+        return float("nan")
+    valid = (true_positive + false_positive) != 0
+    precision = np.divide(true_positive, true_positive + false_positive, out=np.zeros_like(true_positive), where=valid)
+    recall = true_positive / positive.sum()
+    return float((precision[1:] * np.diff(recall))[valid[1:]].sum() * 100.0)
+
+
+def cxr_protocol(
+    predicted_boxes: Sequence[np.ndarray],
+    gt_boxes: Sequence[np.ndarray],
+    gt_findings: Sequence[Sequence[str]],
+    iobb_thresholds: Sequence[float] = CXR_IOBB_THRESHOLDS,
+    iou_thresholds: Sequence[float] = CXR_IOU_THRESHOLDS,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Wang et al. (CVPR 2017) localization protocol, per finding.
+
+    A ground-truth box counts as localized at T when some predicted box on its image reaches IoBB (or
+    IoU) >= T; accuracy is the fraction of a finding's boxes localized. A predicted box that reaches T
+    with no ground-truth box of its image is a false positive; AFP is their number per image that has
+    the finding. Returns {finding: {"iobb@T": {"accuracy", "afp"}, "iou@T": {...}}}.
+    """
+    findings = sorted({f for fs in gt_findings for f in fs})
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for finding in findings:
+        table: dict[str, dict[str, float]] = {}
+        for name, measure, levels in (("iobb", pairwise_iobb, iobb_thresholds), ("iou", pairwise_iou, iou_thresholds)):
+            for level in levels:
+                found = total = false_positives = images = 0
+                for predicted, truth, names in zip(predicted_boxes, gt_boxes, gt_findings):
+                    names = list(names)
+                    if finding not in names:
+                        continue
+                    images += 1
+                    truth = np.asarray(truth, dtype=np.float64).reshape(-1, 4)
+                    predicted = np.asarray(predicted, dtype=np.float64).reshape(-1, 4)
+                    of_finding = truth[[n == finding for n in names]]
+                    total += len(of_finding)
+                    if len(predicted) == 0:
+                        continue
+                    found += int((measure(predicted, of_finding) >= level).any(axis=0).sum())
+                    false_positives += int((~(measure(predicted, truth) >= level).any(axis=1)).sum())
+                table[f"{name}@{level:g}"] = {
+                    "accuracy": found / total if total else float("nan"),
+                    "afp": false_positives / images if images else float("nan"),
+                }
+        results[finding] = table
+    return results
+
+
+def classification_metrics(labels: Sequence[int], probabilities: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Accuracy, balanced accuracy, per-class precision/recall/F1, macro F1, one-vs-rest ROC-AUC,
+    confusion matrix (rows: truth, columns: prediction)."""
+    try:
+        from sklearn import metrics as skm
+    except ImportError as error:
+        raise ImportError("classification_metrics needs scikit-learn: pip install scikit-learn") from error
+    labels = np.asarray(labels, dtype=np.int64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    predictions = probabilities.argmax(axis=1)
+    classes = list(range(len(class_names)))
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        labels, predictions, labels=classes, zero_division=0
+    )
+    result = {
+        "accuracy": float(skm.accuracy_score(labels, predictions)),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(labels, predictions)),
+        "macro_f1": float(np.mean(f1)),
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+            for name, p, r, f, n in zip(class_names, precision, recall, f1, support)
+        },
+        "confusion_matrix": skm.confusion_matrix(labels, predictions, labels=classes).tolist(),
+    }
+    aucs = {}
+    for index, name in enumerate(class_names):
+        positives = labels == index
+        if positives.any() and (~positives).any():
+            aucs[name] = float(skm.roc_auc_score(positives, probabilities[:, index]))
+    result["roc_auc_ovr"] = aucs
+    result["macro_roc_auc_ovr"] = float(np.mean(list(aucs.values()))) if aucs else float("nan")
+    return result
+
+
+@dataclass
+class EvaluationSplit:
+    """One split's inputs to the localization harness, all in the evaluation frame (H, W).
+
+    maps: {name: (N, h, w) score maps of the class being localized}, e.g. "attention" (F0),
+    "semantic" (S0, CAM-like), "scm" (F0 * S0). gt_boxes: per image (K, 4). correct_class: (N,) bool.
+    """
+
+    maps: dict[str, np.ndarray]
+    gt_boxes: list[np.ndarray]
+    frame_size: tuple[int, int]
+    correct_class: np.ndarray
+    gt_findings: Optional[list[list[str]]] = None
+
+
+def _random_maps(count: int, grid: Sequence[int], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((count, int(grid[0]), int(grid[1]))).astype(np.float32)
+
+
+def mean_box_measures(
+    predicted: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray], frame_size: Sequence[int]
+) -> dict[str, float]:
+    """Mean over images of `box_measures` between each image's predicted box and the ground-truth box
+    it overlaps most (IoU, GIoU, IoBB, Hausdorff and average boundary distance, pixels and /diagonal)."""
+    per_image = []
+    for boxes, truth in zip(predicted, gt_boxes):
+        box = _as_boxes(boxes)[:1]
+        truth = _as_boxes(truth)
+        if len(truth) == 0:
+            continue
+        match = truth[int(pairwise_iou(box, truth)[0].argmax())]
+        per_image.append(box_measures(box, match[None], frame_size))
+    if not per_image:
+        return {}
+    return {f"mean_{key}": float(np.mean([m[key] for m in per_image])) for key in per_image[0]}
+
+
+def localization_table(
+    validation: EvaluationSplit,
+    test: EvaluationSplit,
+    prior_box: Optional[np.ndarray] = None,
+    seed: int = 0,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> dict[str, dict]:
+    """Every localization result with its baselines, thresholds calibrated on validation.
+
+    Rows: each map in `maps`, a random map, the full-image box, and `prior_box` (the mean ground-truth
+    box of the train split, in the frame) when given. Each row holds the calibrated test measures, the
+    test oracle, PxAP on test, and `box_measures`: the mean IoU/GIoU/IoBB/boundary distances of the
+    largest-contour box at the threshold calibrated on validation (the fixed box for the box rows).
+    """
+    rows: dict[str, dict] = {}
+    grid = next(iter(test.maps.values())).shape[1:]
+    map_sets = dict(test.maps)
+    val_sets = dict(validation.maps)
+    map_sets["random"] = _random_maps(len(test.gt_boxes), grid, seed + 1)
+    val_sets["random"] = _random_maps(len(validation.gt_boxes), grid, seed)
+    for name in map_sets:
+        test_maps = [upsample_scoremap(m, test.frame_size) for m in map_sets[name]]
+        val_maps = [upsample_scoremap(m, validation.frame_size) for m in val_sets[name]]
+        val_scores = LocalizationScores.from_maps(
+            val_maps, validation.gt_boxes, validation.correct_class, thresholds=thresholds
+        )
+        test_scores = LocalizationScores.from_maps(test_maps, test.gt_boxes, test.correct_class, thresholds=thresholds)
+        rows[name] = calibrated_report(val_scores, test_scores)
+        rows[name]["PxAP"] = pixel_average_precision(test_maps, test.gt_boxes, thresholds)
+        tau = rows[name]["calibrated_on_validation"]["threshold"]
+        predicted = [scoremap_to_boxes(m, tau, normalized=True) for m in test_maps]
+        rows[name]["box_measures"] = mean_box_measures(predicted, test.gt_boxes, test.frame_size)
+    height, width = test.frame_size
+    fixed = {"full_image": np.array([0, 0, width - 1, height - 1], dtype=np.float64)}
+    if prior_box is not None:
+        fixed["train_mean_box"] = np.asarray(prior_box, dtype=np.float64)
+    for name, box in fixed.items():
+        scores = LocalizationScores.from_fixed_boxes(
+            [box] * len(test.gt_boxes), test.gt_boxes, test.correct_class, thresholds
+        )
+        val = LocalizationScores.from_fixed_boxes(
+            [box] * len(validation.gt_boxes), validation.gt_boxes, validation.correct_class, thresholds
+        )
+        rows[name] = calibrated_report(val, scores)
+        box_map = boxes_to_mask(box, test.frame_size).astype(np.float32)
+        rows[name]["PxAP"] = pixel_average_precision([box_map] * len(test.gt_boxes), test.gt_boxes, thresholds)
+        rows[name]["box_measures"] = mean_box_measures([box] * len(test.gt_boxes), test.gt_boxes, test.frame_size)
+    return rows
+
+
+def plot_localization_table(table: dict[str, dict], path: str) -> None:
+    """Bar chart of calibrated MaxBoxAcc / MaxBoxAccV2 / top-1 Loc per row, the oracle as outlines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from error
+    names = list(table)
+    measures = ("MaxBoxAcc", "MaxBoxAccV2", "top1_loc")
+    figure, axis = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    width = 0.8 / len(measures)
+    for k, measure in enumerate(measures):
+        positions = np.arange(len(names)) + (k - 1) * width
+        calibrated = [table[n]["calibrated_on_validation"][measure] for n in names]
+        oracle = [table[n]["test_oracle_max_over_thresholds"][measure] for n in names]
+        axis.bar(positions, calibrated, width, label=f"{measure} (τ from validation)")
+        axis.bar(positions, oracle, width, fill=False, edgecolor="black", linewidth=0.6)
+    axis.set_xticks(np.arange(len(names)), names, rotation=20)
+    axis.set_ylabel("percent of test images")
+    axis.set_title("Localization on test (outlines: test oracle)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
