@@ -23,7 +23,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -64,16 +64,30 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-GEOMETRY_FIELDS = (
-    "original_height",
-    "original_width",
-    "content_height",
-    "content_width",
-    "pad_top",
-    "pad_left",
-    "height",
-    "width",
-)
+class Geometry(NamedTuple):
+    """How one image became the model input: its original size, the size of the resized content, the
+    padding before it, and the input size. The processor returns one row of these 8 integers per image
+    (`geometry` in its output); post-processing inverts it."""
+
+    original_height: int
+    original_width: int
+    content_height: int
+    content_width: int
+    pad_top: int
+    pad_left: int
+    height: int
+    width: int
+
+    @classmethod
+    def of(cls, row: Sequence[Any]) -> Geometry:
+        """A geometry row (list, array or tensor of 8 numbers) as a `Geometry`."""
+        values = row.tolist() if hasattr(row, "tolist") else list(row)
+        if len(values) < 8:
+            raise ValueError(f"a geometry row has 8 values ({', '.join(cls._fields)}), got {len(values)}")
+        return cls(*(int(v) for v in values[:8]))
+
+
+GEOMETRY_FIELDS = Geometry._fields
 
 ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor]
 
@@ -658,13 +672,33 @@ class CXRImageProcessor(BaseImageProcessor):
 
     # ------------------------------------------------------------------------------------- post-processing
 
+    @staticmethod
+    def boxes_to_input(
+        boxes: Sequence[Sequence[float]], geometry: Sequence[int], frame: Optional[Sequence[int]] = None
+    ) -> np.ndarray:
+        """Boxes in original pixels -> the model input (content scaled, then offset by the padding), or that
+        input stretched to `frame` (H, W): wsolevaluation's 224 x 224. Truncated to integers as its
+        `resize_bbox` does: `int(x * new_size / old_size)`, multiplication first. With a squashed resize
+        (no padding) this is the reference's own formula, original -> frame in one step. The inverse of
+        `heatmap_to_original`'s mapping, for boxes."""
+        original_h, original_w, content_h, content_w, top, left, input_h, input_w = Geometry.of(geometry)
+        frame_h, frame_w = (input_h, input_w) if frame is None else (int(frame[0]), int(frame[1]))
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if (content_h, content_w, top, left) == (input_h, input_w, 0, 0):
+            scaled = boxes * np.array([frame_w, frame_h] * 2) / np.array([original_w, original_h] * 2)
+        else:
+            inside = boxes * np.array([content_w, content_h] * 2) / np.array([original_w, original_h] * 2)
+            inside = inside + np.array([left, top, left, top])
+            scaled = inside * np.array([frame_w, frame_h] * 2) / np.array([input_w, input_h] * 2)
+        return scaled.astype(np.int64)
+
     def heatmap_to_original(self, scoremap: np.ndarray, geometry: Sequence[int]) -> np.ndarray:
         """A score map over the model input (any grid size) -> float32 [0, 1] map in original pixels.
 
         One bicubic warp maps each original pixel centre through the resize and padding onto the
         grid, so nothing is resampled twice. The result is min-max normalized.
         """
-        original_h, original_w, content_h, content_w, top, left, input_h, input_w = (int(v) for v in geometry)
+        original_h, original_w, content_h, content_w, top, left, input_h, input_w = Geometry.of(geometry)
         grid_h, grid_w = scoremap.shape
         # original pixel centre -> input pixel: x_in = (x + .5) * content_w / original_w - .5 + left
         # input pixel -> grid cell:            x_g  = (x_in + .5) * grid_w / input_w - .5
@@ -808,4 +842,4 @@ def overlay_heatmap(
 
 CXRImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = ["CXRImageProcessor", "CXRImageError", "overlay_heatmap", "GEOMETRY_FIELDS"]
+__all__ = ["CXRImageProcessor", "CXRImageError", "overlay_heatmap", "Geometry", "GEOMETRY_FIELDS"]

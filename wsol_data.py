@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Optional
@@ -90,27 +89,6 @@ def load_raw_splits(args: argparse.Namespace) -> dict[str, Any]:
     splits["loc_validation"] = boxed.select(np.flatnonzero(halves))
     splits["loc_test"] = boxed.select(np.flatnonzero(~halves))
     return splits
-
-
-def frame_boxes(
-    boxes: Sequence[Sequence[float]], geometry: Sequence[int], frame: Sequence[int] = EVALUATION_FRAME
-) -> np.ndarray:
-    """Boxes in original pixels -> the evaluation frame, truncated to integers as wsolevaluation's
-    `resize_bbox` does it: `int(x * new_size / old_size)`, multiplication first.
-
-    The frame is the model input (content scaled, then offset by the padding) stretched to `frame`. With
-    a squashed resize (no padding) that is the reference's own formula, original -> frame in one step.
-    """
-    original_h, original_w, content_h, content_w, top, left, input_h, input_w = (int(v) for v in geometry[:8])
-    frame_h, frame_w = int(frame[0]), int(frame[1])
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    if (content_h, content_w, top, left) == (input_h, input_w, 0, 0):
-        scaled = boxes * np.array([frame_w, frame_h] * 2) / np.array([original_w, original_h] * 2)
-    else:
-        inside = boxes * np.array([content_w, content_h] * 2) / np.array([original_w, original_h] * 2)
-        inside = inside + np.array([left, top, left, top])
-        scaled = inside * np.array([frame_w, frame_h] * 2) / np.array([input_w, input_h] * 2)
-    return scaled.astype(np.int64)
 
 
 def _digest(*parts: Any) -> str:
@@ -234,7 +212,9 @@ def prepare_split(
         name=name,
         pixels=pixels,
         labels=torch.tensor(dataset["label"], dtype=torch.long),
-        frame_boxes=[frame_boxes(b, g) for b, g in zip(dataset["boxes"], geometry)],
+        frame_boxes=[
+            CXRImageProcessor.boxes_to_input(b, g, EVALUATION_FRAME) for b, g in zip(dataset["boxes"], geometry)
+        ],
         findings=[list(f) for f in dataset["findings"]],
         geometry=geometry,
         image_ids=list(dataset["image_id"]),

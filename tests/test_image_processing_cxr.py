@@ -17,7 +17,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 from remote_code import run_outside_repo
 
-from image_processing_cxr import GEOMETRY_FIELDS, CXRImageError, CXRImageProcessor, overlay_heatmap
+from image_processing_cxr import GEOMETRY_FIELDS, CXRImageError, CXRImageProcessor, Geometry, overlay_heatmap
 
 pydicom = pytest.importorskip("pydicom", reason="DICOM tests need pydicom")
 
@@ -179,6 +179,22 @@ def test_box_survives_the_round_trip_within_one_pixel(mode, shape):
     assert result["heatmap"].shape == (height, width)
     assert result["label"] == 1 and result["boxes"].shape == (1, 4)
     assert np.abs(result["boxes"][0] - np.array([x0, y0, x1, y1])).max() <= 1
+
+
+def test_geometry_rows_and_boxes_to_input():
+    processor = CXRImageProcessor(resize_mode="pad", do_clahe=False)
+    inputs = processor(np.full((300, 420), 90, np.uint8))
+    geometry = Geometry.of(inputs["geometry"][0])
+    assert geometry._fields == GEOMETRY_FIELDS and (geometry.original_height, geometry.original_width) == (300, 420)
+    assert (geometry.height, geometry.width) == (224, 224) and geometry.pad_top > 0 and geometry.pad_left == 0
+    # The whole original image lands on the content rectangle of the padded input.
+    whole = CXRImageProcessor.boxes_to_input([[0, 0, 420, 300]], inputs["geometry"][0])
+    top, height = geometry.pad_top, geometry.content_height
+    assert whole.tolist() == [[0, top, 224, top + height]]
+    # Stretched to another frame, as the evaluation does (224 x 224 here, so the same numbers).
+    assert (CXRImageProcessor.boxes_to_input([[0, 0, 420, 300]], geometry, (224, 224)) == whole).all()
+    with pytest.raises(ValueError, match="8 values"):
+        Geometry.of([300, 420, 160])
 
 
 def test_post_processing_outputs_and_multi_contour():

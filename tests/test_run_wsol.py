@@ -558,7 +558,7 @@ def test_learning_rate_rewarms_when_the_scm_blocks_switch_on(tmp_path):
     ],
 )
 def test_frame_boxes_follow_the_reference_scaling(geometry, box, expected):
-    assert wsol_data.frame_boxes([box], geometry).tolist() == [expected]
+    assert CXRImageProcessor.boxes_to_input([box], geometry, wsol_data.EVALUATION_FRAME).tolist() == [expected]
 
 
 # ----------------------------------------------------------------------------- faults (issue 12)
