@@ -628,10 +628,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             "history": state.history,
         }
     if args.do_eval:
-        evaluation, predictions = final_evaluation(args, parts, splits)
-        results.update(evaluation)
-        processor.localization_threshold = float(evaluation["localization"]["heatmap_threshold_from_validation"])
-        processor.localization_map = evaluation["localization"]["localization_map_output"]
+        evaluation = final_evaluation(args, parts, splits)
+        results.update(evaluation.results)
+        predictions = evaluation.predictions
+        processor.localization_threshold, processor.localization_map = evaluation.threshold, evaluation.map_output
     if accelerator.is_main_process and (args.do_train or args.do_eval):
         write_run_outputs(args, accelerator, parts.model, processor, results, state, splits, predictions)
     if args.do_predict and accelerator.is_main_process:

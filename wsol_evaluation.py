@@ -134,9 +134,23 @@ def choose_localization_map(table: dict[str, dict]) -> str:
     return max(scores, key=lambda name: (scores[name], name == "scm"))
 
 
-def final_evaluation(
-    args, parts: EvaluationParts, splits: dict[str, PreparedSplit]
-) -> tuple[dict[str, Any], dict[str, Predictions]]:
+@dataclass
+class Evaluation:
+    """The final evaluation: `results` as written to all_results.json (classification, localization),
+    the per-split `predictions` (for overlays), and the released map with its calibrated threshold."""
+
+    results: dict[str, Any]
+    predictions: dict[str, Predictions]
+    localization_map: str  # "scm", "semantic" or "attention": the map chosen on the validation boxes
+    threshold: float  # its threshold, calibrated on the validation boxes
+
+    @property
+    def map_output(self) -> str:
+        """The model output the released map is (what the processor's `localization_map` names)."""
+        return MAP_OUTPUTS[self.localization_map]
+
+
+def final_evaluation(args, parts: EvaluationParts, splits: dict[str, PreparedSplit]) -> Evaluation:
     """Classification on validation and test; localization (with baselines) on the box splits."""
     # A split serving twice (phantom validation = loc_validation) is predicted once.
     by_split: dict[int, Predictions] = {}
@@ -172,4 +186,4 @@ def final_evaluation(
         "methods": table,
         "cxr_protocol_at_calibrated_threshold": cxr_protocol(predicted, test_boxed.gt_boxes, test_boxed.gt_findings),
     }
-    return results, predictions
+    return Evaluation(results, predictions, chosen, float(threshold))
