@@ -18,7 +18,6 @@ import torch
 
 from cxr_data import CLASS_NAMES
 from image_processing_cxr import CXRImageProcessor, overlay_heatmap
-from localization import scoremap_to_boxes
 from wsol_data import PreparedSplit
 from wsol_evaluation import MAP_OUTPUTS, Predictions
 from wsol_metrics import plot_localization_table
@@ -108,10 +107,18 @@ def write_overlays(
         original_boxes = np.asarray(split.source[index]["boxes"], dtype=np.float64).reshape(-1, 4)
         panels = {}
         for name in ("attention", "semantic", "scm"):
-            heat = processor.heatmap_to_original(getattr(predictions, name)[row], geometry)
+            grid = torch.from_numpy(np.asarray(getattr(predictions, name)[row], dtype=np.float32))
+            # The same post-processing users get: the map of the ground-truth class (the one kept in
+            # `predictions`) back in original pixels, and its box at the calibrated threshold.
+            post = processor.post_process_localization(
+                {"logits": torch.zeros(1, 1), MAP_OUTPUTS[name]: grid[None, None]},
+                geometry=np.asarray(geometry)[None],
+                labels=[0],
+                localization_map=MAP_OUTPUTS[name],
+            )[0]
             released = MAP_OUTPUTS[name] == processor.localization_map
-            boxes = scoremap_to_boxes(heat, processor.localization_threshold, normalized=True) if released else None
-            panels[name] = overlay_heatmap(image, heat, boxes=boxes, gt_boxes=original_boxes)
+            boxes = post["boxes"] if released else None
+            panels[name] = overlay_heatmap(image, post["heatmap"], boxes=boxes, gt_boxes=original_boxes)
         released_name = next(n for n, key in MAP_OUTPUTS.items() if key == processor.localization_map)
         name = f"{split.image_ids[index]}.png"
         _save_png(comparisons / name, panels[released_name])
