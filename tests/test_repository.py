@@ -25,3 +25,13 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert test_command in ci_lines
     setup = next(c for c in _readme_commands() if "pytest" not in c)
     assert setup.split("&&")[0].strip() in ci_lines
+
+
+def test_every_top_level_module_is_installed():
+    """`pip install .` ships the modules listed in pyproject's py-modules: a new top-level module that is not
+    listed imports from the repository root only, and `run_wsol` breaks everywhere else."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"])
+    modules = {path.stem for path in ROOT.glob("*.py")}
+    assert modules == listed
