@@ -269,6 +269,10 @@ class DeiTSCMConfig(PretrainedConfig):
                     raise ValueError(
                         f"patch_embedding='conv_stem' needs a power-of-two patch_size >= 2, got {patch_hw}"
                     )
+        self._validate_training_fields()
+
+    def _validate_training_fields(self) -> None:
+        """SCM constants, loss weights, dropout rates and class weights."""
         if not 0.0 < self.scm_schulz_alpha:
             raise ValueError(f"scm_schulz_alpha must be positive, got {self.scm_schulz_alpha!r}")
         if self.scm_beta_init == 0:

@@ -167,10 +167,13 @@ def final_evaluation(args, parts: EvaluationParts, splits: dict[str, PreparedSpl
     val_boxed = evaluation_split(splits["loc_validation"], predictions["loc_validation"])
     test_boxed = evaluation_split(splits["loc_test"], predictions["loc_test"])
     prior = mean_prior_box(splits["train"]) if args.dataset == "phantoms" else mean_prior_box(splits["loc_validation"])
-    table = localization_table(val_boxed, test_boxed, prior_box=prior, seed=args.seed, thresholds=FINE_THRESHOLDS)
+    frame_maps: dict[str, list[np.ndarray]] = {}
+    table = localization_table(
+        val_boxed, test_boxed, prior, seed=args.seed, thresholds=FINE_THRESHOLDS, upsampled_test_maps=frame_maps
+    )
     chosen = choose_localization_map(table)
     threshold = table[chosen]["calibrated_on_validation"]["threshold"]
-    test_maps = [upsample_scoremap(m, test_boxed.frame_size) for m in test_boxed.maps[chosen]]
+    test_maps = frame_maps[chosen]
     predicted = [scoremap_to_boxes(m, threshold, multi_contour=True, normalized=True) for m in test_maps]
     results["localization"] = {
         "frame": list(test_boxed.frame_size),

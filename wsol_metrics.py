@@ -429,6 +429,7 @@ def localization_table(
     prior_box: Optional[np.ndarray] = None,
     seed: int = 0,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    upsampled_test_maps: Optional[dict[str, list[np.ndarray]]] = None,
 ) -> dict[str, dict]:
     """Every localization result with its baselines, thresholds calibrated on validation.
 
@@ -436,6 +437,7 @@ def localization_table(
     box of the train split, in the frame) when given. Each row holds the calibrated test measures, the
     test oracle, PxAP on test, and `box_measures`: the mean IoU/GIoU/IoBB/boundary distances of the
     largest-contour box at the threshold calibrated on validation (the fixed box for the box rows).
+    `upsampled_test_maps`, when given, receives each map row's test maps in the frame.
     """
     rows: dict[str, dict] = {}
     grid = next(iter(test.maps.values())).shape[1:]
@@ -445,6 +447,8 @@ def localization_table(
     val_sets["random"] = _random_maps(len(validation.gt_boxes), grid, seed)
     for name in map_sets:
         test_maps = [upsample_scoremap(m, test.frame_size) for m in map_sets[name]]
+        if upsampled_test_maps is not None:  # the caller reuses them instead of upsampling again
+            upsampled_test_maps[name] = test_maps
         val_maps = [upsample_scoremap(m, validation.frame_size) for m in val_sets[name]]
         val_scores = LocalizationScores.from_maps(
             val_maps, validation.gt_boxes, validation.correct_class, thresholds=thresholds
