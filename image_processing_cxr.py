@@ -51,7 +51,6 @@ _RADIOGRAPH_MODALITIES = {"CR", "DX", "RG", "DR", "MG", "PX", "IO", "XA", "RF", 
 _SUPPORTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"}
 
 
-# Geometry columns carried per image in the BatchFeature, so post-processing can invert the resize.
 def _finite(value: Any) -> bool:
     return (
         isinstance(value, (int, float, np.integer, np.floating))
@@ -64,6 +63,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+# Geometry columns carried per image in the BatchFeature, so post-processing can invert the resize.
 class Geometry(NamedTuple):
     """How one image became the model input: its original size, the size of the resized content, the
     padding before it, and the input size. The processor returns one row of these 8 integers per image
@@ -418,8 +418,7 @@ class CXRImageProcessor(BaseImageProcessor):
         elif array.ndim != 2:
             raise CXRImageError(source, f"expected a 2-D or 3-D image, got {array.ndim}-D shape {array.shape}")
         self._check_pixel_count(array.shape[0] * array.shape[1], source)
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise CXRImageError(source, "contains NaN or infinite values")
+        _finite_pixels(array, source, "input array")
         if array.dtype.kind == "f":
             # float64 stays float64: values beyond float32's range would become infinite.
             return array if array.dtype == np.float64 else array.astype(np.float32)
@@ -470,9 +469,9 @@ class CXRImageProcessor(BaseImageProcessor):
         if "PixelData" not in dataset:
             raise CXRImageError(source, "DICOM has no pixel data")
         rows, columns = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
-        self._check_pixel_count(rows * columns * int(getattr(dataset, "NumberOfFrames", 1) or 1), source)
-        pixels = self._dicom_pixel_array(dataset, source)
         frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+        self._check_pixel_count(rows * columns * frames, source)
+        pixels = self._dicom_pixel_array(dataset, source)
         if frames > 1:
             if self.dicom_multiframe == "error":
                 raise CXRImageError(source, f"multi-frame DICOM ({frames} frames)")
