@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from cxr_data import load_dataset_module, patient_bucket, write_problem_list
-from image_processing_cxr import CXRImageProcessor
+from image_processing_cxr import CXRImageError, CXRImageProcessor
 
 logger = logging.getLogger("run_wsol")
 
@@ -109,6 +109,9 @@ def source_fingerprint(dataset: Any) -> str:
     return _digest(list(dataset["image_id"]), list(dataset["label"]), boxes, code.hexdigest())
 
 
+CACHE_VERSION = "pixels-geometry-error-v2"
+
+
 def cached_preprocess(
     dataset: Any, processor: CXRImageProcessor, cache_dir: Optional[Path], num_proc: int, name: str
 ) -> Any:
@@ -135,12 +138,13 @@ def cached_preprocess(
     def process(batch: dict[str, list]) -> dict[str, list]:
         pixels, geometry, errors = [], [], []
         for image, image_id in zip(batch["image"], batch["image_id"]):
-            # Decoded here, not by `datasets`: a file that passed the readability check and then fails to
-            # decode (a PNG with valid CRCs and a corrupt stream) is one problem image, not a dead run.
+            # Decoded by the processor, not by `datasets`: a file that passed the readability check and then
+            # fails to decode (a PNG with valid CRCs and a corrupt stream) is a CXRImageError naming it, one
+            # problem image, not a dead run.
             try:
-                gray, geo = processor.process_one(_decode(image, image_id), source=image_id)
+                gray, geo = processor.process_one(image["bytes"] or image["path"], source=image_id)
                 error = ""
-            except Exception as failure:  # any decoder or processor failure is this image's problem
+            except CXRImageError as failure:
                 gray, geo = np.zeros((height, width), np.uint8), [0] * 8
                 error = f"{type(failure).__name__}: {failure}"[:500]
             pixels.append(gray)
@@ -163,21 +167,6 @@ def cached_preprocess(
         new_fingerprint=fingerprint,
         desc=f"preprocessing {name}",
     )
-
-
-CACHE_VERSION = "pixels-geometry-error-v2"
-
-
-def _decode(image: dict[str, Any], image_id: str) -> np.ndarray:
-    """An undecoded `datasets` image ({"bytes", "path"}) -> array, with the file named on failure."""
-    import io
-
-    from PIL import Image
-
-    source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-    with Image.open(source) as opened:
-        opened.load()
-        return np.asarray(opened)
 
 
 def prepare_split(
