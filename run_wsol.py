@@ -34,7 +34,7 @@ from cxr_data import CLASS_NAMES
 from modeling_deit_scm import DeiTSCMForImageClassification
 from wsol_checkpoints import (
     TrainState,
-    load_best_weights,
+    load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -210,10 +210,7 @@ def validate_model_flags(args: argparse.Namespace, parser: argparse.ArgumentPars
         )
     if not args.model_name_or_path:
         try:
-            settings = {**resolve_recipe(args).config, "drop_path_rate": args.drop_path_rate, **overrides}
-            if args.label_smoothing is not None:
-                settings["label_smoothing"] = args.label_smoothing
-            DeiTSCMConfig.from_preset(args.preset, args.scm_variant, image_size=args.image_size, **settings)
+            DeiTSCMConfig.from_preset(args.preset, args.scm_variant, **config_settings(args))
         except (ValueError, TypeError) as error:
             parser.error(f"these flags make an invalid model: {error}")
     trackers = {t.value for t in LoggerType} | {"none"}
@@ -293,11 +290,6 @@ def validate_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 
 # ================================================================================================
-# Data
-# ================================================================================================
-
-
-# ================================================================================================
 # Model, optimizer
 # ================================================================================================
 
@@ -333,23 +325,31 @@ def class_weights_from_counts(labels: torch.Tensor) -> list[float]:
     return [round(float(w), 4) for w in inverse / inverse.sum()]
 
 
+def config_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Config fields the flags set (not the class weights, which need the training labels): one place for
+    the config `build_model` makes and the one `validate_model_flags` checks."""
+    variant = SCM_VARIANTS[args.scm_variant]
+    smoothing = variant["label_smoothing"] if args.label_smoothing is None else args.label_smoothing
+    return {
+        "image_size": args.image_size,
+        "drop_path_rate": args.drop_path_rate,
+        "label_smoothing": smoothing,
+        **resolve_recipe(args).config,
+        **parse_overrides(args.config_overrides),
+    }
+
+
 def build_model(args: argparse.Namespace, train_labels: torch.Tensor) -> DeiTSCMForImageClassification:
-    overrides = parse_overrides(args.config_overrides)
     if args.model_name_or_path:
         # safetensors only: a model folder never needs pickle (a pytorch_model.bin alone is refused).
+        overrides = parse_overrides(args.config_overrides)
         model = DeiTSCMForImageClassification.from_pretrained(
             args.model_name_or_path, use_safetensors=True, **overrides
         )
     else:
-        variant = SCM_VARIANTS[args.scm_variant]
+        weights = class_weights_from(args, train_labels, SCM_VARIANTS[args.scm_variant]["class_weights"])
         config = DeiTSCMConfig.from_preset(
-            args.preset,
-            args.scm_variant,
-            image_size=args.image_size,
-            drop_path_rate=args.drop_path_rate,
-            class_weights=class_weights_from(args, train_labels, variant["class_weights"]),
-            label_smoothing=variant["label_smoothing"] if args.label_smoothing is None else args.label_smoothing,
-            **{**resolve_recipe(args).config, **overrides},
+            args.preset, args.scm_variant, class_weights=weights, **config_settings(args)
         )
         model = DeiTSCMForImageClassification(config)
     if args.backbone_weights:
@@ -365,11 +365,6 @@ def build_model(args: argparse.Namespace, train_labels: torch.Tensor) -> DeiTSCM
 def build_optimizer(args: argparse.Namespace, model: DeiTSCMForImageClassification) -> torch.optim.Optimizer:
     groups = model.parameter_groups(args.learning_rate, args.scm_learning_rate, args.weight_decay)
     return torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups])
-
-
-# ================================================================================================
-# Checkpoints
-# ================================================================================================
 
 
 # ================================================================================================
@@ -540,16 +535,6 @@ def train_one_epoch(args, parts: Components, state: TrainState, progress: Any, o
 
 
 # ================================================================================================
-# Evaluation
-# ================================================================================================
-
-
-# ================================================================================================
-# Outputs
-# ================================================================================================
-
-
-# ================================================================================================
 # Main
 # ================================================================================================
 
@@ -601,9 +586,7 @@ def resume_and_train(args, parts: Components, validation: PreparedSplit, output_
     state = TrainState()
     checkpoint = resolve_checkpoint(args)
     if checkpoint is not None:
-        parts.accelerator.load_state(str(checkpoint))
-        state = TrainState(**json.loads((checkpoint / "train_state.json").read_text()))
-        parts.best_weights = load_best_weights(checkpoint)
+        state, parts.best_weights = load_checkpoint(parts.accelerator, checkpoint)
         logger.info("resumed from %s at step %d", checkpoint, state.global_step)
     return train(args, parts, state, validation, output_dir)
 

@@ -19,9 +19,8 @@ logger = logging.getLogger("run_wsol")
 
 
 CHECKPOINT_PREFIX = "step_"
-
-
 COMPLETE_MARKER = "COMPLETE"
+BEST_WEIGHTS_FILE = "best_model.safetensors"
 
 
 @dataclass
@@ -54,9 +53,6 @@ def completed_checkpoints(output_dir: Path) -> list[Path]:
         and (path / COMPLETE_MARKER).is_file()
     ]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-BEST_WEIGHTS_FILE = "best_model.safetensors"
 
 
 def save_checkpoint(
@@ -102,14 +98,17 @@ def save_checkpoint(
     return final
 
 
-def load_best_weights(checkpoint: Path) -> Optional[dict[str, torch.Tensor]]:
-    """The best-epoch weights a checkpoint carries (written when early stopping is on), else None."""
-    path = checkpoint / BEST_WEIGHTS_FILE
-    if not path.is_file():
-        return None
+def load_checkpoint(accelerator: Any, checkpoint: Path) -> tuple[TrainState, Optional[dict[str, torch.Tensor]]]:
+    """What `save_checkpoint` wrote: Accelerate's state restored into `accelerator`, the run's `TrainState`,
+    and the best-epoch weights (present when early stopping is on, else None)."""
+    accelerator.load_state(str(checkpoint))
+    state = TrainState(**json.loads((checkpoint / "train_state.json").read_text()))
+    best = checkpoint / BEST_WEIGHTS_FILE
+    if not best.is_file():
+        return state, None
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    return state, load_file(str(best))
 
 
 def resolve_checkpoint(args: argparse.Namespace) -> Optional[Path]:
