@@ -25,6 +25,7 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import run_wsol  # noqa: E402
 import wsol_data  # noqa: E402
+import wsol_evaluation  # noqa: E402
 from localization import DEFAULT_THRESHOLDS, upsample_scoremap  # noqa: E402
 from modeling_deit_scm import DeiTSCMForImageClassification  # noqa: E402
 from wsol_metrics import LocalizationScores, calibrated_report  # noqa: E402
@@ -56,30 +58,14 @@ def candidate_maps(attention: torch.Tensor, semantic: torch.Tensor, seed: int) -
     return arrays
 
 
-@torch.inference_mode()
-def predict(model, split: wsol_data.PreparedSplit, normalizer, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    attention, semantic, logits = [], [], []
-    for start in range(0, len(split), batch_size):
-        pixels = split.pixels[start : start + batch_size]
-        labels = split.labels[start : start + batch_size]
-        outputs = model(normalizer(pixels))
-        index = labels.view(-1, 1, 1, 1).expand(-1, 1, *outputs.semantic_maps.shape[-2:])
-        semantic.append(outputs.semantic_maps.float().gather(1, index)[:, 0])
-        attention.append(outputs.attention_maps.float())
-        logits.append(outputs.logits.float())
-    return {"attention": torch.cat(attention), "semantic": torch.cat(semantic), "logits": torch.cat(logits)}
-
-
-def boxed_scores(split, predictions, seed: int, thresholds) -> dict[str, LocalizationScores]:
-    keep = [i for i in range(len(split)) if len(split.frame_boxes[i])]
-    maps = candidate_maps(predictions["attention"][keep], predictions["semantic"][keep], seed)
-    boxes = [split.frame_boxes[i] for i in keep]
-    correct = (predictions["logits"][keep].argmax(1) == split.labels[keep]).numpy()
+def boxed_scores(boxed, seed: int, thresholds) -> dict[str, LocalizationScores]:
+    """Each candidate of a split's boxed images (`wsol_evaluation.evaluation_split`), scored in the frame."""
+    attention, semantic = (torch.from_numpy(boxed.maps[key]) for key in ("attention", "semantic"))
     return {
         name: LocalizationScores.from_maps(
-            [upsample_scoremap(m, wsol_data.EVALUATION_FRAME) for m in grid_maps], boxes, correct, thresholds
+            [upsample_scoremap(m, boxed.frame_size) for m in grid_maps], boxed.gt_boxes, boxed.correct_class, thresholds
         )
-        for name, grid_maps in maps.items()
+        for name, grid_maps in candidate_maps(attention, semantic, seed).items()
     }
 
 
@@ -92,15 +78,16 @@ def score_run(run: Path, thresholds) -> dict:
         argv += ["--cache_dir", saved["cache_dir"]]
     args = run_wsol.parse_args(argv)
     processor = wsol_data.build_processor(args)
-    splits = wsol_data.prepare_all(args, processor, run_wsol.make_accelerator(args))
+    accelerator = run_wsol.make_accelerator(args)
+    splits = wsol_data.prepare_all(args, processor, accelerator)
     model = DeiTSCMForImageClassification.from_pretrained(run).eval()
-    normalizer = wsol_data.PixelNormalizer(processor)
-    validation = boxed_scores(
-        splits["loc_validation"], predict(model, splits["loc_validation"], normalizer), saved["seed"], thresholds
-    )
-    test = boxed_scores(
-        splits["loc_test"], predict(model, splits["loc_test"], normalizer), saved["seed"] + 1, thresholds
-    )
+    # The run's own prediction and boxed-image selection (wsol_evaluation), as the final evaluation does it.
+    parts = SimpleNamespace(accelerator=accelerator, model=model, normalizer=wsol_data.PixelNormalizer(processor))
+    scores = {}
+    for name, seed in (("loc_validation", saved["seed"]), ("loc_test", saved["seed"] + 1)):
+        predictions = wsol_evaluation.predict_split(args, parts, splits[name])
+        scores[name] = boxed_scores(wsol_evaluation.evaluation_split(splits[name], predictions), seed, thresholds)
+    validation, test = scores["loc_validation"], scores["loc_test"]
     row = {"run": run.name}
     for name in CANDIDATES:
         report = calibrated_report(validation[name], test[name])
