@@ -564,21 +564,27 @@ class CXRImageProcessor(BaseImageProcessor):
             resized = canvas
         return resized, [height, width, content_h, content_w, top, left, out_h, out_w]
 
-    def _channel_tables(self) -> np.ndarray:
-        """(channels, 256) float32: uint8 value -> rescaled, normalized value, per channel."""
-        levels = np.arange(256, dtype=np.float32)
-        if self.do_rescale:
-            levels = levels * np.float32(self.rescale_factor)
+    def normalization(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per channel (scale, shift), float32, such that a uint8 level v becomes `v * scale - shift`:
+        rescale and normalize folded into one affine map. The one definition of the normalization: the
+        processor's lookup table and the training loop's batched version (`run_wsol`) both come from it."""
         channels = self.num_channels
-        mean = np.asarray(self.image_mean[:channels] if self.do_normalize else [0.0] * channels, dtype=np.float32)
-        std = np.asarray(self.image_std[:channels] if self.do_normalize else [1.0] * channels, dtype=np.float32)
-        return (levels[None, :] - mean[:, None]) / std[:, None]
+        mean = np.asarray(self.image_mean[:channels] if self.do_normalize else [0.0] * channels, dtype=np.float64)
+        std = np.asarray(self.image_std[:channels] if self.do_normalize else [1.0] * channels, dtype=np.float64)
+        rescale = float(self.rescale_factor) if self.do_rescale else 1.0
+        return (rescale / std).astype(np.float32), (mean / std).astype(np.float32)
+
+    def pixel_value_table(self) -> np.ndarray:
+        """(channels, 256) float32: uint8 level -> the model's input value, per channel."""
+        scale, shift = self.normalization()
+        levels = np.arange(256, dtype=np.float32)
+        return levels[None, :] * scale[:, None] - shift[:, None]
 
     def to_pixel_values(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 H x W images of one size -> (B, C, H, W) float32: stacked, rescaled, normalized.
 
         Every uint8 level maps to a fixed value per channel, so this is a table lookup."""
-        tables = self._channel_tables()
+        tables = self.pixel_value_table()
         pixels = np.empty((len(images), len(tables), *images[0].shape), dtype=np.float32)
         for row, image in enumerate(images):
             for channel, table in enumerate(tables):

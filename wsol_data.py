@@ -223,19 +223,15 @@ def _uint8_pixels(processed: Any) -> np.ndarray:
 
 
 class PixelNormalizer(torch.nn.Module):
-    """uint8 (B, H, W) -> normalized float (B, C, H, W), the processor's rescale and normalize, on
-    whatever device the batch is on."""
+    """uint8 (B, H, W) -> normalized float (B, C, H, W) on whatever device the batch is on: the
+    processor's own normalization (`CXRImageProcessor.normalization`), as one batched affine map, so that
+    training sees the values `processor(...)` gives at inference, bit for bit (a test holds it to that)."""
 
     def __init__(self, processor: CXRImageProcessor) -> None:
         super().__init__()
-        channels = processor.num_channels
-        mean = processor.image_mean[:channels] if processor.do_normalize else [0.0] * channels
-        std = processor.image_std[:channels] if processor.do_normalize else [1.0] * channels
-        scale = processor.rescale_factor if processor.do_rescale else 1.0
-        self.register_buffer("scale", torch.tensor(scale / np.asarray(std), dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer(
-            "shift", torch.tensor(np.asarray(mean) / np.asarray(std), dtype=torch.float32).view(1, -1, 1, 1)
-        )
+        scale, shift = processor.normalization()
+        self.register_buffer("scale", torch.from_numpy(scale).view(1, -1, 1, 1))
+        self.register_buffer("shift", torch.from_numpy(shift).view(1, -1, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels.unsqueeze(1).float() * self.scale - self.shift

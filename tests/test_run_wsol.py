@@ -561,6 +561,33 @@ def test_frame_boxes_follow_the_reference_scaling(geometry, box, expected):
     assert CXRImageProcessor.boxes_to_input([box], geometry, wsol_data.EVALUATION_FRAME).tolist() == [expected]
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # the default: one channel, mean 0.5, std 0.5
+        {"num_channels": 3, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},
+        {"do_normalize": False},
+        {"do_rescale": False, "image_mean": [0.3, 0.3, 0.3], "image_std": [0.7, 0.7, 0.7]},
+    ],
+)
+def test_training_sees_the_processors_pixel_values_bit_for_bit(settings):
+    """The training loop normalizes whole uint8 batches on the device; what it feeds the model must be
+    exactly what `processor(image)` gives at inference, for every uint8 level."""
+    processor = CXRImageProcessor(size={"height": 16, "width": 16}, do_clahe=False, **settings)
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    from_processor = processor(levels, return_tensors="pt")["pixel_values"]
+    from_training = wsol_data.PixelNormalizer(processor)(torch.from_numpy(levels)[None])
+    assert from_training.shape == from_processor.shape == (1, processor.num_channels, 16, 16)
+    assert torch.equal(from_training, from_processor)
+    # and the values are the documented ones: (v * rescale - mean) / std, to float32 rounding
+    mean = np.asarray(processor.image_mean[: processor.num_channels]) if processor.do_normalize else 0.0
+    std = np.asarray(processor.image_std[: processor.num_channels]) if processor.do_normalize else 1.0
+    rescale = processor.rescale_factor if processor.do_rescale else 1.0
+    expected = (np.arange(256.0)[None] * rescale - np.reshape(mean, (-1, 1))) / np.reshape(std, (-1, 1))
+    got = from_processor[0].reshape(processor.num_channels, 256).double().numpy()
+    np.testing.assert_allclose(got, np.broadcast_to(expected, got.shape), rtol=1e-6, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- faults (issue 12)
 
 EARLY_STOPPING = [*TINY, "--max_train_steps", "24", "--checkpointing_steps", "epoch", "--early_stopping_patience", "5",
