@@ -10,7 +10,6 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cxr_data import CLASS_NAMES
@@ -41,7 +40,7 @@ class Predictions:
     attention: np.ndarray  # (N, h, w) F0
     semantic: np.ndarray  # (N, h, w) S0 of the ground-truth class
     scm: np.ndarray  # (N, h, w) F0 * S0 of the ground-truth class
-    loss: float
+    loss: float  # the model's loss (`outputs.loss`), averaged over the split
 
 
 @torch.no_grad()
@@ -59,7 +58,9 @@ def predict_split(args, parts: EvaluationParts, split: PreparedSplit) -> Predict
         loader, desc=f"evaluating {split.name}", disable=not accelerator.is_local_main_process, leave=False
     ):
         outputs = model(parts.normalizer(pixels), labels=labels)
-        per_sample_loss = F.cross_entropy(outputs.logits.float(), labels, reduction="none")
+        # The model's own loss (its class weights and label smoothing: the training objective), one copy
+        # per sample so that gather_for_metrics drops the padding and the mean weighs batches by size.
+        per_sample_loss = outputs.loss.detach().float().expand(labels.shape[0])
         batch = {
             "logits": outputs.logits.float(),
             "labels": labels,

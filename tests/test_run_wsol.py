@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -544,6 +545,42 @@ def test_learning_rate_rewarms_when_the_scm_blocks_switch_on(tmp_path):
     )  # fmt: skip
     parts = _components(args)
     assert _learning_rates(parts, 8) == pytest.approx([1e-3] * 4 + [5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_evaluation_loss_is_the_models_loss(tmp_path):
+    """The loss reported for a split is the model's training objective (class weights, label smoothing),
+    over every sample once: 20 images in batches of 8 (the last one short)."""
+    args = run_wsol.parse_args(
+        [*TINY, "--output_dir", str(tmp_path), "--class_weights", "3,1,0.5", "--label_smoothing", "0.2",
+         "--per_device_eval_batch_size", "8"]
+    )  # fmt: skip
+    built = _components(args)
+    parts = SimpleNamespace(accelerator=built.accelerator, model=built.model, normalizer=lambda p: p.unsqueeze(1).float())
+    generator = torch.Generator().manual_seed(0)
+    count = 20
+    split = wsol_data.PreparedSplit(
+        "v",
+        torch.randint(0, 256, (count, 64, 64), dtype=torch.uint8, generator=generator),
+        torch.tensor([0, 1, 2, 2, 1] * 4),
+        [np.zeros((0, 4))] * count,
+        [[]] * count,
+        np.zeros((count, 8)),
+        ["a"] * count,
+        None,
+    )
+    predictions = wsol_evaluation.predict_split(args, parts, split)
+    model = parts.model.eval()
+    with torch.no_grad():
+        logits = model(split.pixels.unsqueeze(1).float()).logits
+    weights = torch.tensor([3.0, 1.0, 0.5])
+    per_batch = [
+        torch.nn.functional.cross_entropy(logits[i : i + 8], split.labels[i : i + 8], weight=weights, label_smoothing=0.2)
+        for i in range(0, count, 8)
+    ]
+    expected = sum(loss.item() * len(split.labels[i * 8 : i * 8 + 8]) for i, loss in enumerate(per_batch)) / count
+    assert predictions.loss == pytest.approx(expected, rel=1e-5)
+    # not the plain cross-entropy the evaluation reported before
+    assert predictions.loss != pytest.approx(torch.nn.functional.cross_entropy(logits, split.labels).item(), rel=1e-3)
 
 
 @pytest.mark.parametrize(
