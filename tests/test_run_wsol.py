@@ -555,7 +555,9 @@ def test_evaluation_loss_is_the_models_loss(tmp_path):
          "--per_device_eval_batch_size", "8"]
     )  # fmt: skip
     built = _components(args)
-    parts = SimpleNamespace(accelerator=built.accelerator, model=built.model, normalizer=lambda p: p.unsqueeze(1).float())
+    parts = SimpleNamespace(
+        accelerator=built.accelerator, model=built.model, normalizer=lambda p: p.unsqueeze(1).float()
+    )
     generator = torch.Generator().manual_seed(0)
     count = 20
     split = wsol_data.PreparedSplit(
@@ -574,7 +576,9 @@ def test_evaluation_loss_is_the_models_loss(tmp_path):
         logits = model(split.pixels.unsqueeze(1).float()).logits
     weights = torch.tensor([3.0, 1.0, 0.5])
     per_batch = [
-        torch.nn.functional.cross_entropy(logits[i : i + 8], split.labels[i : i + 8], weight=weights, label_smoothing=0.2)
+        torch.nn.functional.cross_entropy(
+            logits[i : i + 8], split.labels[i : i + 8], weight=weights, label_smoothing=0.2
+        )
         for i in range(0, count, 8)
     ]
     expected = sum(loss.item() * len(split.labels[i * 8 : i * 8 + 8]) for i, loss in enumerate(per_batch)) / count
