@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from localization import DEFAULT_THRESHOLDS  # noqa: E402
-from wsol_metrics import IOU_THRESHOLDS_V2, LocalizationScores  # noqa: E402
+from localization import DEFAULT_THRESHOLDS
+from wsol_metrics import IOU_THRESHOLDS_V2, LocalizationScores
 
 
 def cam_like_maps(count: int, seed: int, size: int = 224) -> list[np.ndarray]:

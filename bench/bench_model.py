@@ -24,17 +24,13 @@ import logging
 import statistics
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import timed
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from timing import timed  # noqa: E402
-
-from configuration_deit_scm import BACKBONE_PRESETS, DeiTSCMConfig  # noqa: E402
-from modeling_deit_scm import DeiTSCMForImageClassification  # noqa: E402
+from configuration_deit_scm import BACKBONE_PRESETS, DeiTSCMConfig
+from modeling_deit_scm import DeiTSCMForImageClassification
 
 logger = logging.getLogger("bench_model")
 

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import cv2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import cxr_data  # noqa: E402
+import cxr_data
 
 
 def main(argv: list[str] | None = None) -> dict:

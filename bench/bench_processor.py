@@ -22,15 +22,12 @@ import logging
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from image_processing_cxr import CXRImageProcessor  # noqa: E402
+from image_processing_cxr import CXRImageProcessor
 
 logger = logging.getLogger("bench_processor")
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)

@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from configuration_deit_scm import DeiTSCMConfig  # noqa: E402
-from modeling_deit_scm import DeiTSCMSpatialCalibration  # noqa: E402
+from configuration_deit_scm import DeiTSCMConfig
+from modeling_deit_scm import DeiTSCMSpatialCalibration
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:

@@ -15,22 +15,18 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from timing import timed
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from timing import timed  # noqa: E402
-
-import wsol_data  # noqa: E402
-from configuration_deit_scm import DeiTSCMConfig  # noqa: E402
-from cxr_data import load_dataset_module  # noqa: E402
-from image_processing_cxr import CXRImageProcessor  # noqa: E402
-from modeling_deit_scm import DeiTSCMForImageClassification  # noqa: E402
+import wsol_data
+from configuration_deit_scm import DeiTSCMConfig
+from cxr_data import load_dataset_module
+from image_processing_cxr import CXRImageProcessor
+from modeling_deit_scm import DeiTSCMForImageClassification
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import struct
-import sys
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -30,11 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from image_processing_cxr import CXRImageError, CXRImageProcessor  # noqa: E402
-from localization import LocalizationInputError  # noqa: E402
-from wsol_metrics import LocalizationScores, pixel_average_precision  # noqa: E402
+from image_processing_cxr import CXRImageError, CXRImageProcessor
+from localization import LocalizationInputError
+from wsol_metrics import LocalizationScores, pixel_average_precision
 
 OUTCOMES = ("handled", "typed_error", "other_exception", "silent_wrong")
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,14 +29,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import run_wsol  # noqa: E402
-import wsol_data  # noqa: E402
-import wsol_evaluation  # noqa: E402
-from localization import DEFAULT_THRESHOLDS, upsample_scoremap  # noqa: E402
-from modeling_deit_scm import DeiTSCMForImageClassification  # noqa: E402
-from wsol_metrics import LocalizationScores, calibrated_report  # noqa: E402
+import run_wsol
+import wsol_data
+import wsol_evaluation
+from localization import DEFAULT_THRESHOLDS, upsample_scoremap
+from modeling_deit_scm import DeiTSCMForImageClassification
+from wsol_metrics import LocalizationScores, calibrated_report
 
 CANDIDATES = ("scm", "cam", "attention", "relu_product", "minmax_product", "random")
 

@@ -32,11 +32,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from cxr_data import CLASS_NAMES, SPLITS, records_to_dataset  # noqa: E402
+from cxr_data import CLASS_NAMES, SPLITS, records_to_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -37,11 +37,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from cxr_data import (  # noqa: E402
+from cxr_data import (
     AGE_BIN_NAMES,
     CLASS_NAMES,
     SPLITS,

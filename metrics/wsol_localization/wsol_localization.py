@@ -9,20 +9,12 @@ A thin wrapper: the computation is `wsol_metrics.LocalizationScores` of this rep
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import evaluate
 import numpy as np
 
 import datasets
-
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from localization import DEFAULT_THRESHOLDS, normalize_scoremap  # noqa: E402
-from wsol_metrics import LocalizationScores  # noqa: E402
+from localization import DEFAULT_THRESHOLDS, normalize_scoremap
+from wsol_metrics import LocalizationScores
 
 _CITATION = """\
 @inproceedings{choe2020wsol,
