@@ -187,39 +187,16 @@ class DeiTSCMConfig(PretrainedConfig):
         label_smoothing: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        # Every named argument is a config field of the same name (sequences stored as lists, for JSON).
+        fields = {name: value for name, value in locals().items() if name not in ("self", "kwargs", "__class__")}
+        for name in ("image_size", "patch_size", "class_weights"):
+            if fields[name] is not None and not isinstance(fields[name], int):
+                fields[name] = list(fields[name])
+        for name, value in fields.items():
+            setattr(self, name, value)
         if "id2label" not in kwargs and "num_labels" not in kwargs:
             kwargs["id2label"] = dict(DEFAULT_ID2LABEL)
             kwargs.setdefault("label2id", {name: index for index, name in DEFAULT_ID2LABEL.items()})
-        self.image_size = list(image_size) if not isinstance(image_size, int) else image_size
-        self.patch_size = list(patch_size) if not isinstance(patch_size, int) else patch_size
-        self.num_channels = num_channels
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.intermediate_size = intermediate_size
-        self.hidden_act = hidden_act
-        self.layer_norm_eps = layer_norm_eps
-        self.qkv_bias = qkv_bias
-        self.hidden_dropout_prob = hidden_dropout_prob
-        self.attention_probs_dropout_prob = attention_probs_dropout_prob
-        self.drop_path_rate = drop_path_rate
-        self.initializer_range = initializer_range
-        self.patch_embedding = patch_embedding
-        self.scm_num_blocks = scm_num_blocks
-        self.scm_lambda_init = scm_lambda_init
-        self.scm_beta_init = scm_beta_init
-        self.scm_first_block_iterations = scm_first_block_iterations
-        self.scm_iterations = scm_iterations
-        self.scm_schulz_alpha = scm_schulz_alpha
-        self.scm_attention_layers = scm_attention_layers
-        self.scm_connectivity = scm_connectivity
-        self.scm_solver = scm_solver
-        self.scm_pooling = scm_pooling
-        self.scm_lse_r = scm_lse_r
-        self.scm_lse_learnable = scm_lse_learnable
-        self.cls_loss_weight = cls_loss_weight
-        self.class_weights = list(class_weights) if class_weights is not None else None
-        self.label_smoothing = label_smoothing
         super().__init__(**kwargs)
         self.validate()
 

@@ -113,6 +113,58 @@ def _convert_layer(rest: str, table: Mapping[str, str]) -> Optional[str]:
     return None
 
 
+_SIMPLE_KEYS = {
+    "cls_token": "embeddings.cls_token",
+    "embeddings.cls_token": "embeddings.cls_token",
+    "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+    "embeddings.patch_embeddings.projection.weight": "embeddings.patch_embeddings.projection.weight",
+    "embeddings.patch_embeddings.projection.bias": "embeddings.patch_embeddings.projection.bias",
+    "norm.weight": "layernorm.weight",
+    "norm.bias": "layernorm.bias",
+    "layernorm.weight": "layernorm.weight",
+    "layernorm.bias": "layernorm.bias",
+    "pos_embed": "embeddings.position_embeddings",
+    "embeddings.position_embeddings": "embeddings.position_embeddings",
+}
+
+
+def _convert_encoder_key(
+    key: str, value: torch.Tensor, qkv_parts: dict[tuple[int, str], dict[int, torch.Tensor]]
+) -> Optional[tuple[str, torch.Tensor]]:
+    """One encoder-layer key -> (target key, value); separate query/key/value tensors are collected in
+    `qkv_parts` (returned as `("", value)`: used, fused later). None when the key is not a layer's."""
+    match = re.match(r"^(?:blocks|encoder\.layer|layers)\.(\d+)\.(.+)$", key)
+    if not match:
+        return None
+    index, rest = int(match.group(1)), match.group(2)
+    for qkv_names in (_HF_V4_QKV, _HF_V5_QKV):
+        for part, name in enumerate(qkv_names):
+            if rest.startswith(name + "."):
+                qkv_parts.setdefault((index, rest[len(name) + 1 :]), {})[part] = value
+                return "", value
+    target = (_convert_layer(rest, _TIMM_LAYER) if key.startswith("blocks.") else None) or _convert_layer(
+        rest, _HF_V4_LAYER if key.startswith("encoder.") else _HF_V5_LAYER
+    )
+    return (f"encoder.layer.{index}.{target}", value) if target is not None else None
+
+
+def _fit_position_embeddings(
+    position: torch.Tensor, num_prefix_tokens: int, config: DeiTSCMConfig
+) -> tuple[torch.Tensor, Optional[tuple[tuple[int, int], tuple[int, int]]]]:
+    """Drop a distillation token's position and interpolate the grid to the config's."""
+    if num_prefix_tokens == 2:
+        position = torch.cat([position[:, :1], position[:, 2:]], dim=1)
+    tokens = position.shape[1] - 1
+    side = int(math.isqrt(tokens))
+    if side * side != tokens:
+        raise WeightConversionError(f"position embeddings of {tokens} patches are not a square grid")
+    new_grid = config.grid_size
+    if (side, side) == tuple(new_grid):
+        return position, None
+    return interpolate_position_embeddings(position, (side, side), new_grid), ((side, side), tuple(new_grid))
+
+
 def convert_state_dict(
     state_dict: Mapping[str, torch.Tensor], config: DeiTSCMConfig
 ) -> tuple[dict[str, torch.Tensor], list[str], Optional[tuple[tuple[int, int], tuple[int, int]]]]:
@@ -127,64 +179,22 @@ def convert_state_dict(
     used: set[str] = set()
     qkv_parts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
     num_prefix_tokens = 2 if ("dist_token" in source or "embeddings.distillation_token" in source) else 1
-
-    simple = {
-        "cls_token": "embeddings.cls_token",
-        "embeddings.cls_token": "embeddings.cls_token",
-        "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
-        "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
-        "embeddings.patch_embeddings.projection.weight": "embeddings.patch_embeddings.projection.weight",
-        "embeddings.patch_embeddings.projection.bias": "embeddings.patch_embeddings.projection.bias",
-        "norm.weight": "layernorm.weight",
-        "norm.bias": "layernorm.bias",
-        "layernorm.weight": "layernorm.weight",
-        "layernorm.bias": "layernorm.bias",
-    }
     for key, value in source.items():
-        if key in simple:
-            out[simple[key]] = value
-            used.add(key)
+        converted = (_SIMPLE_KEYS[key], value) if key in _SIMPLE_KEYS else _convert_encoder_key(key, value, qkv_parts)
+        if converted is None:
             continue
-        if key in ("pos_embed", "embeddings.position_embeddings"):
-            used.add(key)
-            out["embeddings.position_embeddings"] = value
-            continue
-        match = re.match(r"^(?:blocks|encoder\.layer|layers)\.(\d+)\.(.+)$", key)
-        if not match:
-            continue
-        index, rest = int(match.group(1)), match.group(2)
-        for qkv_names in (_HF_V4_QKV, _HF_V5_QKV):
-            for part, name in enumerate(qkv_names):
-                if rest.startswith(name + "."):
-                    qkv_parts.setdefault((index, rest[len(name) + 1 :]), {})[part] = value
-                    used.add(key)
-        if key in used:
-            continue
-        target = (_convert_layer(rest, _TIMM_LAYER) if key.startswith("blocks.") else None) or _convert_layer(
-            rest, _HF_V4_LAYER if key.startswith("encoder.") else _HF_V5_LAYER
-        )
-        if target is not None:
-            out[f"encoder.layer.{index}.{target}"] = value
-            used.add(key)
+        used.add(key)
+        if converted[0]:
+            out[converted[0]] = converted[1]
     for (index, suffix), parts in qkv_parts.items():
         if len(parts) != 3:
             raise WeightConversionError(f"layer {index}: query/key/value {suffix} incomplete ({sorted(parts)})")
         out[f"encoder.layer.{index}.attention.qkv.{suffix}"] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
-
     resized = None
     if "embeddings.position_embeddings" in out:
-        position = out["embeddings.position_embeddings"]
-        if num_prefix_tokens == 2:
-            position = torch.cat([position[:, :1], position[:, 2:]], dim=1)
-        tokens = position.shape[1] - 1
-        side = int(math.isqrt(tokens))
-        if side * side != tokens:
-            raise WeightConversionError(f"position embeddings of {tokens} patches are not a square grid")
-        new_grid = config.grid_size
-        if (side, side) != tuple(new_grid):
-            resized = ((side, side), tuple(new_grid))
-            position = interpolate_position_embeddings(position, (side, side), new_grid)
-        out["embeddings.position_embeddings"] = position
+        out["embeddings.position_embeddings"], resized = _fit_position_embeddings(
+            out["embeddings.position_embeddings"], num_prefix_tokens, config
+        )
     unused = sorted(original for stripped, original in names.items() if stripped not in used)
     return out, unused, resized
 

@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -177,13 +178,10 @@ def default_map_label(predictor: Optional[Predictor]) -> str:
     return next((label for label, key in MAPS.items() if key == released), next(iter(MAPS)))
 
 
-def build_demo(model: str = DEFAULT_MODEL, examples_dir: Optional[Path] = None) -> Any:
-    """The Gradio Blocks app."""
+def _callbacks(predictor: Optional[Predictor], status: str) -> tuple[Callable, Callable]:
+    """The upload and redraw callbacks of the app: the model runs on upload; changing the map, the threshold
+    or the shown image only post-processes the kept results again."""
     import gradio as gr
-
-    predictor, status = load_predictor(model)
-    threshold0 = float(predictor.processor.localization_threshold) if predictor else 0.5
-    examples_dir = examples_dir or Path(tempfile.mkdtemp(prefix="deit_scm_examples_"))
 
     def show(results: list[ImageResult], selected: Optional[str], map_name: str, threshold: float, errors: list[str]):
         messages = "\n\n".join(errors)
@@ -217,6 +215,17 @@ def build_demo(model: str = DEFAULT_MODEL, examples_dir: Optional[Path] = None) 
             return None, None, "", None, "\n\n".join(errors or [])
         return show(results, selected, map_name, threshold, errors or [])
 
+    return on_upload, on_redraw
+
+
+def build_demo(model: str = DEFAULT_MODEL, examples_dir: Optional[Path] = None) -> Any:
+    """The Gradio Blocks app."""
+    import gradio as gr
+
+    predictor, status = load_predictor(model)
+    threshold0 = float(predictor.processor.localization_threshold) if predictor else 0.5
+    examples_dir = examples_dir or Path(tempfile.mkdtemp(prefix="deit_scm_examples_"))
+    on_upload, on_redraw = _callbacks(predictor, status)
     with gr.Blocks(title="DeiT-SCM chest X-ray localization") as demo:
         gr.Markdown(
             "# DeiT-SCM: chest X-ray classification and weakly supervised localization\n"
