@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import cv2
 import numpy as np
@@ -79,6 +79,8 @@ class Anatomy:
     lung_inner: tuple[float, float]  # medial borders of the two lungs
     lung_outer: tuple[float, float]  # lateral borders
     heart: tuple[float, float, float, float]  # centre x, centre y, half width, half height
+    dome_base: float  # the left dome's level before any atelectatic rise (spaces the ribs)
+    mediastinum_gap: float  # half the distance between the lungs' medial borders
     lung_masks: list[np.ndarray] = field(default_factory=list)
 
 
@@ -124,11 +126,8 @@ def _lung_polygon(anatomy: Anatomy, side: int) -> np.ndarray:
     return np.asarray(points, dtype=np.float32)
 
 
-def _draw_anatomy(
-    rng: np.random.Generator, size: int, age: int, atelectasis_side: Optional[int]
-) -> tuple[np.ndarray, Anatomy]:
-    """Attenuation map (float32, brighter = denser) of a patient without findings."""
-    scale = size / 256
+def _anatomy_layout(rng: np.random.Generator, size: int, age: int, atelectasis_side: Optional[int]) -> Anatomy:
+    """Where the structures of a random patient are (the lung masks are filled in when drawn)."""
     half_width = size * rng.uniform(0.36, 0.46) * (0.85 if age < 16 else 1.0)
     center_x = size * (0.5 + rng.normal(0, 0.015))
     top = size * rng.uniform(0.04, 0.1)
@@ -142,8 +141,14 @@ def _draw_anatomy(
     lung_outer = (center_x - half_width * 0.86, center_x + half_width * 0.86)
     heart_half_w = half_width * rng.uniform(0.36, 0.46)
     heart = (center_x + half_width * 0.12, dome_base - size * 0.09, heart_half_w, size * rng.uniform(0.1, 0.13))
-    anatomy = Anatomy(size, center_x, top, half_width, lung_top, tuple(dome), lung_inner, lung_outer, heart)
+    return Anatomy(
+        size, center_x, top, half_width, lung_top, tuple(dome), lung_inner, lung_outer, heart, dome_base, gap
+    )
 
+
+def _draw_body_and_lungs(rng: np.random.Generator, anatomy: Anatomy) -> np.ndarray:
+    """Attenuation map of the body outline with the two (textured) lung fields; fills `lung_masks`."""
+    size, center_x, half_width, top = anatomy.size, anatomy.center_x, anatomy.body_half_width, anatomy.top
     canvas = np.full((size, size), 0.04, dtype=np.float32)
     # Body: shoulders, chest wall and abdomen as one polygon.
     body = np.array(
@@ -162,17 +167,23 @@ def _draw_anatomy(
         cv2.fillPoly(mask, [np.round(_lung_polygon(anatomy, side)).astype(np.int32)], 1)
         anatomy.lung_masks.append(mask.astype(bool))
         lungs[mask.astype(bool)] = 1.0
-    lungs = cv2.GaussianBlur(lungs, (0, 0), 2.0 * scale)
+    lungs = cv2.GaussianBlur(lungs, (0, 0), 2.0 * size / 256)
     markings = 0.04 * _smooth_noise(rng, size, 24)  # vessel / interstitial texture
     canvas -= lungs * (0.32 + markings)
-    # Mediastinum and heart (heart to the patient's left = image right).
+    return canvas
+
+
+def _draw_mediastinum_and_spine(canvas: np.ndarray, anatomy: Anatomy) -> None:
+    """Mediastinum and heart (heart to the patient's left = image right), vertebral bodies down the midline."""
+    size, center_x, top, heart = anatomy.size, anatomy.center_x, anatomy.top, anatomy.heart
+    scale = size / 256
+    gap = anatomy.mediastinum_gap
     mediastinum = np.zeros((size, size), dtype=np.float32)
     cv2.rectangle(
         mediastinum, (int(center_x - gap * 0.8), int(top)), (int(center_x + gap * 0.9), int(heart[1])), 1.0, -1
     )
     cv2.ellipse(mediastinum, (int(heart[0]), int(heart[1])), (int(heart[2]), int(heart[3])), 0, 0, 360, 1.0, -1)
     canvas += cv2.GaussianBlur(mediastinum, (0, 0), 2.5 * scale) * 0.3
-    # Spine: vertebral bodies down the midline.
     spine = np.zeros((size, size), dtype=np.float32)
     level = top
     while level < size:
@@ -186,23 +197,36 @@ def _draw_anatomy(
         )
         level += height
     canvas += cv2.GaussianBlur(spine, (0, 0), 1.0 * scale) * 0.12
-    # Posterior ribs: curved bands from the spine sweeping out and down.
+
+
+def _draw_ribs_and_clavicles(canvas: np.ndarray, anatomy: Anatomy) -> None:
+    """Posterior ribs sweeping out and down from the spine; clavicles from the sternal notch to the shoulders."""
+    size, center_x, lung_top = anatomy.size, anatomy.center_x, anatomy.lung_top
     ribs = np.zeros((size, size), dtype=np.float32)
     thickness = max(1, int(round(size * 0.016)))
-    spacing = (dome_base - lung_top) / 9.5
+    spacing = (anatomy.dome_base - lung_top) / 9.5
     for index in range(10):
         y0 = lung_top + spacing * index - size * 0.01
-        for outer in lung_outer:
+        for outer in anatomy.lung_outer:
             xs = np.linspace(center_x, outer + (outer - center_x) * 0.12, 12)
             t = np.linspace(0, 1, 12)
             ys = y0 - size * 0.02 * np.sin(np.pi * t) + spacing * 0.9 * t**2
             cv2.polylines(ribs, [np.stack([xs, ys], 1).round().astype(np.int32)], False, 1.0, thickness)
-    canvas += cv2.GaussianBlur(ribs, (0, 0), 0.8 * scale) * 0.1
-    # Clavicles from the sternal notch up and out to the shoulders.
+    canvas += cv2.GaussianBlur(ribs, (0, 0), 0.8 * size / 256) * 0.1
     for direction in (-1, 1):
-        xs = center_x + direction * np.linspace(size * 0.03, half_width * 1.0, 10)
+        xs = center_x + direction * np.linspace(size * 0.03, anatomy.body_half_width * 1.0, 10)
         ys = lung_top + size * 0.02 - np.linspace(0, size * 0.05, 10) + size * 0.012 * np.sin(np.linspace(0, np.pi, 10))
         cv2.polylines(canvas, [np.stack([xs, ys], 1).round().astype(np.int32)], False, 0.62, max(1, int(size * 0.02)))
+
+
+def _draw_anatomy(
+    rng: np.random.Generator, size: int, age: int, atelectasis_side: Optional[int]
+) -> tuple[np.ndarray, Anatomy]:
+    """Attenuation map (float32, brighter = denser) of a patient without findings."""
+    anatomy = _anatomy_layout(rng, size, age, atelectasis_side)
+    canvas = _draw_body_and_lungs(rng, anatomy)
+    _draw_mediastinum_and_spine(canvas, anatomy)
+    _draw_ribs_and_clavicles(canvas, anatomy)
     return canvas, anatomy
 
 
@@ -236,81 +260,127 @@ def _in_lung(anatomy: Anatomy, cx: float, cy: float) -> tuple[int, float, float]
     return side, float(xs[nearest]), float(ys[nearest])
 
 
+class _Placement(NamedTuple):
+    """Where a lung finding goes: the lung's side, the centre pulled inside it, NIH-drawn box size."""
+
+    side: int
+    cx: float
+    cy: float
+    w: float
+    h: float
+
+
+def _draw_cardiomegaly(rng: np.random.Generator, canvas: np.ndarray, anatomy: Anatomy) -> np.ndarray:
+    size = anatomy.size
+    mask = np.zeros((size, size), dtype=np.uint8)
+    hx, hy, hw, hh = anatomy.heart
+    _, _, w, h = _box_from_stats(rng, "Cardiomegaly", size)
+    new_w, new_h = max(w / 2, hw * 1.3), max(h / 2, hh * 1.2)
+    cv2.ellipse(mask, (int(hx + (new_w - hw) * 0.4), int(hy)), (int(new_w), int(new_h)), 0, 0, 360, 1, -1)
+    normal = np.zeros_like(mask)
+    cv2.ellipse(normal, (int(hx), int(hy)), (int(hw), int(hh)), 0, 0, 360, 1, -1)
+    # The enlarged silhouette: density added where the heart now reaches beyond its normal outline.
+    canvas += _soft(mask & (1 - normal), 2.0 * size / 256) * 0.42
+    return mask
+
+
+def _draw_atelectasis(rng: np.random.Generator, canvas: np.ndarray, anatomy: Anatomy, at: _Placement) -> np.ndarray:
+    """Plate-like band or wedge, mostly horizontal, in the lower or middle zone."""
+    size = anatomy.size
+    mask = np.zeros((size, size), dtype=np.uint8)
+    length, thick = max(at.w, size * 0.1), max(at.h * rng.uniform(0.35, 0.7), size * 0.04)
+    angle = rng.normal(0, 12)
+    if rng.random() < 0.5:
+        cv2.ellipse(mask, (int(at.cx), int(at.cy)), (int(length / 2), int(thick / 2)), angle, 0, 360, 1, -1)
+    else:
+        lateral = anatomy.lung_outer[at.side]
+        tip = (at.cx + (at.cx - lateral) * 0.4, at.cy)
+        wedge = np.array([(lateral, at.cy - thick), (lateral, at.cy + thick), tip], dtype=np.int32)
+        cv2.fillPoly(mask, [wedge], 1)
+    mask &= anatomy.lung_masks[at.side].astype(np.uint8)
+    canvas += _soft(mask, 1.5 * size / 256) * rng.uniform(0.38, 0.48)
+    return mask
+
+
+def _draw_effusion(rng: np.random.Generator, canvas: np.ndarray, anatomy: Anatomy, at: _Placement) -> np.ndarray:
+    """Fluid in the costophrenic angle with a meniscus rising laterally."""
+    size = anatomy.size
+    height = max(at.h * rng.uniform(0.5, 0.8), size * 0.06)
+    ys = np.arange(size)[:, None]
+    xs = np.arange(size)[None, :]
+    lateral, medial = anatomy.lung_outer[at.side], anatomy.lung_inner[at.side]
+    t = np.clip((xs - medial) / (lateral - medial), 0, 1)  # 0 medial .. 1 lateral
+    surface = anatomy.dome_y[at.side] + size * 0.06 - height * t**1.5
+    mask = ((ys >= surface) & anatomy.lung_masks[at.side]).astype(np.uint8)
+    canvas += _soft(mask, 1.5 * size / 256) * rng.uniform(0.38, 0.48)
+    return mask
+
+
+def _draw_nodule_or_mass(
+    rng: np.random.Generator, canvas: np.ndarray, anatomy: Anatomy, at: _Placement, smallest: float
+) -> np.ndarray:
+    size = anatomy.size
+    mask = np.zeros((size, size), dtype=np.uint8)
+    radius = max(min(at.w, at.h) / 2, size * smallest)
+    cv2.circle(mask, (int(at.cx), int(at.cy)), int(radius), 1, -1)
+    mask &= anatomy.lung_masks[at.side].astype(np.uint8)
+    canvas += _soft(mask, 1.0 * size / 256) * rng.uniform(0.38, 0.48)
+    return mask
+
+
+def _draw_infiltration(rng: np.random.Generator, canvas: np.ndarray, anatomy: Anatomy, at: _Placement) -> np.ndarray:
+    size = anatomy.size
+    cloud = np.zeros((size, size), dtype=np.float32)
+    for _ in range(rng.integers(4, 8)):
+        px, py = at.cx + rng.normal(0, at.w / 4), at.cy + rng.normal(0, at.h / 4)
+        radius = int(max(size * 0.02, rng.uniform(0.15, 0.3) * min(at.w, at.h)))
+        cv2.circle(cloud, (int(px), int(py)), radius, 1.0, -1)
+    cloud = cv2.GaussianBlur(cloud, (0, 0), 3 * size / 256) * (0.7 + 0.3 * _smooth_noise(rng, size, 32))
+    cloud *= anatomy.lung_masks[at.side]
+    canvas += np.clip(cloud, 0, 1) * rng.uniform(0.32, 0.42)
+    return (cloud > 0.25).astype(np.uint8)
+
+
+def _draw_pneumothorax(rng: np.random.Generator, canvas: np.ndarray, anatomy: Anatomy, at: _Placement) -> np.ndarray:
+    """Apical/lateral air without lung markings, bounded by a thin visceral pleural line."""
+    size = anatomy.size
+    mask = np.zeros((size, size), dtype=np.uint8)
+    axes = (int(max(at.w / 2, size * 0.05)), int(max(at.h / 2, size * 0.06)))
+    center = (
+        int(anatomy.lung_outer[at.side] + (anatomy.lung_inner[at.side] - anatomy.lung_outer[at.side]) * 0.2),
+        int(anatomy.lung_top + axes[1] * 0.8),
+    )
+    cv2.ellipse(mask, center, axes, 0, 0, 360, 1, -1)
+    mask &= anatomy.lung_masks[at.side].astype(np.uint8)
+    canvas -= _soft(mask, 1.0 * size / 256) * 0.2
+    edge = cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((2, 2), np.uint8))
+    canvas += edge * 0.25
+    return mask
+
+
+_LUNG_FINDINGS = {
+    "Atelectasis": _draw_atelectasis,
+    "Effusion": _draw_effusion,
+    "Nodule": lambda rng, canvas, anatomy, at: _draw_nodule_or_mass(rng, canvas, anatomy, at, 0.012),
+    "Mass": lambda rng, canvas, anatomy, at: _draw_nodule_or_mass(rng, canvas, anatomy, at, 0.03),
+    "Infiltration": _draw_infiltration,
+    "Pneumothorax": _draw_pneumothorax,
+}
+
+
 def _draw_finding(
     rng: np.random.Generator, canvas: np.ndarray, anatomy: Anatomy, finding: str, side: Optional[int] = None
 ) -> Optional[list[float]]:
     """Add one finding to the attenuation map; return its tight box."""
-    size = anatomy.size
-    scale = size / 256
-    mask = np.zeros((size, size), dtype=np.uint8)
     if finding == "Cardiomegaly":
-        hx, hy, hw, hh = anatomy.heart
-        _, _, w, h = _box_from_stats(rng, finding, size)
-        new_w, new_h = max(w / 2, hw * 1.3), max(h / 2, hh * 1.2)
-        cv2.ellipse(mask, (int(hx + (new_w - hw) * 0.4), int(hy)), (int(new_w), int(new_h)), 0, 0, 360, 1, -1)
-        normal = np.zeros_like(mask)
-        cv2.ellipse(normal, (int(hx), int(hy)), (int(hw), int(hh)), 0, 0, 360, 1, -1)
-        # The enlarged silhouette: density added where the heart now reaches beyond its normal outline.
-        canvas += _soft(mask & (1 - normal), 2.0 * scale) * 0.42
-        return _lesion_box(mask)
-    cx, cy, w, h = _box_from_stats(rng, finding, size)
+        return _lesion_box(_draw_cardiomegaly(rng, canvas, anatomy))
+    if finding not in _LUNG_FINDINGS:
+        raise ValueError(f"unknown finding {finding!r}")
+    cx, cy, w, h = _box_from_stats(rng, finding, anatomy.size)
     if side is not None:
         cx = anatomy.lung_inner[side] + (anatomy.lung_outer[side] - anatomy.lung_inner[side]) * rng.uniform(0.25, 0.8)
     side, cx, cy = _in_lung(anatomy, cx, cy)
-    lung = anatomy.lung_masks[side]
-    if finding == "Atelectasis":
-        # Plate-like band or wedge, mostly horizontal, in the lower or middle zone.
-        length, thick = max(w, size * 0.1), max(h * rng.uniform(0.35, 0.7), size * 0.04)
-        angle = rng.normal(0, 12)
-        if rng.random() < 0.5:
-            cv2.ellipse(mask, (int(cx), int(cy)), (int(length / 2), int(thick / 2)), angle, 0, 360, 1, -1)
-        else:
-            lateral = anatomy.lung_outer[side]
-            tip = (cx + (cx - lateral) * 0.4, cy)
-            wedge = np.array([(lateral, cy - thick), (lateral, cy + thick), tip], dtype=np.int32)
-            cv2.fillPoly(mask, [wedge], 1)
-        mask &= lung.astype(np.uint8)
-        canvas += _soft(mask, 1.5 * scale) * rng.uniform(0.38, 0.48)
-    elif finding == "Effusion":
-        # Fluid in the costophrenic angle with a meniscus rising laterally.
-        height = max(h * rng.uniform(0.5, 0.8), size * 0.06)
-        dome = anatomy.dome_y[side]
-        ys = np.arange(size)[:, None]
-        xs = np.arange(size)[None, :]
-        lateral, medial = anatomy.lung_outer[side], anatomy.lung_inner[side]
-        t = np.clip((xs - medial) / (lateral - medial), 0, 1)  # 0 medial .. 1 lateral
-        surface = dome + size * 0.06 - height * t**1.5
-        mask = ((ys >= surface) & lung).astype(np.uint8)
-        canvas += _soft(mask, 1.5 * scale) * rng.uniform(0.38, 0.48)
-    elif finding in ("Nodule", "Mass"):
-        radius = max(min(w, h) / 2, size * (0.012 if finding == "Nodule" else 0.03))
-        cv2.circle(mask, (int(cx), int(cy)), int(radius), 1, -1)
-        mask &= lung.astype(np.uint8)
-        canvas += _soft(mask, 1.0 * scale) * rng.uniform(0.38, 0.48)
-    elif finding == "Infiltration":
-        cloud = np.zeros((size, size), dtype=np.float32)
-        for _ in range(rng.integers(4, 8)):
-            px, py = cx + rng.normal(0, w / 4), cy + rng.normal(0, h / 4)
-            cv2.circle(cloud, (int(px), int(py)), int(max(size * 0.02, rng.uniform(0.15, 0.3) * min(w, h))), 1.0, -1)
-        cloud = cv2.GaussianBlur(cloud, (0, 0), 3 * scale) * (0.7 + 0.3 * _smooth_noise(rng, size, 32))
-        cloud *= lung
-        mask = (cloud > 0.25).astype(np.uint8)
-        canvas += np.clip(cloud, 0, 1) * rng.uniform(0.32, 0.42)
-    elif finding == "Pneumothorax":
-        # Apical/lateral air without lung markings, bounded by a thin visceral pleural line.
-        axes = (int(max(w / 2, size * 0.05)), int(max(h / 2, size * 0.06)))
-        center = (
-            int(anatomy.lung_outer[side] + (anatomy.lung_inner[side] - anatomy.lung_outer[side]) * 0.2),
-            int(anatomy.lung_top + axes[1] * 0.8),
-        )
-        cv2.ellipse(mask, center, axes, 0, 0, 360, 1, -1)
-        mask &= lung.astype(np.uint8)
-        canvas -= _soft(mask, 1.0 * scale) * 0.2
-        edge = cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((2, 2), np.uint8))
-        canvas += edge * 0.25
-    else:
-        raise ValueError(f"unknown finding {finding!r}")
-    return _lesion_box(mask)
+    return _lesion_box(_LUNG_FINDINGS[finding](rng, canvas, anatomy, _Placement(side, cx, cy, w, h)))
 
 
 def _draw_distractors(rng: np.random.Generator, canvas: np.ndarray, anatomy: Anatomy) -> None:

@@ -187,6 +187,32 @@ def build_bbox_table(metadata: pd.DataFrame, boxes: pd.DataFrame) -> pd.DataFram
     return table.reset_index(drop=True)
 
 
+def _labelled_table(
+    metadata: pd.DataFrame, view: str, keep_mixed: bool, max_age: int, removals: dict[str, int]
+) -> pd.DataFrame:
+    """The metadata labelled by the class rule, filtered by view and plausible age; what each step
+    removed is counted in `removals`."""
+    labels = metadata["Finding Labels"].map(lambda f: three_class_label(f, keep_mixed))
+    removals["mixed_atelectasis"] = int(labels.isna().sum())
+    table = metadata.assign(label=labels)[labels.notna()].copy()
+    table["label"] = table["label"].astype(int)
+    if view.upper() != "ALL":
+        keep = table["view"] == view.upper()
+        removals[f"view_not_{view.upper()}"] = int((~keep).sum())
+        table = table[keep]
+    implausible = table["age"].isna() | (table["age"] < 0) | (table["age"] > max_age)
+    removals["implausible_age"] = int(implausible.sum())
+    if implausible.any():
+        logger.warning(
+            "dropping %d images with implausible ages: %s",
+            int(implausible.sum()),
+            table.loc[implausible, "age"].tolist()[:10],
+        )
+    table = table[~implausible].copy()
+    table["age"] = table["age"].astype(int)
+    return table
+
+
 def build_manifest(
     metadata_csv: str | Path,
     bbox_csv: Optional[str | Path] = None,
@@ -209,24 +235,7 @@ def build_manifest(
     """
     metadata = read_metadata(metadata_csv)
     removals: dict[str, int] = {}
-    labels = metadata["Finding Labels"].map(lambda f: three_class_label(f, keep_mixed))
-    removals["mixed_atelectasis"] = int(labels.isna().sum())
-    table = metadata.assign(label=labels)[labels.notna()].copy()
-    table["label"] = table["label"].astype(int)
-    if view.upper() != "ALL":
-        keep = table["view"] == view.upper()
-        removals[f"view_not_{view.upper()}"] = int((~keep).sum())
-        table = table[keep]
-    implausible = table["age"].isna() | (table["age"] < 0) | (table["age"] > max_age)
-    removals["implausible_age"] = int(implausible.sum())
-    if implausible.any():
-        logger.warning(
-            "dropping %d images with implausible ages: %s",
-            int(implausible.sum()),
-            table.loc[implausible, "age"].tolist()[:10],
-        )
-    table = table[~implausible].copy()
-    table["age"] = table["age"].astype(int)
+    table = _labelled_table(metadata, view, keep_mixed, max_age, removals)
     before = len(table)
     table = stratified_sample(table, per_class=per_class, total=total, seed=seed)
     removals["balancing"] = before - len(table)
