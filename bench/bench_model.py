@@ -121,17 +121,8 @@ def top_kernels(step: Callable, args: argparse.Namespace, count: int = 12) -> li
     ]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    args = parse_args(argv)
-    torch.manual_seed(0)
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    variants = args.variants.split(",")
-    if args.compile:
-        variants += [f"{v}_compiled" for v in variants if v != "eager"]
+def warm_runners(variants: list[str], args, cuda: bool) -> tuple[dict, dict, dict, dict]:
+    """Build each variant, run two warm-up steps of each mode; (runners, solvers, train peak, infer peak)."""
     runners: dict[str, dict[str, Callable]] = {}
     solvers: dict[str, str] = {}
     peak_memory: dict[str, float] = {}
@@ -154,6 +145,46 @@ def main(argv: list[str] | None = None) -> dict:
             infer_peak_memory[variant] = torch.cuda.max_memory_allocated() / 2**30
         runners[variant] = {"train": train_step, "infer": infer_step}
         logger.info("built and warmed %s", variant)
+    return runners, solvers, peak_memory, infer_peak_memory
+
+
+def ratios_to_timm(results: dict[str, dict], peak_memory: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Each variant's throughput (and training peak memory) over timm's, eager against eager and compiled
+    against compiled."""
+
+    def reference(variant: str) -> str:
+        return "timm_compiled" if variant.endswith("_compiled") else "timm"
+
+    ratios: dict[str, dict[str, float]] = {"train_vs_timm": {}, "infer_vs_timm": {}}
+    for variant in results:
+        if variant.removesuffix("_compiled") == "timm":
+            continue
+        for mode in ("train", "infer"):
+            ratios[f"{mode}_vs_timm"][variant] = round(
+                results[variant][f"{mode}_img_s"] / results[reference(variant)][f"{mode}_img_s"], 3
+            )
+    memory_ratios = {
+        variant: round(peak_memory[variant] / peak_memory[reference(variant)], 3)
+        for variant in peak_memory
+        if not variant.startswith("timm") and ("timm" in peak_memory)
+    }
+    if memory_ratios:
+        ratios["train_peak_mem_vs_timm"] = memory_ratios
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    variants = args.variants.split(",")
+    if args.compile:
+        variants += [f"{v}_compiled" for v in variants if v != "eager"]
+    runners, solvers, peak_memory, infer_peak_memory = warm_runners(variants, args, cuda)
     seconds: dict[str, dict[str, list[float]]] = {v: {"train": [], "infer": []} for v in variants}
     for round_index in range(args.rounds):
         for variant in variants:
@@ -170,27 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
         for variant in variants
     }
-    ratios: dict[str, dict[str, float]] = {"train_vs_timm": {}, "infer_vs_timm": {}}
-    for variant in variants:
-        if variant.removesuffix("_compiled") == "timm":
-            continue
-        reference = results["timm_compiled" if variant.endswith("_compiled") else "timm"]
-        for mode in ("train", "infer"):
-            ratios[f"{mode}_vs_timm"][variant] = round(
-                results[variant][f"{mode}_img_s"] / reference[f"{mode}_img_s"], 3
-            )
-    memory_ratios = {
-        variant: round(
-            peak_memory[variant] / peak_memory["timm_compiled" if variant.endswith("_compiled") else "timm"], 3
-        )
-        for variant in peak_memory
-        if not variant.startswith("timm") and ("timm" in peak_memory)
-    }
-    if memory_ratios:
-        ratios["train_peak_mem_vs_timm"] = memory_ratios
-    device_name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
     report = {
-        "device": device_name,
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
         "config": {
             "preset": args.preset,
             "image_size": args.image_size,
@@ -202,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "scm_solver": solvers,
         "results": results,
-        "ratios": ratios,
+        "ratios": ratios_to_timm(results, peak_memory),
     }
     if args.profile:
         report["profile"] = {v: top_kernels(runners[v]["train"], args) for v in variants if not v.endswith("_compiled")}

@@ -17,6 +17,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -87,16 +88,9 @@ def make_step(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch
     return step
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.manual_seed(0)
-    if args.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-    cache_dir = Path(tempfile.mkdtemp(prefix="bench_cache_"))
-    try:
-        split, rates = build_cache(args, cache_dir)
-    finally:
-        shutil.rmtree(cache_dir, ignore_errors=True)
+def make_runs(args, split: wsol_data.PreparedSplit) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Two ways of running `args.steps` training steps of one model: from the uint8 cache through the
+    loader, augmentation and normalization (the real path), and on tensors already on the device."""
     config = DeiTSCMConfig.from_preset(args.preset, args.scm_variant, image_size=args.image_size)
     model = DeiTSCMForImageClassification(config).to(args.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -123,6 +117,20 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.steps):
             step(synthetic, synthetic_labels)
 
+    return from_cache, from_memory
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    cache_dir = Path(tempfile.mkdtemp(prefix="bench_cache_"))
+    try:
+        split, rates = build_cache(args, cache_dir)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    from_cache, from_memory = make_runs(args, split)
     from_memory()  # warm-up (and compilation)
     from_cache()
     cache_times, memory_times = [], []
