@@ -146,6 +146,13 @@ class DeiTSCMConfig(PretrainedConfig):
             already looks at objects. From scratch nothing asks the CLS query to look anywhere in
             particular (only the SCM diffusion reads F0), so F0 settles on a fixed spot; a CLS loss makes
             the CLS token gather the evidence of the class, i.e. attend to the finding.
+        attention_locality (`float`, defaults to 0.0): a learnable penalty on attention logits that grows with
+            the distance between two patches on the grid, -m_h * d(i, j) (the CLS token is at distance 0 from
+            every patch), per head h with slopes starting at attention_locality * 4^-h; 0 (DeiT, the paper)
+            adds nothing. The 2D form of ALiBi (Press et al., ICLR 2022), a soft convolutional prior in the
+            spirit of ConViT (d'Ascoli et al., ICML 2021): a head can still learn to look far (its slope
+            decays), but from scratch a patch token starts by mixing its neighbours, so a lesion's evidence
+            stays near the lesion instead of reaching every token after the first layer.
         class_weights (`list[float]`, *optional*): per-class weights of the cross-entropy loss.
         label_smoothing (`float`, defaults to 0.0): label smoothing of the cross-entropy loss.
         id2label / label2id: defaults to Atelectasis / Other_pathologies / No_pathologies.
@@ -183,6 +190,7 @@ class DeiTSCMConfig(PretrainedConfig):
         scm_lse_r: float = 5.0,
         scm_lse_learnable: bool = False,
         cls_loss_weight: float = 0.0,
+        attention_locality: float = 0.0,
         class_weights: Optional[Sequence[float]] = None,
         label_smoothing: float = 0.0,
         **kwargs: Any,
@@ -249,13 +257,15 @@ class DeiTSCMConfig(PretrainedConfig):
         self._validate_training_fields()
 
     def _validate_training_fields(self) -> None:
-        """SCM constants, loss weights, dropout rates and class weights."""
+        """SCM constants, the attention locality, loss weights, dropout rates and class weights."""
         if not 0.0 < self.scm_schulz_alpha:
             raise ValueError(f"scm_schulz_alpha must be positive, got {self.scm_schulz_alpha!r}")
         if self.scm_beta_init == 0:
             raise ValueError("scm_beta_init must be non-zero (it divides the diffused map)")
         if not (isinstance(self.cls_loss_weight, (int, float)) and 0.0 <= float(self.cls_loss_weight) < float("inf")):
             raise ValueError(f"cls_loss_weight must be a finite number >= 0, got {self.cls_loss_weight!r}")
+        if not (isinstance(self.attention_locality, (int, float)) and 0.0 <= float(self.attention_locality) < 1e3):
+            raise ValueError(f"attention_locality must be a number in [0, 1000), got {self.attention_locality!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):

@@ -202,6 +202,9 @@ class DeiTSCMAttention(nn.Module):
     row, it is recomputed from this layer's own q and K: softmax(q_cls K^T / sqrt(d)), mean over
     heads. That is one row per head instead of the full (N+1)^2 matrix, so the fused kernel stays
     in use. `fused_attn = False` switches to the explicit softmax(QK^T)V path, kept for testing.
+
+    With `config.attention_locality > 0` every head adds -m_h * d(i, j) to its logits (`distances`, the grid
+    distance of two tokens), m_h = softplus(learned) starting at attention_locality * 4^-h.
     """
 
     def __init__(self, config: DeiTSCMConfig) -> None:
@@ -214,22 +217,37 @@ class DeiTSCMAttention(nn.Module):
         self.attention_dropout = config.attention_probs_dropout_prob
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.fused_attn = True
+        self.locality_slope = None
+        if float(config.attention_locality) > 0:
+            slopes = float(config.attention_locality) * 4.0 ** -torch.arange(self.num_heads, dtype=torch.float32)
+            self.locality_slope = nn.Parameter(torch.log(torch.expm1(slopes)))  # softplus^-1
+
+    def locality_bias(self, distances: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """(heads, N+1, N+1) additive attention bias, or None without locality."""
+        if self.locality_slope is None or distances is None:
+            return None
+        return -F.softplus(self.locality_slope).view(-1, 1, 1) * distances
 
     def forward(
-        self, hidden: torch.Tensor, need_cls_attention: bool = False
+        self, hidden: torch.Tensor, need_cls_attention: bool = False, distances: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch, tokens, dim = hidden.shape
         qkv = self.qkv(hidden).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         dropout = self.attention_dropout if self.training else 0.0
         cls_attention = None
+        bias = self.locality_bias(distances)
         if self.fused_attn:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            mask = bias.to(q.dtype) if bias is not None else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
             if need_cls_attention:
                 scores = (q[:, :, :1].float() * self.scale) @ k.float().transpose(-2, -1)
+                if bias is not None:
+                    scores = scores + bias[:, :1].float()
                 cls_attention = scores.softmax(dim=-1).mean(dim=1)[:, 0]
         else:
-            probs = ((q * self.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+            scores = ((q * self.scale) @ k.transpose(-2, -1)).float()
+            probs = (scores + bias.float() if bias is not None else scores).softmax(dim=-1)
             if need_cls_attention:
                 cls_attention = probs[:, :, 0].mean(dim=1)
             probs = F.dropout(probs.to(v.dtype), p=dropout, training=self.training)
@@ -277,18 +295,29 @@ class DeiTSCMLayer(nn.Module):
         self.drop_path = DeiTSCMDropPath(drop_path)
 
     def forward(
-        self, hidden: torch.Tensor, need_cls_attention: bool = False
+        self, hidden: torch.Tensor, need_cls_attention: bool = False, distances: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        attended, cls_attention = self.attention(self.layernorm_before(hidden), need_cls_attention)
+        attended, cls_attention = self.attention(self.layernorm_before(hidden), need_cls_attention, distances)
         hidden = hidden + self.drop_path(attended)
         hidden = hidden + self.drop_path(self.mlp(self.layernorm_after(hidden)))
         return hidden, cls_attention
+
+
+def token_distances(grid: tuple[int, int], device: Optional[torch.device] = None) -> torch.Tensor:
+    """(N+1, N+1) Euclidean distances between the tokens' grid positions, in patches (row-major patches
+    after the CLS token, which is at distance 0 from every token)."""
+    rows, columns = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    points = torch.stack([rows.flatten(), columns.flatten()], dim=1).float()
+    distances = torch.zeros(len(points) + 1, len(points) + 1)
+    distances[1:, 1:] = torch.cdist(points, points)
+    return distances.to(device)
 
 
 class DeiTSCMEncoder(nn.Module):
     def __init__(self, config: DeiTSCMConfig) -> None:
         super().__init__()
         rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.local = float(config.attention_locality) > 0
         self.layer = nn.ModuleList([DeiTSCMLayer(config, rate) for rate in rates])
         last = config.num_hidden_layers - 1
         self.attention_layers = (
@@ -296,12 +325,14 @@ class DeiTSCMEncoder(nn.Module):
         )
 
     def forward(
-        self, hidden: torch.Tensor, output_hidden_states: bool = False
+        self, hidden: torch.Tensor, output_hidden_states: bool = False, grid: Optional[tuple[int, int]] = None
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+        """`grid` (rows, columns) of the patch tokens: needed only with `attention_locality`."""
         all_hidden = (hidden,) if output_hidden_states else None
         cls_attention = None
+        distances = token_distances(grid, hidden.device) if self.local and grid is not None else None
         for index, layer in enumerate(self.layer):
-            hidden, row = layer(hidden, need_cls_attention=index in self.attention_layers)
+            hidden, row = layer(hidden, need_cls_attention=index in self.attention_layers, distances=distances)
             if row is not None:
                 cls_attention = row if cls_attention is None else cls_attention + row
             if output_hidden_states:
@@ -550,7 +581,7 @@ _AUTO_MAP = {
 }
 
 # Parameters that take no weight decay besides biases and norm weights.
-_NO_DECAY_NAMES = ("cls_token", "position_embeddings", "lam", "beta", "log_r")
+_NO_DECAY_NAMES = ("cls_token", "position_embeddings", "lam", "beta", "log_r", "locality_slope")
 
 
 class DeiTSCMPreTrainedModel(PreTrainedModel):
@@ -614,7 +645,7 @@ class DeiTSCMModel(DeiTSCMPreTrainedModel):
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], Optional[tuple[torch.Tensor, ...]]]:
         """Tokens after the final norm, CLS attention (B, N), patch grid (h, w), hidden states."""
         hidden, grid = self.embeddings(pixel_values)
-        hidden, cls_attention, all_hidden = self.encoder(hidden, output_hidden_states)
+        hidden, cls_attention, all_hidden = self.encoder(hidden, output_hidden_states, grid)
         return self.layernorm(hidden), cls_attention, grid, all_hidden
 
     def forward(
@@ -779,4 +810,5 @@ __all__ = [
     "minmax_normalize",
     "select_class_maps",
     "interpolate_position_embeddings",
+    "token_distances",
 ]

@@ -36,6 +36,8 @@ ARMS: dict[str, list[str]] = {
     "no_scm": ["--scm_variant", "cxr", "--config_overrides", "scm_num_blocks=0"],
     # SCM cxr with the auxiliary CLS-token loss, which trains the attention F0 from scratch.
     "cxr_cls": ["--scm_variant", "cxr", "--config_overrides", "cls_loss_weight=1.0"],
+    # SCM cxr with a learnable distance penalty on the attention logits (local attention from scratch).
+    "cxr_local": ["--scm_variant", "cxr", "--config_overrides", "attention_locality=1.0"],
 }
 MAPS = ("scm", "semantic", "attention", "random", "full_image", "train_mean_box")
 MAP_NAMES = {
@@ -164,7 +166,7 @@ def markdown(table: dict[str, dict[str, tuple[float, float]]], seeds: list[int])
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="bench/ablation_runs")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=["cxr", "paper", "no_scm"], choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (the cores are split between them)")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more run_wsol.py flags, after --")

@@ -18,6 +18,7 @@ from modeling_deit_scm import (
     GridOperator,
     interpolate_position_embeddings,
     select_class_maps,
+    token_distances,
 )
 
 
@@ -569,6 +570,59 @@ def test_cls_loss_adds_a_weighted_cross_entropy_on_the_cls_token():
     assert model.deit.encoder.layer[-1].attention.qkv.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="cls_loss_weight"):
         DeiTSCMConfig(cls_loss_weight=-1.0)
+
+
+def test_token_distances_are_grid_distances_with_the_cls_token_at_zero():
+    distances = token_distances((2, 3))
+    assert distances.shape == (7, 7)
+    assert torch.equal(distances[0], torch.zeros(7)) and torch.equal(distances[:, 0], torch.zeros(7))
+    # patch (0, 0) is token 1, (0, 2) is token 3, (1, 2) is token 6
+    assert distances[1, 3].item() == 2.0 and distances[1, 6].item() == pytest.approx(5**0.5)
+    assert torch.equal(distances, distances.T)
+
+
+def test_attention_locality_makes_near_patches_weigh_more_and_stays_learnable():
+    torch.manual_seed(0)
+    pixels, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    plain = tiny_model()
+    assert all(layer.attention.locality_slope is None for layer in plain.deit.encoder.layer)
+    local = DeiTSCMForImageClassification(tiny_config(attention_locality=1.0))
+    local.load_state_dict(plain.state_dict(), strict=False)
+    attention = local.deit.encoder.layer[0].attention
+    # slopes start at 1, 1/4, 1/16, 1/64 (one per head), positive through softplus
+    torch.testing.assert_close(F.softplus(attention.locality_slope), torch.tensor([1.0, 0.25, 0.0625, 0.015625]))
+    # With identical keys every logit is equal, so the weights are the bias alone: exp(-m d), normalized.
+    attention.qkv.weight.data.zero_()
+    attention.qkv.bias.data.zero_()
+    hidden = torch.randn(1, 17, 32)
+    distances = token_distances((4, 4))
+    bias = attention.locality_bias(distances)
+    weights = bias.softmax(dim=-1)
+    centre = 1 + 5  # patch (1, 1)
+    assert weights[0, centre, centre] > weights[0, centre, 1 + 6] > weights[0, centre, 1 + 15]
+    # the fused and explicit paths agree with the bias
+    fused, _ = attention(hidden, distances=distances)
+    attention.fused_attn = False
+    explicit, _ = attention(hidden, distances=distances)
+    torch.testing.assert_close(fused, explicit)
+    # 0 = off: the same model as one built without the field
+    off = DeiTSCMForImageClassification(tiny_config(attention_locality=0.0)).eval()
+    off.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(off(pixels).logits, plain.eval()(pixels).logits, rtol=0, atol=0)
+    # and on: different logits, a gradient for every layer's slopes
+    fresh = DeiTSCMForImageClassification(tiny_config(attention_locality=1.0))
+    fresh.load_state_dict(plain.state_dict(), strict=False)
+    assert not torch.allclose(fresh.eval()(pixels).logits, plain(pixels).logits)
+    fresh.train()
+    fresh(pixels, labels=labels).loss.backward()
+    for layer in fresh.deit.encoder.layer:
+        assert layer.attention.locality_slope.grad.abs().sum() > 0
+    # the slopes take no weight decay
+    no_decay = [g for g in local.parameter_groups() if g["weight_decay"] == 0.0]
+    assert any(p is attention.locality_slope for g in no_decay for p in g["params"])
+    for bad in (-1.0, float("nan"), "near"):
+        with pytest.raises(ValueError, match="attention_locality"):
+            tiny_config(attention_locality=bad)
 
 
 def test_save_pretrained_writes_safetensors_and_auto_map(tmp_path):
