@@ -567,7 +567,8 @@ class CXRImageProcessor(BaseImageProcessor):
     def normalization(self) -> tuple[np.ndarray, np.ndarray]:
         """Per channel (scale, shift), float32, such that a uint8 level v becomes `v * scale - shift`:
         rescale and normalize folded into one affine map. The one definition of the normalization: the
-        processor's lookup table and the training loop's batched version (`run_wsol`) both come from it."""
+        processor's lookup table and the training loop's batched version (`wsol_data.PixelNormalizer`)
+        both come from it."""
         channels = self.num_channels
         mean = np.asarray(self.image_mean[:channels] if self.do_normalize else [0.0] * channels, dtype=np.float64)
         std = np.asarray(self.image_std[:channels] if self.do_normalize else [1.0] * channels, dtype=np.float64)

@@ -306,11 +306,15 @@ class DeiTSCMLayer(nn.Module):
 def token_distances(grid: tuple[int, int], device: Optional[torch.device] = None) -> torch.Tensor:
     """(N+1, N+1) Euclidean distances between the tokens' grid positions, in patches (row-major patches
     after the CLS token, which is at distance 0 from every token)."""
-    rows, columns = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    # Built where it is used (no host-to-device copy each forward) and from exact differences: cdist's
+    # matrix-product path rounds, so a token's distance to itself could come out non-zero on some devices.
+    rows, columns = torch.meshgrid(
+        torch.arange(grid[0], device=device), torch.arange(grid[1], device=device), indexing="ij"
+    )
     points = torch.stack([rows.flatten(), columns.flatten()], dim=1).float()
-    distances = torch.zeros(len(points) + 1, len(points) + 1)
-    distances[1:, 1:] = torch.cdist(points, points)
-    return distances.to(device)
+    distances = torch.zeros(len(points) + 1, len(points) + 1, device=device)
+    distances[1:, 1:] = (points[:, None] - points[None]).pow(2).sum(-1).sqrt()
+    return distances
 
 
 class DeiTSCMEncoder(nn.Module):
