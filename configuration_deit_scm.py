@@ -46,6 +46,7 @@ SCM_VARIANTS: dict[str, dict[str, Any]] = {
         "class_weights": None,
         "label_smoothing": 0.0,
         "scm_pooling": "mean",
+        "head_kernel_size": 3,
     },
     # This project's chest X-ray defaults (the original training scripts): last-layer attention only,
     # lambda 2, beta 0.1, four blocks of four diffusion steps, class weights for the imbalanced
@@ -72,6 +73,7 @@ _CONNECTIVITY_CHOICES = (4, 8)
 _SOLVER_CHOICES = ("polynomial", "newton_schulz", "polynomial_full_gradient")
 _POOLING_CHOICES = ("mean", "lse")
 _PATCH_EMBEDDING_CHOICES = ("patch", "conv_stem")
+_CONV_STEM_KERNELS = (3, 4)
 
 
 def _pair(value: Union[int, Sequence[int]]) -> tuple[int, int]:
@@ -111,6 +113,12 @@ class DeiTSCMConfig(PretrainedConfig):
             Xiao et al., "Early Convolutions Help Transformers See Better" (NeurIPS 2021): a transformer
             trained from scratch on a few thousand images learns far faster with it. Needs a
             power-of-two patch size.
+        conv_stem_kernel_size (`int`, defaults to 3): kernel side of the stem's stride-2 convolutions (padding 1):
+            3 (Xiao et al.) or 4. With 3, each stage centres its output half a step before the centre of the
+            two inputs it replaces, so a token's receptive field is centred (patch_size - 1) / 2 pixels up
+            and left of its patch's centre (3.5 px at patch 8), while every consumer of the grid (SCM's
+            graph, the processor's map-to-image transform, wsolevaluation's resize) puts the token at the
+            patch centre: the maps land shifted by almost half a cell. With 4 the centres coincide exactly.
         initializer_range (`float`, defaults to 0.02): std of the truncated-normal initializer.
         scm_num_blocks (`int`, defaults to 4): SCM diffusion blocks run in training.
         scm_lambda_init (`float`, defaults to 1.0): initial lambda of each block (learnable; scales the
@@ -153,6 +161,11 @@ class DeiTSCMConfig(PretrainedConfig):
             spirit of ConViT (d'Ascoli et al., ICML 2021): a head can still learn to look far (its slope
             decays), but from scratch a patch token starts by mixing its neighbours, so a lesion's evidence
             stays near the lesion instead of reaching every token after the first layer.
+        head_kernel_size (`int`, defaults to 3): side of the convolution that turns the final patch tokens
+            into the class maps S0 (odd; same padding). 3 is TS-CAM's and the SCM code's head. 1 makes S0 a
+            per-token linear classifier, the CAM of Zhou et al. (CVPR 2016): a token's class score then
+            depends on that token alone, not on its eight neighbours, so S0 cannot place a finding's
+            evidence one cell beside it.
         class_weights (`list[float]`, *optional*): per-class weights of the cross-entropy loss.
         label_smoothing (`float`, defaults to 0.0): label smoothing of the cross-entropy loss.
         id2label / label2id: defaults to Atelectasis / Other_pathologies / No_pathologies.
@@ -177,6 +190,7 @@ class DeiTSCMConfig(PretrainedConfig):
         drop_path_rate: float = 0.0,
         initializer_range: float = 0.02,
         patch_embedding: str = "patch",
+        conv_stem_kernel_size: int = 3,
         scm_num_blocks: int = 4,
         scm_lambda_init: float = 1.0,
         scm_beta_init: float = 0.5,
@@ -191,6 +205,7 @@ class DeiTSCMConfig(PretrainedConfig):
         scm_lse_learnable: bool = False,
         cls_loss_weight: float = 0.0,
         attention_locality: float = 0.0,
+        head_kernel_size: int = 3,
         class_weights: Optional[Sequence[float]] = None,
         label_smoothing: float = 0.0,
         **kwargs: Any,
@@ -222,11 +237,14 @@ class DeiTSCMConfig(PretrainedConfig):
             ("image_size", min(image_hw)),
             ("scm_first_block_iterations", self.scm_first_block_iterations),
             ("scm_iterations", self.scm_iterations),
+            ("head_kernel_size", self.head_kernel_size),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.scm_num_blocks, int) or self.scm_num_blocks < 0:
             raise ValueError(f"scm_num_blocks must be a non-negative integer, got {self.scm_num_blocks!r}")
+        if self.head_kernel_size % 2 == 0:
+            raise ValueError(f"head_kernel_size must be odd (the maps keep the grid), got {self.head_kernel_size}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -248,6 +266,10 @@ class DeiTSCMConfig(PretrainedConfig):
             raise ValueError(f"scm_lse_r must be a positive finite number, got {self.scm_lse_r!r}")
         if self.patch_embedding not in _PATCH_EMBEDDING_CHOICES:
             raise ValueError(f"patch_embedding must be one of {_PATCH_EMBEDDING_CHOICES}, got {self.patch_embedding!r}")
+        if self.conv_stem_kernel_size not in _CONV_STEM_KERNELS:
+            raise ValueError(
+                f"conv_stem_kernel_size must be one of {_CONV_STEM_KERNELS}, got {self.conv_stem_kernel_size!r}"
+            )
         if self.patch_embedding == "conv_stem":
             for side in patch_hw:
                 if side < 2 or side & (side - 1):

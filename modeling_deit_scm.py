@@ -145,9 +145,10 @@ class DeiTSCMPatchEmbeddings(nn.Module):
 class DeiTSCMConvStem(nn.Module):
     """Convolutional stem in place of the patch projection (Xiao et al., NeurIPS 2021).
 
-    log2(patch) stages of Conv3x3 stride 2 + BatchNorm + ReLU, widths doubling up to `hidden_size`, then
-    a 1x1 convolution to the token width: the same grid as the patch projection, with overlapping,
-    translation-aware receptive fields that a from-scratch transformer otherwise learns slowly.
+    log2(patch) stages of Conv kxk stride 2 padding 1 + BatchNorm + ReLU, widths doubling up to
+    `hidden_size`, then a 1x1 convolution to the token width: the same grid as the patch projection, with
+    overlapping, translation-aware receptive fields that a from-scratch transformer otherwise learns slowly.
+    k = 3 is Xiao et al.'s stem; k = 4 (`config.conv_stem_kernel_size`) centres every token on its patch.
     """
 
     def __init__(self, config: DeiTSCMConfig) -> None:
@@ -155,13 +156,22 @@ class DeiTSCMConvStem(nn.Module):
         patch = _pair(config.patch_size)
         self.num_channels = config.num_channels
         stages = max(patch).bit_length() - 1
+        kernel = config.conv_stem_kernel_size
         layers: list[nn.Module] = []
         channels = config.num_channels
         for index in range(stages):
             stride = tuple(2 if (side >> index) > 1 else 1 for side in patch)
             width = max(config.hidden_size >> (stages - 1 - index), 8)
             layers += [
-                nn.Conv2d(channels, width, kernel_size=3, stride=stride, padding=1, bias=False),
+                # A stride-1 side (non-square patches) keeps the 3-wide kernel: 4 would shrink the grid.
+                nn.Conv2d(
+                    channels,
+                    width,
+                    kernel_size=tuple(kernel if step == 2 else 3 for step in stride),
+                    stride=stride,
+                    padding=1,
+                    bias=False,
+                ),
                 nn.BatchNorm2d(width),
                 nn.ReLU(inplace=True),
             ]
@@ -671,7 +681,8 @@ class DeiTSCMModel(DeiTSCMPreTrainedModel):
 class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
     """DeiT + conv head + SCM: classification and per-class localization maps from image labels.
 
-    * S0 = Conv3x3(hidden -> num_labels) over the final-LayerNorm patch tokens (TS-CAM's head).
+    * S0 = Conv(hidden -> num_labels) over the final-LayerNorm patch tokens: 3x3 as TS-CAM's head, or
+      1x1 (`config.head_kernel_size`), a per-token classifier.
     * F0 = minmax(sum over the selected layers of the head-mean CLS->patch attention).
     * Training (or `run_scm=True`): the SCM blocks calibrate (S, F); logits = pooled S (global
       average, or log-sum-exp: `config.scm_pooling`).
@@ -685,7 +696,8 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.deit = DeiTSCMModel(config)
-        self.head = nn.Conv2d(config.hidden_size, config.num_labels, kernel_size=3, padding=1)
+        kernel = config.head_kernel_size
+        self.head = nn.Conv2d(config.hidden_size, config.num_labels, kernel_size=kernel, padding=kernel // 2)
         self.scm = DeiTSCMSpatialCalibration(config)
         self.pooling = DeiTSCMClassPooling(config)
         self.cls_classifier = (

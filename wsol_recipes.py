@@ -111,7 +111,9 @@ RECIPES: dict[str, Recipe] = {
         per_device_train_batch_size=32,
         early_stopping_patience=0,
         scm_warmup_fraction=0.5,
-        config={"patch_embedding": "conv_stem"},
+        # The convolutional stem with 4-wide kernels: every token centred on its patch (a 3-wide stem
+        # shifts the maps by 3.5 px at 96x96, a third of a median finding's width; bench/RESULTS.md).
+        config={"patch_embedding": "conv_stem", "conv_stem_kernel_size": 4},
         sources={"*": "measured on the phantoms' validation split (bench/RESULTS.md)"},
     ),
 }

@@ -487,6 +487,50 @@ class TestTrainEval:
         assert (bias != 0).all()
 
 
+class TestHeadKernel:
+    @staticmethod
+    def maps_after_changing_one_token(kernel: int) -> torch.Tensor:
+        """|S0 change| (h, w) when only the final token of grid cell (1, 2) changes (model in eval)."""
+        model = tiny_model(head_kernel_size=kernel).eval()
+        hidden = torch.randn(1, 32, 4, 4)
+        changed = hidden.clone()
+        changed[0, :, 1, 2] += 5.0
+        with torch.no_grad():
+            return (model.head(changed) - model.head(hidden)).abs().amax(dim=1)[0]
+
+    def test_a_1x1_head_scores_each_token_alone(self):
+        delta = self.maps_after_changing_one_token(1)
+        assert delta[1, 2] > 0
+        delta[1, 2] = 0
+        assert delta.max() == 0
+
+    def test_the_3x3_head_spreads_a_token_to_its_eight_neighbours(self):
+        delta = self.maps_after_changing_one_token(3)
+        moved = (delta > 0).nonzero().tolist()
+        assert sorted(moved) == [[r, c] for r in (0, 1, 2) for c in (1, 2, 3)]
+
+    def test_defaults_presets_and_old_configs(self):
+        assert DeiTSCMConfig().head_kernel_size == 3  # TS-CAM's and the SCM code's head
+        assert DeiTSCMConfig.from_preset("deit-small", "paper").head_kernel_size == 3
+        assert DeiTSCMConfig.from_preset("deit-micro", "cxr").head_kernel_size == 3
+        saved = DeiTSCMConfig().to_dict()
+        del saved["head_kernel_size"]  # a config.json written before the field existed
+        model = DeiTSCMForImageClassification(DeiTSCMConfig.from_dict(saved))
+        assert model.head.kernel_size == (3, 3)
+
+    def test_maps_keep_the_grid_and_the_loss_trains_the_head(self):
+        model = tiny_model(head_kernel_size=1, scm_pooling="lse").train()
+        out = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 2]))
+        assert out.semantic_maps.shape == (2, 3, 4, 4)
+        out.loss.backward()
+        assert model.head.weight.grad.abs().sum() > 0
+
+    @pytest.mark.parametrize("kernel", [0, 2, -1, 1.0, True])
+    def test_bad_kernel_sizes_are_refused(self, kernel):
+        with pytest.raises(ValueError, match="head_kernel_size"):
+            tiny_config(head_kernel_size=kernel)
+
+
 class TestPoolingAndStem:
     def test_mean_pooling_is_the_global_average(self):
         model = tiny_model().eval()
@@ -537,6 +581,45 @@ class TestPoolingAndStem:
             tiny_config(patch_embedding="conv_stem", patch_size=6, image_size=36)
         with pytest.raises(ValueError, match="scm_pooling"):
             tiny_config(scm_pooling="max")
+
+
+class TestConvStemCentring:
+    @staticmethod
+    def receptive_field_centre(kernel: int, patch: int, row: int, column: int) -> tuple[float, float]:
+        """Centre (y, x) in pixel indices of the input pixels that token (row, column) of the stem sees."""
+        torch.manual_seed(0)
+        model = tiny_model(patch_embedding="conv_stem", patch_size=patch, image_size=64, conv_stem_kernel_size=kernel)
+        model.eval()  # BatchNorm in training mode would couple every pixel of the image
+        pixels = torch.randn(1, 3, 64, 64, requires_grad=True)
+        tokens, grid = model.deit.embeddings.patch_embeddings(pixels)
+        tokens[0, row * grid[1] + column].sum().backward()
+        seen = pixels.grad.abs().sum(dim=(0, 1)).nonzero()
+        return tuple(float(seen[:, axis].min() + seen[:, axis].max()) / 2 for axis in (0, 1))
+
+    @pytest.mark.parametrize("patch", [4, 8])
+    def test_the_4_wide_stem_centres_each_token_on_its_patch(self, patch):
+        for row, column in [(1, 1), (2, 5), (5, 2)]:  # tokens whose field the image border does not clip
+            centre = self.receptive_field_centre(4, patch, row, column)
+            # Pixel-index coordinates: the patch covers [patch * i, patch * (i + 1) - 1].
+            assert centre == (patch * row + (patch - 1) / 2, patch * column + (patch - 1) / 2)
+
+    def test_xiao_et_als_3_wide_stem_sits_up_and_left_of_its_patch(self):
+        """Why the field exists: with 3x3 kernels token (2, 5) of patch 8 looks at (16, 40), not (19.5, 43.5)."""
+        assert self.receptive_field_centre(3, 8, 2, 5) == (16.0, 40.0)
+
+    def test_kernels_grid_defaults_and_refusals(self):
+        assert DeiTSCMConfig().conv_stem_kernel_size == 3
+        for kernel in (3, 4):
+            model = tiny_model(patch_embedding="conv_stem", image_size=64, conv_stem_kernel_size=kernel).eval()
+            convs = [m for m in model.deit.embeddings.patch_embeddings.stem if isinstance(m, torch.nn.Conv2d)]
+            sides = [m.kernel_size for m in convs]
+            assert sides == [(kernel, kernel)] * 3 + [(1, 1)]
+            assert model(torch.randn(1, 3, 64, 64)).semantic_maps.shape == (1, 3, 8, 8)
+        uneven = tiny_model(patch_embedding="conv_stem", patch_size=(8, 4), image_size=64, conv_stem_kernel_size=4)
+        assert uneven(torch.randn(1, 3, 64, 64)).semantic_maps.shape == (1, 3, 8, 16)
+        for bad in (2, 5, "4"):
+            with pytest.raises(ValueError, match="conv_stem_kernel_size"):
+                tiny_config(conv_stem_kernel_size=bad)
 
 
 # ----------------------------------------------------------------------------- save / load / remote code
