@@ -12,9 +12,14 @@ for the ground-truth class c (GT-known, as wsolevaluation):
     minmax_product  F0 * minmax(S0[c])          the product with S0 rescaled to [0, 1] per image
     random          uniform noise on the grid   the floor
 
+With `--offset_px D ...`, S0 is also scored moved D pixels up and left in the 224x224 frame (`cam_up_left_D`):
+how far a run's maps sit from where the evaluation puts them (a 3x3 convolutional stem centres each token
+3.5 px up and left of its patch at 96x96, 8.2 px in the frame; `conv_stem_kernel_size`).
+
 Prints one JSON line per run and a last line with mean +- std per arm (run folders named ARM-seedN):
 
     python bench/map_choice.py bench/ablation_runs/*-seed*/
+    python bench/map_choice.py --offset_px 4 8 12 bench/ablation_runs/cxr-seed*/
 """
 
 from __future__ import annotations
@@ -55,18 +60,29 @@ def candidate_maps(attention: torch.Tensor, semantic: torch.Tensor, seed: int) -
     return arrays
 
 
-def boxed_scores(boxed, seed: int, thresholds) -> dict[str, LocalizationScores]:
+def moved_up_left(frame_map: np.ndarray, pixels: int) -> np.ndarray:
+    """The map read `pixels` further down and right (edge values repeated): its content moves up and left."""
+    rows = np.clip(np.arange(frame_map.shape[0]) + pixels, 0, frame_map.shape[0] - 1)
+    columns = np.clip(np.arange(frame_map.shape[1]) + pixels, 0, frame_map.shape[1] - 1)
+    return frame_map[rows][:, columns]
+
+
+def boxed_scores(boxed, seed: int, thresholds, offsets: tuple[int, ...] = ()) -> dict[str, LocalizationScores]:
     """Each candidate of a split's boxed images (`wsol_evaluation.evaluation_split`), scored in the frame."""
     attention, semantic = (torch.from_numpy(boxed.maps[key]) for key in ("attention", "semantic"))
-    return {
-        name: LocalizationScores.from_maps(
-            [upsample_scoremap(m, boxed.frame_size) for m in grid_maps], boxed.gt_boxes, boxed.correct_class, thresholds
-        )
+    frame_maps = {
+        name: [upsample_scoremap(m, boxed.frame_size) for m in grid_maps]
         for name, grid_maps in candidate_maps(attention, semantic, seed).items()
+    }
+    for pixels in offsets:
+        frame_maps[f"cam_up_left_{pixels}"] = [moved_up_left(m, pixels) for m in frame_maps["cam"]]
+    return {
+        name: LocalizationScores.from_maps(maps, boxed.gt_boxes, boxed.correct_class, thresholds)
+        for name, maps in frame_maps.items()
     }
 
 
-def score_run(run: Path, thresholds) -> dict:
+def score_run(run: Path, thresholds, offsets: tuple[int, ...] = ()) -> dict:
     saved = json.loads((run / "all_results.json").read_text())["args"]
     argv = ["--model_name_or_path", str(run), "--do_train", "false", "--output_dir", "/tmp/map_choice_unused"]
     argv += ["--seed", str(saved["seed"]), "--num_phantoms", str(saved["num_phantoms"])]
@@ -83,10 +99,11 @@ def score_run(run: Path, thresholds) -> dict:
     scores = {}
     for name, seed in (("loc_validation", saved["seed"]), ("loc_test", saved["seed"] + 1)):
         predictions = wsol_evaluation.predict_split(args, parts, splits[name])
-        scores[name] = boxed_scores(wsol_evaluation.evaluation_split(splits[name], predictions), seed, thresholds)
+        boxed = wsol_evaluation.evaluation_split(splits[name], predictions)
+        scores[name] = boxed_scores(boxed, seed, thresholds, offsets)
     validation, test = scores["loc_validation"], scores["loc_test"]
     row = {"run": run.name}
-    for name in CANDIDATES:
+    for name in validation:
         report = calibrated_report(validation[name], test[name])
         row[name] = {
             "MaxBoxAccV2": report["calibrated_on_validation"]["MaxBoxAccV2"],
@@ -101,16 +118,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--threshold_step", type=float, default=0.01)
+    parser.add_argument("--offset_px", type=int, nargs="*", default=[], help="also score S0 moved up-left by D px")
     args = parser.parse_args(argv)
     thresholds = np.arange(0, 1, args.threshold_step) if args.threshold_step != 0.01 else DEFAULT_THRESHOLDS
     rows = []
     by_arm: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in args.runs:
-        row = score_run(run, thresholds)
+        row = score_run(run, thresholds, tuple(args.offset_px))
         rows.append(row)
         print(json.dumps(row), flush=True)
         arm = run.name.rsplit("-seed", 1)[0]
-        for name in CANDIDATES:
+        for name in (k for k in row if k != "run"):
             for key in ("MaxBoxAccV2", "validation_MaxBoxAccV2"):
                 by_arm[arm][f"{name}.{key}"].append(row[name][key])
     summary = {

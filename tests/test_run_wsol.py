@@ -500,18 +500,20 @@ def test_paper_recipe_is_the_official_training(tmp_path):
     assert run_wsol.parse_args(["--recipe", "paper", "--weight_decay", "0.1", "--output_dir", "o"]).weight_decay == 0.1
 
 
-
 def test_the_scratch_recipe_builds_a_token_centred_conv_stem(tmp_path):
-    """From scratch: the convolutional stem with 4-wide kernels (tokens on their patch centres); a model
-    with pretrained DeiT weights keeps the patch projection; --config_overrides still wins."""
+    """From scratch: the convolutional stem with 4-wide kernels (tokens on their patch centres), a 1x1 head
+    and one layer; the paper recipe keeps the patch projection; --config_overrides still wins."""
     scratch = run_wsol.build_model(run_wsol.parse_args(["--output_dir", str(tmp_path / "a")]), torch.zeros(0))
     assert (scratch.config.patch_embedding, scratch.config.conv_stem_kernel_size) == ("conv_stem", 4)
+    assert scratch.head.kernel_size == (1, 1) and scratch.config.num_hidden_layers == 1
     convs = [m for m in scratch.deit.embeddings.patch_embeddings.stem if isinstance(m, torch.nn.Conv2d)]
     assert [m.kernel_size for m in convs] == [(4, 4)] * 3 + [(1, 1)]
     xiao = run_wsol.parse_args(["--config_overrides", "conv_stem_kernel_size=3", "--output_dir", str(tmp_path / "b")])
     assert run_wsol.build_model(xiao, torch.zeros(0)).config.conv_stem_kernel_size == 3
-    paper = run_wsol.parse_args(["--recipe", "paper", "--output_dir", str(tmp_path / "c")])
-    assert run_wsol.build_model(paper, torch.zeros(0)).config.patch_embedding == "patch"
+    paper_args = run_wsol.parse_args(["--recipe", "paper", "--output_dir", str(tmp_path / "c")])
+    paper = run_wsol.build_model(paper_args, torch.zeros(0))
+    assert paper.config.patch_embedding == "patch" and paper.head.kernel_size == (3, 3)
+
 
 def _components(args) -> run_wsol.Components:
     """Model, optimizer and scheduler for 16 blank 64x64 training images (2 steps of 8 per epoch)."""
