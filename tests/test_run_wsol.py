@@ -501,11 +501,11 @@ def test_paper_recipe_is_the_official_training(tmp_path):
 
 
 def test_the_scratch_recipe_builds_a_token_centred_conv_stem(tmp_path):
-    """From scratch: the convolutional stem with 4-wide kernels (tokens on their patch centres), a 1x1 head
-    and one layer; the paper recipe keeps the patch projection; --config_overrides still wins."""
+    """From scratch: the convolutional stem with 4-wide kernels (tokens on their patch centres) and TS-CAM's
+    3x3 head on two layers; the paper recipe keeps the patch projection; --config_overrides still wins."""
     scratch = run_wsol.build_model(run_wsol.parse_args(["--output_dir", str(tmp_path / "a")]), torch.zeros(0))
     assert (scratch.config.patch_embedding, scratch.config.conv_stem_kernel_size) == ("conv_stem", 4)
-    assert scratch.head.kernel_size == (1, 1) and scratch.config.num_hidden_layers == 1
+    assert scratch.head.kernel_size == (3, 3) and scratch.config.num_hidden_layers == 2  # TS-CAM's head
     convs = [m for m in scratch.deit.embeddings.patch_embeddings.stem if isinstance(m, torch.nn.Conv2d)]
     assert [m.kernel_size for m in convs] == [(4, 4)] * 3 + [(1, 1)]
     xiao = run_wsol.parse_args(["--config_overrides", "conv_stem_kernel_size=3", "--output_dir", str(tmp_path / "b")])
