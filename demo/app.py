@@ -237,7 +237,14 @@ def build_demo(model: str = DEFAULT_MODEL, examples_dir: Optional[Path] = None) 
         results_state, errors_state = gr.State([]), gr.State([])
         files = gr.File(label="Radiographs", file_count="multiple", file_types=FILE_TYPES, elem_id="upload")
         with gr.Row():
-            map_choice = gr.Radio(list(MAPS), value=default_map_label(predictor), label="Map", elem_id="map")
+            map_choice = gr.Radio(
+                list(MAPS),
+                value=default_map_label(predictor),
+                label="Map",
+                info="Starts on the map the model was released with (the best on its validation boxes). The "
+                "others are for comparison and can localize worse, down to chance: see the model card's table.",
+                elem_id="map",
+            )
             threshold = gr.Slider(0.0, 1.0, value=threshold0, step=0.01, label="Box threshold", elem_id="threshold")
         selector = gr.Dropdown(label="Image", choices=[], elem_id="selector")
         with gr.Row():
