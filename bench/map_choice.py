@@ -12,14 +12,14 @@ for the ground-truth class c (GT-known, as wsolevaluation):
     minmax_product  F0 * minmax(S0[c])          the product with S0 rescaled to [0, 1] per image
     random          uniform noise on the grid   the floor
 
-With `--offset_px D ...`, S0 is also scored moved D pixels up and left in the 224x224 frame (`cam_up_left_D`):
+With `--offset_px D1,D2,...`, S0 is also scored moved D pixels up and left in the 224x224 frame (`cam_up_left_D`):
 how far a run's maps sit from where the evaluation puts them (a 3x3 convolutional stem centres each token
 3.5 px up and left of its patch at 96x96, 8.2 px in the frame; `conv_stem_kernel_size`).
 
 Prints one JSON line per run and a last line with mean +- std per arm (run folders named ARM-seedN):
 
     python bench/map_choice.py bench/ablation_runs/*-seed*/
-    python bench/map_choice.py --offset_px 4 8 12 bench/ablation_runs/cxr-seed*/
+    python bench/map_choice.py --offset_px 4,8,12 bench/ablation_runs/cxr-seed*/
 """
 
 from __future__ import annotations
@@ -118,13 +118,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--threshold_step", type=float, default=0.01)
-    parser.add_argument("--offset_px", type=int, nargs="*", default=[], help="also score S0 moved up-left by D px")
+    parser.add_argument(
+        "--offset_px",
+        type=lambda text: tuple(int(v) for v in text.split(",")),
+        default=(),
+        help="comma-separated D: also score S0 moved up-left by D px (e.g. 4,8,12)",
+    )
     args = parser.parse_args(argv)
     thresholds = np.arange(0, 1, args.threshold_step) if args.threshold_step != 0.01 else DEFAULT_THRESHOLDS
     rows = []
     by_arm: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in args.runs:
-        row = score_run(run, thresholds, tuple(args.offset_px))
+        row = score_run(run, thresholds, args.offset_px)
         rows.append(row)
         print(json.dumps(row), flush=True)
         arm = run.name.rsplit("-seed", 1)[0]
