@@ -46,7 +46,6 @@ SCM_VARIANTS: dict[str, dict[str, Any]] = {
         "class_weights": None,
         "label_smoothing": 0.0,
         "scm_pooling": "mean",
-        "head_kernel_size": 3,
     },
     # This project's chest X-ray defaults (the original training scripts): last-layer attention only,
     # lambda 2, beta 0.1, four blocks of four diffusion steps, class weights for the imbalanced

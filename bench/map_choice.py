@@ -41,8 +41,6 @@ from localization import DEFAULT_THRESHOLDS, upsample_scoremap
 from modeling_deit_scm import DeiTSCMForImageClassification
 from wsol_metrics import LocalizationScores, calibrated_report
 
-CANDIDATES = ("scm", "cam", "attention", "relu_product", "minmax_product", "random")
-
 
 def candidate_maps(attention: torch.Tensor, semantic: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
     """(N, h, w) attention and the selected class's (N, h, w) semantic map -> each candidate (N, h, w)."""
