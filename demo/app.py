@@ -242,7 +242,7 @@ def build_demo(model: str = DEFAULT_MODEL, examples_dir: Optional[Path] = None) 
                 value=default_map_label(predictor),
                 label="Map",
                 info="Starts on the map the model was released with (the best on its validation boxes). The "
-                "others are for comparison and can localize worse, down to chance: see the model card's table.",
+                "others are for comparison and can localize worse, even below chance: see the model card's table.",
                 elem_id="map",
             )
             threshold = gr.Slider(0.0, 1.0, value=threshold0, step=0.01, label="Box threshold", elem_id="threshold")

@@ -198,8 +198,8 @@ def test_page_in_a_real_browser(browser, server, files, model_dir, tmp_path):
     browser.get(server)
     _wait_for(lambda: "Model:" in _text(browser, "status"))
     class_names = ("Atelectasis", "Other_pathologies", "No_pathologies")
-    # The map toggle says which map was released and that the others can localize down to chance.
-    assert "released with" in _text(browser, "map") and "down to chance" in _text(browser, "map")
+    # The map toggle says which map was released and that the others can localize below chance.
+    assert "released with" in _text(browser, "map") and "below chance" in _text(browser, "map")
 
     # One 1024x1024 PNG: time from handing the file to the page until the label is shown.
     started = time.perf_counter()
