@@ -508,6 +508,20 @@ def build_phantom_dataset(
     return DatasetDict(splits)
 
 
+# Index range of the pretraining images: fine-tuning splits use 0, 10M and 20M of whatever series, so
+# these images are never in a fine-tuning split, whichever seed that run uses.
+PRETRAIN_OFFSET = 30_000_000
+PRETRAIN_FINDINGS = ("Atelectasis", *OTHER_FINDINGS)
+
+
+def build_pretraining_dataset(count: int, size: int = 256, seed: int = 0, bits: int = 8):
+    """`count` phantoms for pretraining a backbone, from an index range that no fine-tuning split uses,
+    with an `image_labels` column: the finding types drawn on each image (names of `PRETRAIN_FINDINGS`)."""
+    records = list(phantom_records(PRETRAIN_OFFSET, count, seed, size, bits, DEFAULT_PROPORTIONS, "pretrain-"))
+    dataset = records_to_dataset(records)
+    return dataset.add_column("image_labels", [sorted(set(record["findings"])) for record in records])
+
+
 def contact_sheet(count: int = 16, seed: int = 0, size: int = 256, columns: int = 4) -> np.ndarray:
     """A grid of phantoms (RGB uint8) with their boxes (red) and class names."""
     tiles = []

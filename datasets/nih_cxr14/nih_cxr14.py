@@ -53,6 +53,11 @@ logger = logging.getLogger(__name__)
 
 ATELECTASIS, OTHER, NO_FINDING = 0, 1, 2
 FINDING_ALIASES = {"Infiltrate": "Infiltration"}
+# The 14 image labels of ChestX-ray14 (Wang et al., CVPR 2017), in the order of its paper.
+NIH_FINDINGS = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)  # fmt: skip
 MANIFEST_COLUMNS = [
     "Image Index",
     "Patient ID",
@@ -382,6 +387,45 @@ def build_dataset_dict(
         where = write_problem_list(problems, report_dir, config, id_column="Image Index")
         logger.warning("skipped %d images of %s (%s); list: %s", len(problems), data_dir, counts, where)
     return DatasetDict(result)
+
+
+def build_pretraining_dataset(data_dir: str | Path, seed: int = 0, report_dir: Optional[str | Path] = None):
+    """Every image of `data_dir` that the three-class fine-tuning never evaluates on, with its 14 labels
+    in an `image_labels` column (a list of `NIH_FINDINGS` names; empty for No Finding).
+
+    Excluded: every patient of the fine-tuning validation and test splits (same seed and official lists
+    as `build_dataset_dict`) and every patient with an expert box (the localization data), so that a
+    backbone pretrained here has seen none of the images it is later chosen or scored on."""
+    data_dir = Path(data_dir)
+    metadata_files = sorted(data_dir.glob("Data_Entry_2017*.csv"))
+    if not metadata_files:
+        raise NIHMetadataError(f"{data_dir}: no Data_Entry_2017*.csv")
+    metadata = read_metadata(metadata_files[-1])
+    bbox_csv = data_dir / "BBox_List_2017.csv"
+    manifest, _ = build_manifest(
+        metadata_files[-1], bbox_csv if bbox_csv.is_file() else None, official_lists_dir=data_dir, seed=seed
+    )
+    held_out = set(manifest.loc[manifest["split"] != "train", "Patient ID"])
+    if bbox_csv.is_file():
+        held_out |= set(metadata.loc[metadata["Image Index"].isin(read_boxes(bbox_csv)["Image Index"]), "Patient ID"])
+    rows = metadata[~metadata["Patient ID"].isin(held_out)].copy()
+    rows["label"] = rows["Finding Labels"].map(lambda f: three_class_label(f, keep_mixed=True))
+    rows["age"] = rows["age"].fillna(-1).astype(int)
+    labels = [
+        [name for name in NIH_FINDINGS if name in {normalize_finding(n) for n in text.split("|")}]
+        for text in rows["Finding Labels"]
+    ]
+    rows = rows.assign(boxes=[[] for _ in range(len(rows))], box_findings=[[] for _ in range(len(rows))], labels=labels)
+    rows = rows.rename(columns={"Image Index": "image_id", "Patient ID": "patient_id"})
+    images = index_images(data_dir)
+    problems: list[tuple[str, str]] = []
+    records = list(_records(rows, images, problems))
+    if problems:
+        where = write_problem_list(problems, report_dir, "pretrain", id_column="Image Index")
+        logger.warning("skipped %d images of %s for pretraining; list: %s", len(problems), data_dir, where)
+    by_id = dict(zip(rows["image_id"], rows["labels"]))
+    dataset = records_to_dataset(records)
+    return dataset.add_column("image_labels", [by_id[record["image_id"]] for record in records])
 
 
 def _per_class(text: Optional[str]) -> Optional[dict[int, int]]:

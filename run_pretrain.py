@@ -1,0 +1,532 @@
+"""Pretrain a DeiT backbone on radiographs that the fine-tuning never sees, and write it in timm's format.
+
+SCM (Bai et al., ECCV 2022) diffuses the CLS token's attention F0 over the patch graph; it assumes F0 already
+points at the object, as it does in an ImageNet-pretrained DeiT. No pretrained weights can be downloaded
+here, so the project makes its own, the way chest X-ray models are usually made: pretraining on other
+radiographs. Two objectives:
+
+* `supervised`: multi-label binary cross-entropy from the CLS token over the finding types (the
+  phantoms' 7; NIH's 14 labels), as DeiT itself and most CXR backbones are pretrained;
+* `dino`: self-distillation without labels (Caron et al., *Emerging Properties in Self-Supervised Vision
+  Transformers*, ICCV 2021): a student matches an EMA teacher's centred, sharpened output across
+  global and local crops. Its CLS attention is known to segment objects on natural images.
+
+The backbone is timm's own `VisionTransformer` (`timm.create_model(TIMM_ARCHITECTURE, **timm_kwargs)`),
+saved as `model.safetensors` with `pretrain_config.json` holding those keyword arguments, so that fine-tuning
+reads exactly what a user downloads from timm: `run_wsol.py --backbone_weights DIR --recipe cxr`.
+
+    accelerate launch run_pretrain.py --objective supervised --output_dir outputs/pretrain-supervised
+    accelerate launch run_pretrain.py --objective dino --output_dir outputs/pretrain-dino
+    accelerate launch run_pretrain.py --dataset nih --data_dir /data/nih --image_size 224 --patch_size 16 \\
+        --embed_dim 192 --depth 12 --num_heads 3 --output_dir outputs/pretrain-nih-tiny
+
+A finished run is not repeated: when `output_dir` holds a checkpoint made with the same settings, the job
+only reports it (so the main job can call it as a cached first step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from cxr_data import load_dataset_module
+from image_processing_cxr import CXRImageProcessor
+from wsol_data import PixelNormalizer, PreparedSplit, augment_batch, prepare_split
+
+logger = logging.getLogger("run_pretrain")
+
+TIMM_ARCHITECTURE = "vit_tiny_patch16_224"  # the family; every dimension is overridden by `timm_kwargs`
+CHECKPOINT_FILE = "model.safetensors"
+CONFIG_FILE = "pretrain_config.json"
+RESULTS_FILE = "pretrain_results.json"
+# Series of the pretraining phantoms. Their index range (cxr_phantoms.PRETRAIN_OFFSET) is one that no
+# fine-tuning split uses in any series, so they are disjoint from the fine-tuning images whatever its seed.
+PRETRAIN_SERIES = 1000
+
+
+@dataclass
+class PretrainArguments:
+    """Flags of `run_pretrain.py` (parsed by `transformers.HfArgumentParser`)."""
+
+    objective: str = field(default="supervised", metadata={"help": "supervised | dino"})
+    dataset: str = field(default="phantoms", metadata={"help": "phantoms | nih"})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "NIH ChestX-ray14 folder (--dataset nih)"})
+    num_images: int = field(default=4800, metadata={"help": "pretraining phantoms"})
+    phantom_size: int = 256
+    image_size: int = 96
+    patch_size: int = 8
+    embed_dim: int = 96
+    depth: int = 2
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    num_train_epochs: int = 30
+    per_device_train_batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 2
+    held_out_fraction: float = field(default=0.1, metadata={"help": "share of images kept for validation"})
+    dino_out_dim: int = 1024
+    dino_local_crops: int = 4
+    dino_teacher_temperature: float = 0.04
+    dino_student_temperature: float = 0.1
+    dino_teacher_momentum: float = 0.996
+    seed: int = 0
+    output_dir: str = "outputs/pretrain"
+    cache_dir: Optional[str] = None
+    overwrite: bool = field(default=False, metadata={"help": "retrain even when output_dir holds this run"})
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("supervised", "dino"):
+            raise ValueError(f"--objective must be supervised or dino, got {self.objective!r}")
+        if self.dataset not in ("phantoms", "nih"):
+            raise ValueError(f"--dataset must be phantoms or nih, got {self.dataset!r}")
+        if self.dataset == "nih" and not self.data_dir:
+            raise ValueError("--dataset nih needs --data_dir")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"--image_size {self.image_size} is not a multiple of --patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"--embed_dim {self.embed_dim} is not a multiple of --num_heads {self.num_heads}")
+        if not 0 < self.held_out_fraction < 0.5:
+            raise ValueError(f"--held_out_fraction must be in (0, 0.5), got {self.held_out_fraction}")
+
+    def timm_kwargs(self, num_classes: int) -> dict[str, Any]:
+        """What `timm.create_model(TIMM_ARCHITECTURE, **kwargs)` needs to rebuild the saved backbone."""
+        return {
+            "img_size": self.image_size,
+            "patch_size": self.patch_size,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "num_classes": num_classes,
+            "global_pool": "token",
+            "dynamic_img_size": self.objective == "dino",  # DINO's local crops are smaller than the global ones
+        }
+
+    def run_key(self) -> dict[str, Any]:
+        """The settings that determine the checkpoint (everything but where it goes)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("output_dir", "cache_dir", "overwrite")}
+
+
+def create_backbone(kwargs: dict[str, Any]) -> torch.nn.Module:
+    import timm
+
+    return timm.create_model(TIMM_ARCHITECTURE, pretrained=False, **kwargs)
+
+
+def load_pretrained_backbone(directory: str | os.PathLike) -> torch.nn.Module:
+    """The timm model a pretraining run wrote, rebuilt from its config and loaded with `strict=True`."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    model = create_backbone(config["timm_kwargs"])
+    model.load_state_dict(load_file(str(directory / CHECKPOINT_FILE)), strict=True)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+def load_pretraining_images(args: PretrainArguments, processor: CXRImageProcessor) -> tuple[PreparedSplit, np.ndarray, list[str]]:
+    """The pretraining images (uint8 at training resolution, from the shared cache) with their
+    multi-hot finding targets and the finding names."""
+    if args.dataset == "phantoms":
+        module = load_dataset_module("phantoms")
+        dataset = module.build_pretraining_dataset(args.num_images, size=args.phantom_size, seed=PRETRAIN_SERIES)
+        names = list(module.PRETRAIN_FINDINGS)
+    else:
+        module = load_dataset_module("nih")
+        dataset = module.build_pretraining_dataset(args.data_dir, seed=args.seed, report_dir=args.output_dir)
+        names = list(module.NIH_FINDINGS)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else _default_cache_dir()
+    split = prepare_split("pretrain", dataset, processor, None, cache_dir, 1, Path(args.output_dir))
+    targets = np.zeros((len(split), len(names)), dtype=np.float32)
+    for row, labels in enumerate(split.source["image_labels"]):
+        for name in labels:
+            targets[row, names.index(name)] = 1.0
+    return split, targets, names
+
+
+def _default_cache_dir() -> Path:
+    import datasets as hf_datasets
+
+    return Path(hf_datasets.config.HF_DATASETS_CACHE) / "deit_scm_preprocessed"
+
+
+def held_out_mask(count: int, fraction: float, seed: int) -> np.ndarray:
+    """A seeded boolean mask of the images kept out of training (for the validation ROC-AUC)."""
+    order = np.random.default_rng(seed).permutation(count)
+    mask = np.zeros(count, dtype=bool)
+    mask[order[: max(1, int(round(count * fraction)))]] = True
+    return mask
+
+
+def random_resized_crops(
+    pixels: torch.Tensor, out_size: int, scale: tuple[float, float], generator: torch.Generator
+) -> torch.Tensor:
+    """One random crop per image of uint8 (B, H, W): area share in `scale`, aspect ratio in [3/4, 4/3],
+    resampled to `out_size` as one batched bilinear sampling (DINO's RandomResizedCrop, no flips: the
+    heart's side is anatomy)."""
+    batch = pixels.shape[0]
+    area = scale[0] + torch.rand(batch, generator=generator) * (scale[1] - scale[0])
+    log_ratio = (torch.rand(batch, generator=generator) * 2 - 1) * math.log(4 / 3)
+    ratio = torch.exp(log_ratio)
+    width = torch.sqrt(area * ratio).clamp(max=1.0)
+    height = torch.sqrt(area / ratio).clamp(max=1.0)
+    centre_x = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - width)
+    centre_y = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - height)
+    zero = torch.zeros(batch)
+    theta = torch.stack([torch.stack([width, zero, centre_x], 1), torch.stack([zero, height, centre_y], 1)], 1)
+    grid = F.affine_grid(theta.to(pixels.device), (batch, 1, out_size, out_size), align_corners=False)
+    crops = F.grid_sample(pixels.unsqueeze(1).float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # Exposure jitter: brightness and contrast +-20 %, as a film's window varies.
+    gain = 0.8 + torch.rand(batch, 1, 1, 1, generator=generator).to(pixels.device) * 0.4
+    offset = (torch.rand(batch, 1, 1, 1, generator=generator).to(pixels.device) * 2 - 1) * 25
+    mean = crops.mean(dim=(2, 3), keepdim=True)
+    crops = (crops - mean) * gain + mean + offset
+    return crops.squeeze(1).round().clamp(0, 255).to(torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Objectives
+# --------------------------------------------------------------------------------------------------
+
+
+class DINOHead(torch.nn.Module):
+    """Projection head of DINO: a 3-layer MLP to a bottleneck, L2-normalized, then a weight-normalized
+    linear layer to `out_dim` prototypes (Caron et al. 2021, sizes scaled down for a 96-wide backbone)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 512, bottleneck: int = 128) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(in_dim, hidden), torch.nn.GELU(),
+            torch.nn.Linear(hidden, hidden), torch.nn.GELU(),
+            torch.nn.Linear(hidden, bottleneck),
+        )  # fmt: skip
+        self.prototypes = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(bottleneck, out_dim, bias=False))
+        with torch.no_grad():
+            self.prototypes.parametrizations.weight.original0.fill_(1.0)  # fixed norm, as in DINO
+        self.prototypes.parametrizations.weight.original0.requires_grad_(False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.prototypes(F.normalize(self.mlp(features), dim=-1))
+
+
+def dino_loss(
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], centre: torch.Tensor,
+    student_temperature: float, teacher_temperature: float,
+) -> torch.Tensor:  # fmt: skip
+    """Cross-entropy between the teacher's centred, sharpened distribution of each global crop and the
+    student's distribution of every other crop, averaged over pairs (DINO's loss)."""
+    targets = [F.softmax((t - centre) / teacher_temperature, dim=-1).detach() for t in teacher]
+    logs = [F.log_softmax(s / student_temperature, dim=-1) for s in student]
+    total, pairs = 0.0, 0
+    for i, target in enumerate(targets):
+        for j, log_probs in enumerate(logs):
+            if i == j:
+                continue
+            total = total + torch.sum(-target * log_probs, dim=-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+class DINOTrainer(torch.nn.Module):
+    """Student backbone + head, EMA teacher and centre: one `step` computes the loss of a batch."""
+
+    def __init__(self, backbone: torch.nn.Module, args: PretrainArguments) -> None:
+        super().__init__()
+        import copy
+
+        self.student = backbone
+        self.student_head = DINOHead(args.embed_dim, args.dino_out_dim)
+        self.teacher = copy.deepcopy(backbone).requires_grad_(False)
+        self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
+        self.register_buffer("centre", torch.zeros(1, args.dino_out_dim))
+        self.args = args
+
+    def loss(self, pixels: torch.Tensor, normalizer: PixelNormalizer, generator: torch.Generator) -> torch.Tensor:
+        size = self.args.image_size
+        local_size = max(self.args.patch_size * 2, (size // 2) // self.args.patch_size * self.args.patch_size)
+        global_crops = [normalizer(random_resized_crops(pixels, size, (0.4, 1.0), generator)) for _ in range(2)]
+        local_crops = [
+            normalizer(random_resized_crops(pixels, local_size, (0.1, 0.4), generator))
+            for _ in range(self.args.dino_local_crops)
+        ]
+        with torch.no_grad():
+            teacher = [self.teacher_head(self.teacher(crop)) for crop in global_crops]
+        student = [self.student_head(self.student(crop)) for crop in global_crops + local_crops]
+        loss = dino_loss(student, teacher, self.centre, self.args.dino_student_temperature,
+                         self.args.dino_teacher_temperature)  # fmt: skip
+        with torch.no_grad():
+            batch_centre = torch.cat(teacher).mean(dim=0, keepdim=True)
+            self.centre.mul_(0.9).add_(batch_centre, alpha=0.1)
+        return loss
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        pairs = [(self.student, self.teacher), (self.student_head, self.teacher_head)]
+        for source, target in pairs:
+            for p_s, p_t in zip(source.parameters(), target.parameters()):
+                p_t.mul_(momentum).add_(p_s.detach(), alpha=1 - momentum)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def cosine_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup then cosine decay to zero: the learning-rate factor at `step`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _optimizer(module: torch.nn.Module, args: PretrainArguments) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        # No decay on biases, norms, position embeddings and the CLS token (DeiT's rule).
+        (no_decay if parameter.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate)
+
+
+@torch.no_grad()
+def held_out_auc(backbone: torch.nn.Module, pixels: torch.Tensor, targets: np.ndarray, normalizer: PixelNormalizer,
+                 names: Sequence[str], batch_size: int = 128) -> dict[str, float]:  # fmt: skip
+    """Per-finding and mean one-vs-rest ROC-AUC of the supervised head on held-out images."""
+    from sklearn.metrics import roc_auc_score
+
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    scores = torch.cat([
+        torch.sigmoid(backbone(normalizer(pixels[i : i + batch_size].to(device)))).cpu()
+        for i in range(0, len(pixels), batch_size)
+    ]).numpy()  # fmt: skip
+    per_finding = {
+        name: float(roc_auc_score(targets[:, k], scores[:, k]))
+        for k, name in enumerate(names)
+        if 0 < targets[:, k].sum() < len(targets)
+    }
+    return {"mean_roc_auc": float(np.mean(list(per_finding.values()))), **{f"roc_auc_{k}": v for k, v in per_finding.items()}}
+
+
+def train(args: PretrainArguments, split: PreparedSplit, targets: np.ndarray, names: list[str],
+          normalizer: PixelNormalizer, accelerator: Any) -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip
+    """Train the backbone with the chosen objective; returns it (the teacher for DINO) and the history."""
+    held_out = held_out_mask(len(split), args.held_out_fraction, args.seed)
+    train_index = torch.from_numpy(np.flatnonzero(~held_out))
+    pixels, target_tensor = split.pixels, torch.from_numpy(targets)
+    num_classes = len(names) if args.objective == "supervised" else 0
+    backbone = create_backbone(args.timm_kwargs(num_classes))
+    trainer: torch.nn.Module = DINOTrainer(backbone, args) if args.objective == "dino" else backbone
+    optimizer = _optimizer(trainer, args)
+    trainer, optimizer = accelerator.prepare(trainer, optimizer)
+    normalizer = normalizer.to(accelerator.device)
+    generator = torch.Generator().manual_seed(args.seed)
+    steps_per_epoch = math.ceil(len(train_index) / args.per_device_train_batch_size)
+    total = steps_per_epoch * args.num_train_epochs
+    warmup = steps_per_epoch * args.warmup_epochs
+    history, step = [], 0
+    progress = tqdm(total=total, desc=f"pretraining ({args.objective})", disable=not accelerator.is_local_main_process)
+    for epoch in range(args.num_train_epochs):
+        trainer.train()
+        order = train_index[torch.randperm(len(train_index), generator=generator)]
+        losses = []
+        for start in range(0, len(order), args.per_device_train_batch_size):
+            batch = order[start : start + args.per_device_train_batch_size]
+            images = pixels[batch].to(accelerator.device)
+            for group in optimizer.param_groups:
+                group["lr"] = args.learning_rate * cosine_factor(step, total, warmup)
+            if args.objective == "dino":
+                loss = accelerator.unwrap_model(trainer).loss(images, normalizer, generator)
+            else:
+                logits = trainer(normalizer(augment_batch(images, generator)))
+                loss = F.binary_cross_entropy_with_logits(logits, target_tensor[batch].to(logits.device))
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(trainer.parameters(), 3.0)
+            optimizer.step()
+            if args.objective == "dino":
+                # Teacher momentum rises from its start to 1 on a cosine (DINO's schedule).
+                momentum = 1 - (1 - args.dino_teacher_momentum) * (math.cos(math.pi * step / total) + 1) / 2
+                accelerator.unwrap_model(trainer).update_teacher(momentum)
+            losses.append(loss.item())
+            step += 1
+            progress.update(1)
+        record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
+        if args.objective == "supervised":
+            record.update(held_out_auc(accelerator.unwrap_model(trainer), pixels[torch.from_numpy(held_out)],
+                                       targets[held_out], normalizer, names))  # fmt: skip
+        history.append(record)
+        logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
+    progress.close()
+    unwrapped = accelerator.unwrap_model(trainer)
+    final = unwrapped.teacher if args.objective == "dino" else unwrapped
+    return final.eval(), {"history": history, "held_out_images": int(held_out.sum())}
+
+
+# --------------------------------------------------------------------------------------------------
+# The premise of SCM: does the pretrained CLS attention already point at findings?
+# --------------------------------------------------------------------------------------------------
+
+
+def deit_scm_model(directory: str | os.PathLike, scm_variant: str):
+    """A DeiT-SCM classifier whose backbone is the checkpoint in `directory`, read through the user path
+    (`convert_deit_weights.load_backbone_weights`); its head is untrained."""
+    from configuration_deit_scm import DeiTSCMConfig
+    from convert_deit_weights import load_backbone_weights
+    from modeling_deit_scm import DeiTSCMForImageClassification
+
+    kwargs = json.loads(Path(directory, CONFIG_FILE).read_text())["timm_kwargs"]
+    config = DeiTSCMConfig.from_preset(
+        "deit-micro", scm_variant,
+        hidden_size=kwargs["embed_dim"], num_hidden_layers=kwargs["depth"], num_attention_heads=kwargs["num_heads"],
+        intermediate_size=int(kwargs["embed_dim"] * kwargs["mlp_ratio"]), patch_size=kwargs["patch_size"],
+        image_size=kwargs["img_size"],
+    )  # fmt: skip
+    model = DeiTSCMForImageClassification(config)
+    load_backbone_weights(model, Path(directory))
+    return model.eval()
+
+
+def phantom_validation_split(seed: int, image_size: int, num_phantoms: int = 1200, phantom_size: int = 256,
+                             cache_dir: Optional[Path] = None) -> PreparedSplit:  # fmt: skip
+    """The validation split `run_wsol.py --seed SEED` chooses its thresholds on (same count rule)."""
+    module = load_dataset_module("phantoms")
+    splits = module.build_phantom_dataset(
+        num_train=0, num_validation=max(num_phantoms // 6, 12), num_test=0, size=phantom_size, seed=seed
+    )
+    processor = CXRImageProcessor(size={"height": image_size, "width": image_size})
+    return prepare_split("validation", splits["validation"], processor, None, cache_dir or _default_cache_dir())
+
+
+@torch.no_grad()
+def score_attention(directory: str | os.PathLike, split: PreparedSplit, random_seeds: int = 5) -> dict[str, float]:
+    """Validation MaxBoxAccV2 (best threshold on these boxes: nothing has been calibrated before fine-tuning)
+    of the pretrained CLS attention F0, last layer (`cxr`) and summed over layers (`paper`), beside the
+    random map's (mean over `random_seeds` draws)."""
+    from localization import upsample_scoremap
+    from wsol_data import EVALUATION_FRAME
+    from wsol_metrics import LocalizationScores
+
+    boxed = [i for i, boxes in enumerate(split.frame_boxes) if len(boxes)]
+    gt_boxes = [split.frame_boxes[i] for i in boxed]
+    processor = CXRImageProcessor(size={"height": split.pixels.shape[1], "width": split.pixels.shape[2]})
+    normalizer = PixelNormalizer(processor)
+    pixels = normalizer(split.pixels[boxed])
+
+    def v2(maps: np.ndarray) -> float:
+        frames = [upsample_scoremap(m, EVALUATION_FRAME) for m in maps]
+        return LocalizationScores.from_maps(frames, gt_boxes).oracle()["MaxBoxAccV2"]
+
+    scores: dict[str, float] = {"boxed_images": float(len(boxed))}
+    for variant, name in (("cxr", "F0_last_layer"), ("paper", "F0_all_layers")):
+        model = deit_scm_model(directory, variant)
+        attention = torch.cat([model(pixels[i : i + 64]).attention_maps for i in range(0, len(pixels), 64)])
+        scores[name] = v2(attention.float().numpy())
+    grid = tuple(attention.shape[1:])
+    draws = [v2(np.random.default_rng(s).random((len(boxed), *grid)).astype(np.float32)) for s in range(random_seeds)]
+    scores["random"], scores["random_std"] = float(np.mean(draws)), float(np.std(draws))
+    for name in ("F0_last_layer", "F0_all_layers"):
+        scores[f"{name}_vs_random"] = scores[name] / max(scores["random"], 1e-9)
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving and the cached run
+# --------------------------------------------------------------------------------------------------
+
+
+def finished_run(args: PretrainArguments) -> bool:
+    """Whether `output_dir` already holds a checkpoint made with exactly these settings."""
+    config_path = Path(args.output_dir, CONFIG_FILE)
+    if args.overwrite or not config_path.is_file() or not Path(args.output_dir, CHECKPOINT_FILE).is_file():
+        return False
+    try:
+        return json.loads(config_path.read_text()).get("run") == args.run_key()
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def save_backbone(backbone: torch.nn.Module, args: PretrainArguments, names: list[str], results: dict[str, Any]) -> None:
+    """timm state dict (safetensors) + the kwargs that rebuild it; the config is written last, so a
+    folder whose config matches always holds the whole checkpoint."""
+    from safetensors.torch import save_file
+
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    save_file(state, str(output / (CHECKPOINT_FILE + ".tmp")), metadata={"format": "pt"})
+    os.replace(output / (CHECKPOINT_FILE + ".tmp"), output / CHECKPOINT_FILE)
+    (output / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    config = {
+        "timm_architecture": TIMM_ARCHITECTURE,
+        "timm_kwargs": args.timm_kwargs(len(names) if args.objective == "supervised" else 0),
+        "label_names": names if args.objective == "supervised" else [],
+        "objective": args.objective,
+        "run": args.run_key(),
+    }
+    (output / (CONFIG_FILE + ".tmp")).write_text(json.dumps(config, indent=2))
+    os.replace(output / (CONFIG_FILE + ".tmp"), output / CONFIG_FILE)
+
+
+def pretrain(args: PretrainArguments, attention_check_seed: Optional[int] = 42) -> dict[str, Any]:
+    """Run (or reuse) the pretraining of `args`; returns its results, with the attention check on the
+    validation boxes of phantom series `attention_check_seed` when given (phantoms only)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if finished_run(args):
+        logger.info("%s already holds this pretraining run; reusing it (--overwrite to retrain)", args.output_dir)
+        return json.loads(Path(args.output_dir, RESULTS_FILE).read_text())
+    accelerator = Accelerator()
+    set_seed(args.seed)
+    processor = CXRImageProcessor(size={"height": args.image_size, "width": args.image_size})
+    split, targets, names = load_pretraining_images(args, processor)
+    logger.info("pretraining on %d images; %s", len(split), dict(zip(names, targets.sum(0).astype(int).tolist())))
+    backbone, results = train(args, split, targets, names, PixelNormalizer(processor), accelerator)
+    results["arguments"] = asdict(args)
+    if accelerator.is_main_process:
+        save_backbone(backbone, args, names, results)
+        if args.dataset == "phantoms" and attention_check_seed is not None:
+            validation = phantom_validation_split(attention_check_seed, args.image_size, phantom_size=args.phantom_size)
+            results["attention_check"] = {"phantom_series": attention_check_seed,
+                                          **score_attention(args.output_dir, validation)}  # fmt: skip
+            logger.info("pretrained F0 on validation boxes: %s", results["attention_check"])
+            Path(args.output_dir, RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    accelerator.wait_for_everyone()
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    from transformers import HfArgumentParser
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    parser = HfArgumentParser(PretrainArguments)
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    except ValueError as error:
+        sys.stderr.write(f"run_pretrain.py: error: {error}\n")
+        raise SystemExit(2) from error
+    return pretrain(args)
+
+
+if __name__ == "__main__":
+    main()
