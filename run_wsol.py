@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,9 +33,11 @@ from cxr_data import CLASS_NAMES
 from modeling_deit_scm import DeiTSCMForImageClassification
 from wsol_checkpoints import (
     TrainState,
+    clear_run_outputs,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    set_aside_later_checkpoints,
 )
 from wsol_data import (
     PixelNormalizer,
@@ -51,6 +52,7 @@ from wsol_outputs import (
     expand_predict_files,
     predict_files,
     push_to_hub,
+    save_model,
     write_run_outputs,
 )
 from wsol_recipes import RECIPE_CHOICES, apply_recipe, resolve_recipe
@@ -77,6 +79,13 @@ def _bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "n"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -174,10 +183,12 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("run")
     train.add_argument("--output_dir", default="outputs/wsol")
     train.add_argument("--overwrite_output_dir", action="store_true")
-    train.add_argument("--checkpointing_steps", help='N steps or "epoch"')
+    train.add_argument(
+        "--checkpointing_steps", default="epoch", help='N steps, "epoch" (default: a kill loses one epoch), or "none"'
+    )
     train.add_argument("--resume_from_checkpoint", help='a checkpoint folder or "latest"')
     train.add_argument(
-        "--checkpoints_total_limit", type=_positive_int, help="keep only the newest N checkpoints (default: all)"
+        "--checkpoints_total_limit", type=_non_negative_int, default=2, help="keep the newest N checkpoints; 0 = all"
     )
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
@@ -234,8 +245,10 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not Path(args.resume_from_checkpoint).is_dir():
             parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist")
+    if args.checkpointing_steps == "none":
+        args.checkpointing_steps = None
     if args.checkpointing_steps and args.checkpointing_steps != "epoch" and not args.checkpointing_steps.isdigit():
-        parser.error(f'--checkpointing_steps must be a number or "epoch", got {args.checkpointing_steps}')
+        parser.error(f'--checkpointing_steps must be a number, "epoch" or "none", got {args.checkpointing_steps}')
     if args.checkpointing_steps and args.checkpointing_steps.isdigit() and int(args.checkpointing_steps) <= 0:
         parser.error("--checkpointing_steps must be positive")
     if (
@@ -558,6 +571,12 @@ def make_accelerator(args: argparse.Namespace) -> Any:
     )
 
 
+def inputs_of_run(args: argparse.Namespace) -> list[Path]:
+    """Local paths the run reads: what `--overwrite_output_dir` must never delete."""
+    named = [args.model_name_or_path, args.backbone_weights, args.data_dir, args.cache_dir, *args.predict_files]
+    return [Path(p) for p in named if p and Path(p).exists()]
+
+
 def start_run(args: argparse.Namespace) -> tuple[Any, Path]:
     """The Accelerator, logging, the seed and a clean (or resumed) output folder."""
     from accelerate.utils import set_seed
@@ -571,7 +590,7 @@ def start_run(args: argparse.Namespace) -> tuple[Any, Path]:
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         if args.overwrite_output_dir and args.do_train and not args.resume_from_checkpoint and output_dir.exists():
-            shutil.rmtree(output_dir)
+            clear_run_outputs(output_dir, inputs_of_run(args))
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     if args.report_to != "none":
@@ -588,6 +607,9 @@ def resume_and_train(args, parts: Components, validation: PreparedSplit, output_
     if checkpoint is not None:
         state, parts.best_weights = load_checkpoint(parts.accelerator, checkpoint)
         logger.info("resumed from %s at step %d", checkpoint, state.global_step)
+        if parts.accelerator.is_main_process:
+            set_aside_later_checkpoints(output_dir, state.global_step)
+        parts.accelerator.wait_for_everyone()
     return train(args, parts, state, validation, output_dir)
 
 
@@ -603,6 +625,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     state, predictions = TrainState(), {}
     if args.do_train:
         state = resume_and_train(args, parts, splits["validation"], output_dir)
+        if accelerator.is_main_process:
+            # The trained model is on disk before anything after training can fail.
+            save_model(accelerator, parts.model, processor, output_dir)
         results["training"] = {
             "steps": state.global_step,
             "epochs": state.epoch,

@@ -1,12 +1,15 @@
 """Checkpoints of `run_wsol.py`: Accelerate state written atomically (a half-written folder is never
-`latest`), the run's `TrainState`, early stopping's best weights, pruning, and resolving what to resume."""
+`latest`), the run's `TrainState`, early stopping's best weights, pruning, and resolving what to resume;
+and the run folder: what a run wrote there, the only thing `--overwrite_output_dir` may remove."""
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import logging
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -21,6 +24,15 @@ logger = logging.getLogger("run_wsol")
 CHECKPOINT_PREFIX = "step_"
 COMPLETE_MARKER = "COMPLETE"
 BEST_WEIGHTS_FILE = "best_model.safetensors"
+ABANDONED_PREFIX = "abandoned_"
+# What a run of run_wsol.py writes at the top of --output_dir: the only entries --overwrite_output_dir
+# removes. Anything else there (a user's notes, data, a model being fine-tuned) is never touched.
+RUN_OUTPUT_PATTERNS = (
+    "all_results.json", "README.md", "config.json", "preprocessor_config.json", "model.safetensors",
+    "configuration_deit_scm.py", "modeling_deit_scm.py", "image_processing_cxr.py", "localization.py",
+    "metrics_plots", "heatmap_comparisons", "localization_samples", "checkpoints",
+    "predictions", "problem_images_*.csv", "run_wsol",
+)  # fmt: skip
 
 
 @dataclass
@@ -92,10 +104,67 @@ def save_checkpoint(
             shutil.rmtree(final)
         partial.rename(final)
         if total_limit:
-            for old in completed_checkpoints(output_dir)[:-total_limit]:
+            # Only checkpoints older than this one: a newer one would belong to another timeline.
+            older = [path for path in completed_checkpoints(output_dir) if checkpoint_step(path) < state.global_step]
+            for old in older[: max(0, len(older) - (total_limit - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def set_aside_later_checkpoints(output_dir: Path, resumed_step: int) -> list[Path]:
+    """Rename the checkpoints of `output_dir` newer than the step a run resumes from to `abandoned_step_N`
+    (kept, never `latest`, never pruned): they belong to the timeline the resumed run replaces."""
+    moved = []
+    for path in completed_checkpoints(output_dir):
+        if checkpoint_step(path) > resumed_step:
+            target = path.with_name(f"{ABANDONED_PREFIX}{path.name}")
+            if target.exists():
+                target = path.with_name(f"{ABANDONED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}_{path.name}")
+            path.rename(target)
+            moved.append(target)
+    if moved:
+        logger.warning(
+            "resuming at step %d: set aside %d later checkpoint(s) of the abandoned run as %s",
+            resumed_step, len(moved), ", ".join(p.name for p in moved),
+        )  # fmt: skip
+    return moved
+
+
+def run_outputs(output_dir: Path) -> list[Path]:
+    """The entries of `output_dir` that a run writes (`RUN_OUTPUT_PATTERNS`)."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(
+        entry
+        for entry in output_dir.iterdir()
+        if any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in RUN_OUTPUT_PATTERNS)
+    )
+
+
+def clear_run_outputs(output_dir: Path, keep: list[Path]) -> list[Path]:
+    """--overwrite_output_dir: remove what an earlier run wrote in `output_dir`, nothing else. Refuses (one
+    line, nothing deleted) when a path the new run reads (`keep`: the model to fine-tune, backbone
+    weights, files to predict, data, cache) is `output_dir` itself or lies inside an entry to remove."""
+    entries = run_outputs(output_dir)
+    root = output_dir.resolve()
+    for path in keep:
+        resolved = Path(path).resolve()
+        inside = [entry for entry in entries if resolved == entry.resolve() or entry.resolve() in resolved.parents]
+        if resolved == root or inside:
+            where = inside[0] if inside else output_dir
+            cli_error(
+                f"--overwrite_output_dir would delete {where}, which holds {path} that this run reads; "
+                "nothing was deleted: choose another --output_dir"
+            )
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    if entries:
+        logger.info("--overwrite_output_dir: removed %s from %s", ", ".join(e.name for e in entries), output_dir)
+    return entries
 
 
 def load_checkpoint(accelerator: Any, checkpoint: Path) -> tuple[TrainState, Optional[dict[str, torch.Tensor]]]:
@@ -111,12 +180,27 @@ def load_checkpoint(accelerator: Any, checkpoint: Path) -> tuple[TrainState, Opt
     return state, load_file(str(best))
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX) :])
+
+
+def holds_finished_run(output_dir: Path) -> bool:
+    """Whether `output_dir` holds a saved model or results of an earlier run."""
+    return any((output_dir / name).exists() for name in ("all_results.json", "model.safetensors", "config.json"))
+
+
 def resolve_checkpoint(args: argparse.Namespace) -> Optional[Path]:
     if not args.resume_from_checkpoint:
         return None
     if args.resume_from_checkpoint == "latest":
-        done = completed_checkpoints(Path(args.output_dir))
+        output_dir = Path(args.output_dir)
+        done = completed_checkpoints(output_dir)
         if not done:
+            if holds_finished_run(output_dir):
+                cli_error(
+                    f"--resume_from_checkpoint latest: {output_dir} holds a finished run and no checkpoint to resume; "
+                    "training would start over it (use --overwrite_output_dir to replace it, or another --output_dir)"
+                )
             logger.warning("no complete checkpoint in %s; starting from scratch", args.output_dir)
             return None
         return done[-1]

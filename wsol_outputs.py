@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from cxr_data import CLASS_NAMES
-from image_processing_cxr import CXRImageProcessor, overlay_heatmap
+from image_processing_cxr import CXRImageError, CXRImageProcessor, overlay_heatmap
 from wsol_data import PreparedSplit
 from wsol_evaluation import MAP_OUTPUTS, Predictions
 from wsol_metrics import plot_localization_table
@@ -290,40 +291,79 @@ def push_to_hub(args: argparse.Namespace, output_dir: Path) -> None:
 
 
 def overlay_name(path: str) -> str:
-    """A unique, stable overlay file name: the stem, the suffix and a hash of the absolute path
-    (`good.png`, `good.jpg` and `sub/good.png` must not overwrite each other)."""
+    """A unique, stable overlay file name: the stem (cut to 80 characters, so that any file system takes
+    it), the suffix and a hash of the absolute path (`good.png`, `good.jpg` and `sub/good.png` must not
+    overwrite each other)."""
     source = Path(path)
     digest = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:8]
-    return f"{source.stem}{source.suffix.replace('.', '_')}_{digest}_overlay.png"
+    return f"{source.stem[:80]}{source.suffix.replace('.', '_')[:12]}_{digest}_overlay.png"
 
 
-def predict_files(args, model, processor: CXRImageProcessor, output_dir: Path) -> list[dict[str, Any]]:
-    """Predict PNG/JPEG/DICOM files: predictions.json plus an overlay per file in predictions/."""
-    folder = output_dir / "predictions"
-    folder.mkdir(parents=True, exist_ok=True)
-    inputs = processor(list(args.predict_files), on_error="skip")
-    model.eval()
-    with torch.no_grad():
-        outputs = model(inputs["pixel_values"].to(next(model.parameters()).device))
-    results = processor.post_process_localization(outputs, geometry=inputs, id2label=model.config.id2label)
-    records = []
-    for index, result in zip(inputs["indices"].tolist(), results):
-        path = args.predict_files[index]
-        overlay = overlay_heatmap(processor.decode(path), result["heatmap"], boxes=result["boxes"])
-        name = overlay_name(path)
-        _save_png(folder / name, overlay)
-        records.append(
-            {
-                "file": str(path),
+PREDICTION_CHUNK = 16
+
+
+def _predict_chunk(model, processor: CXRImageProcessor, files: Sequence[str], folder: Path) -> list[dict[str, Any]]:
+    """Rows for a few files: each file is read once (the decoded pixels feed both the model and the
+    overlay); a file that fails is a row with its error, an overlay that cannot be written leaves the
+    prediction in place with `overlay_error`."""
+    rows: dict[int, dict[str, Any]] = {}
+    decoded: list[np.ndarray] = []
+    kept: list[int] = []
+    for index, path in enumerate(files):
+        try:
+            decoded.append(processor.decode(path))
+            kept.append(index)
+        except CXRImageError as error:
+            rows[index] = {"file": str(path), "error": str(error)}
+    if decoded:
+        inputs = processor(decoded, on_error="skip")
+        with torch.no_grad():
+            outputs = model(inputs["pixel_values"].to(next(model.parameters()).device))
+        results = processor.post_process_localization(outputs, geometry=inputs, id2label=model.config.id2label)
+        for position, message in inputs.get("skipped", []):
+            rows[kept[position]] = {"file": str(files[kept[position]]), "error": message}
+        for position, result in zip(inputs["indices"].tolist(), results):
+            index = kept[position]
+            row = {
+                "file": str(files[index]),
                 "label": result["label_name"],
                 "score": result["score"],
                 "boxes": result["boxes"].tolist(),
                 "box_scores": result["box_scores"].tolist(),
-                "overlay": str(folder / name),
             }
-        )
-    records += [{"file": args.predict_files[i], "error": message} for i, message in inputs.get("skipped", [])]
-    (folder / "predictions.json").write_text(json.dumps(records, indent=2))
+            target = folder / overlay_name(files[index])
+            try:
+                _save_png(target, overlay_heatmap(decoded[position], result["heatmap"], boxes=result["boxes"]))
+                row["overlay"] = str(target)
+            except (OSError, RuntimeError) as error:  # a full disk, a read-only folder: keep the prediction
+                row["overlay_error"] = f"{target}: {error}"
+            rows[index] = row
+    return [rows[i] for i in range(len(files))]
+
+
+def predict_files(args, model, processor: CXRImageProcessor, output_dir: Path) -> list[dict[str, Any]]:
+    """Predict PNG/JPEG/DICOM files: a row per file, appended to predictions/predictions.jsonl as each
+    few files finish (a crash keeps what was done), then predictions.json with every row; an overlay per
+    file in predictions/. A file that cannot be read is a row with its error, never an abort."""
+    folder = output_dir / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = list(args.predict_files)
+    model.eval()
+    records: list[dict[str, Any]] = []
+    stream = folder / "predictions.jsonl"
+    with open(stream, "w") as handle:
+        for start in tqdm(range(0, len(files), PREDICTION_CHUNK), desc="predicting", leave=False):
+            rows = _predict_chunk(model, processor, files[start : start + PREDICTION_CHUNK], folder)
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            records += rows
+    partial = folder / "predictions.json.tmp"
+    partial.write_text(json.dumps(records, indent=2))
+    os.replace(partial, folder / "predictions.json")
+    failed = sum("error" in row for row in records)
+    if failed:
+        logger.warning("%d of %d files could not be predicted; their rows name the reason", failed, len(records))
     return records
 
 

@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import pandas as pd
 
 from cxr_data import (
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 ATELECTASIS, OTHER, NO_FINDING = 0, 1, 2
 FINDING_ALIASES = {"Infiltrate": "Infiltration"}
+NIH_IMAGE_SIDE = 1024  # every ChestX-ray14 image is 1024 x 1024; the box list is in that frame
 # The 14 image labels of ChestX-ray14 (Wang et al., CVPR 2017), in the order of its paper.
 NIH_FINDINGS = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
@@ -132,6 +134,17 @@ def read_boxes(path: str | Path) -> pd.DataFrame:
     bad = boxes[["x0", "y0", "x1", "y1"]].isna().any(axis=1)
     if bad.any():
         raise NIHMetadataError(f"{path}: {int(bad.sum())} rows without four numeric box values")
+    # Checked here, before any training: a bad box found only in the final evaluation would cost the run.
+    empty = ~((w > 0) & (h > 0) & np.isfinite(x + w) & np.isfinite(y + h))
+    outside = (x < 0) | (y < 0) | (x + w > NIH_IMAGE_SIDE) | (y + h > NIH_IMAGE_SIDE)
+    for mask, problem in ((empty, "width and height must be positive and finite"),
+                          (outside, f"the box leaves the {NIH_IMAGE_SIDE}x{NIH_IMAGE_SIDE} image")):  # fmt: skip
+        if mask.any():
+            row = int(np.flatnonzero(mask.to_numpy())[0])
+            raise NIHMetadataError(
+                f"{path}: row {row + 2} ({boxes['Image Index'].iloc[row]}, box x={x.iloc[row]}, y={y.iloc[row]}, "
+                f"w={w.iloc[row]}, h={h.iloc[row]}): {problem} ({int(mask.sum())} such rows)"
+            )
     return boxes
 
 

@@ -1,0 +1,237 @@
+"""Regression tests of the data-loss cases: what a run may delete, what a bad input may cost, what a resume
+may prune, what a failing prediction file may lose (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import image_processing_cxr
+import run_wsol
+import wsol_checkpoints
+import wsol_outputs
+from cxr_data import load_dataset_module
+
+TINY = [
+    "--num_phantoms", "48", "--phantom_size", "96", "--image_size", "64",
+    "--config_overrides", "hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,patch_size=8",
+    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("reliability") / "run"
+    run_wsol.main([*TINY, "--output_dir", str(output), "--max_train_steps", "2", "--do_eval", "false"])
+    return output
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --- 1. --overwrite_output_dir removes only what a run wrote ---------------------------------------------
+
+
+def test_overwrite_keeps_a_users_files_and_replaces_the_run(tmp_path):
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "notes.txt").write_text("my notes")
+    (output / "scans").mkdir()
+    (output / "scans" / "ct.bin").write_bytes(b"\x00\x01")
+    common = [*TINY, "--output_dir", str(output), "--max_train_steps", "2", "--do_eval", "false"]
+    run_wsol.main(common)
+    assert (output / "model.safetensors").is_file() and (output / "checkpoints").is_dir()
+    (output / "checkpoints" / "step_999").mkdir()  # a leftover of the earlier run: must go with it
+    run_wsol.main([*common, "--overwrite_output_dir"])
+    assert (output / "notes.txt").read_text() == "my notes"
+    assert (output / "scans" / "ct.bin").read_bytes() == b"\x00\x01"
+    assert (output / "model.safetensors").is_file()
+    assert not (output / "checkpoints" / "step_999").exists()
+
+
+def test_overwrite_refuses_to_delete_the_model_it_fine_tunes(trained, tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "preprocessor_config.json", "model.safetensors"):
+        (folder / name).write_bytes((trained / name).read_bytes())
+    before = _tree(folder)
+    with pytest.raises(SystemExit) as raised:
+        run_wsol.main([*TINY[:6], "--model_name_or_path", str(folder), "--output_dir", str(folder),
+                       "--overwrite_output_dir", "--max_train_steps", "1", "--do_eval", "false"])  # fmt: skip
+    assert raised.value.code == 2
+    assert "nothing was deleted" in capsys.readouterr().err
+    assert _tree(folder) == before
+
+
+def test_overwrite_refuses_to_delete_files_it_predicts(trained, tmp_path):
+    output = tmp_path / "run"
+    (output / "predictions").mkdir(parents=True)
+    (output / "all_results.json").write_text("{}")
+    image = output / "predictions" / "patient.png"
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(image)
+    with pytest.raises(SystemExit):
+        wsol_checkpoints.clear_run_outputs(output, [image])
+    assert image.is_file() and (output / "all_results.json").is_file()
+    # Without inputs inside, exactly the run's entries go.
+    (output / "keep.me").write_text("x")
+    removed = wsol_checkpoints.clear_run_outputs(output, [])
+    assert sorted(p.name for p in removed) == ["all_results.json", "predictions"]
+    assert sorted(p.name for p in output.iterdir()) == ["keep.me"]
+
+
+# --- 2. bad boxes are refused before training; the model is saved before evaluation ----------------------
+
+
+def test_an_inverted_box_is_refused_when_the_box_list_is_read(tmp_path):
+    nih = load_dataset_module("nih")
+    source = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih" / "BBox_List_2017.csv"
+    lines = source.read_text().splitlines()
+    fields = lines[5].split(",")
+    fields[4] = str(-abs(float(fields[4])))  # negative width: an inverted box
+    lines[5] = ",".join(fields)
+    broken = tmp_path / "BBox_List_2017.csv"
+    broken.write_text("\n".join(lines) + "\n")
+    with pytest.raises(nih.NIHMetadataError, match=r"row 6 .*width and height must be positive"):
+        nih.read_boxes(broken)
+    fields[4] = "5000"  # a box that leaves the 1024 x 1024 image
+    lines[5] = ",".join(fields)
+    broken.write_text("\n".join(lines) + "\n")
+    with pytest.raises(nih.NIHMetadataError, match="leaves the 1024x1024 image"):
+        nih.read_boxes(broken)
+    assert len(nih.read_boxes(source)) == 984  # the real list passes
+
+
+def test_the_trained_model_is_on_disk_when_evaluation_fails(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("evaluation failed")
+
+    monkeypatch.setattr(run_wsol, "final_evaluation", broken)
+    output = tmp_path / "run"
+    with pytest.raises(ValueError, match="evaluation failed"):
+        run_wsol.main([*TINY, "--max_train_steps", "2", "--output_dir", str(output)])
+    assert (output / "model.safetensors").is_file() and (output / "preprocessor_config.json").is_file()
+
+
+# --- 3. resume "latest" never trains over a finished run ------------------------------------------------
+
+
+def test_resume_latest_refuses_a_finished_run_without_checkpoints(trained, tmp_path, capsys):
+    folder = tmp_path / "finished"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((trained / name).read_bytes())
+    args = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(folder))
+    with pytest.raises(SystemExit) as raised:
+        wsol_checkpoints.resolve_checkpoint(args)
+    assert raised.value.code == 2 and "finished run" in capsys.readouterr().err
+    # An empty folder is a first start: nothing to protect, training starts from scratch.
+    assert wsol_checkpoints.resolve_checkpoint(argparse.Namespace(resume_from_checkpoint="latest",
+                                                                  output_dir=str(tmp_path / "new"))) is None  # fmt: skip
+
+
+# --- 4. resuming from an older checkpoint keeps the new timeline ------------------------------------------
+
+
+def test_resume_from_an_older_checkpoint_with_a_limit(tmp_path):
+    output = tmp_path / "run"
+    common = [*TINY, "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--do_eval", "false"]
+    run_wsol.main([*common, "--max_train_steps", "6", "--output_dir", str(output)])
+    names = [c.name for c in wsol_checkpoints.completed_checkpoints(output)]
+    assert names == ["step_4", "step_6"]
+    run_wsol.main([*common, "--max_train_steps", "8", "--output_dir", str(output),
+                   "--resume_from_checkpoint", str(output / "checkpoints" / "step_4")])  # fmt: skip
+    assert [c.name for c in wsol_checkpoints.completed_checkpoints(output)] == ["step_6", "step_8"]
+    state = json.loads((output / "checkpoints" / "step_8" / "train_state.json").read_text())
+    assert state["global_step"] == 8
+    # The abandoned timeline's checkpoint is kept aside, never "latest".
+    assert (output / "checkpoints" / "abandoned_step_6" / wsol_checkpoints.COMPLETE_MARKER).is_file()
+    latest = wsol_checkpoints.resolve_checkpoint(argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(output)))
+    assert latest.name == "step_8"
+
+
+# --- 5. prediction: a failed file is a row, never an abort ------------------------------------------------
+
+
+def _predict(model_dir: Path, output: Path, files) -> list[dict]:
+    run_wsol.main(["--do_train", "false", "--do_eval", "false", "--model_name_or_path", str(model_dir),
+                   "--output_dir", str(output), "--predict_files", *map(str, files)])  # fmt: skip
+    records = json.loads((output / "predictions" / "predictions.json").read_text())
+    streamed = [json.loads(line) for line in (output / "predictions" / "predictions.jsonl").read_text().splitlines()]
+    assert streamed == records
+    return records
+
+
+def test_prediction_survives_long_names_and_failed_overlays(trained, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    long_name = tmp_path / ("p" * 240 + ".png")
+    other = tmp_path / "other.png"
+    for file in (long_name, other):
+        Image.fromarray((rng.random((70, 80)) * 255).astype(np.uint8)).save(file)
+    records = _predict(trained, tmp_path / "out", [long_name, other])
+    assert all(Path(r["overlay"]).is_file() for r in records)
+    assert len(Path(records[0]["overlay"]).name) < 120
+
+    real_save = wsol_outputs._save_png
+
+    def fail_for_other(path, rgb):
+        if "other" in path.name:
+            raise OSError(28, "No space left on device")
+        real_save(path, rgb)
+
+    monkeypatch.setattr(wsol_outputs, "_save_png", fail_for_other)
+    records = _predict(trained, tmp_path / "out2", [long_name, other])
+    assert "overlay" in records[0] and records[1]["label"] and "No space" in records[1]["overlay_error"]
+
+
+def test_prediction_of_a_folder_where_every_file_fails_writes_rows(trained, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("a.png", "b.dcm", "c.jpg"):
+        (folder / name).write_bytes(b"garbage " + name.encode())
+    records = _predict(trained, tmp_path / "out", [folder])
+    assert [Path(r["file"]).name for r in records] == ["a.png", "b.dcm", "c.jpg"]
+    assert all(Path(r["file"]).name in r["error"] for r in records)
+
+
+def test_prediction_reads_each_file_once(trained, tmp_path, monkeypatch):
+    image = tmp_path / "patient.png"
+    Image.fromarray((np.random.default_rng(3).random((70, 80)) * 255).astype(np.uint8)).save(image)
+    opened: list[str] = []
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(image_processing_cxr, "open", counting_open, raising=False)
+    records = _predict(trained, tmp_path / "out", [image])
+    assert opened.count(str(image)) == 1
+    # The single read gives the processor path's answer.
+    from image_processing_cxr import CXRImageProcessor
+    from modeling_deit_scm import DeiTSCMForImageClassification
+
+    processor = CXRImageProcessor.from_pretrained(trained)
+    model = DeiTSCMForImageClassification.from_pretrained(trained).eval()
+    inputs = processor([str(image)])
+    expected = processor.post_process_localization(model(inputs["pixel_values"]), geometry=inputs,
+                                                   id2label=model.config.id2label)[0]  # fmt: skip
+    assert records[0]["label"] == expected["label_name"]
+    assert records[0]["score"] == pytest.approx(expected["score"], abs=1e-6)
+    assert records[0]["boxes"] == expected["boxes"].tolist()
+
+
+# --- 6. the main job checkpoints by default -------------------------------------------------------------
+
+
+def test_training_checkpoints_every_epoch_by_default(trained):
+    args = run_wsol.parse_args([])
+    assert args.checkpointing_steps == "epoch" and args.checkpoints_total_limit == 2
+    done = wsol_checkpoints.completed_checkpoints(trained)
+    assert done, "a default run wrote no checkpoint"
+    assert json.loads((done[-1] / "train_state.json").read_text())["global_step"] == 2
+    assert run_wsol.parse_args(["--checkpointing_steps", "none"]).checkpointing_steps is None
