@@ -31,9 +31,10 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -141,7 +142,9 @@ def load_pretrained_backbone(directory: str | os.PathLike) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_pretraining_images(args: PretrainArguments, processor: CXRImageProcessor) -> tuple[PreparedSplit, np.ndarray, list[str]]:
+def load_pretraining_images(
+    args: PretrainArguments, processor: CXRImageProcessor
+) -> tuple[PreparedSplit, np.ndarray, list[str]]:
     """The pretraining images (uint8 at training resolution, from the shared cache) with their
     multi-hot finding targets and the finding names."""
     if args.dataset == "phantoms":
@@ -192,7 +195,9 @@ def random_resized_crops(
     zero = torch.zeros(batch)
     theta = torch.stack([torch.stack([width, zero, centre_x], 1), torch.stack([zero, height, centre_y], 1)], 1)
     grid = F.affine_grid(theta.to(pixels.device), (batch, 1, out_size, out_size), align_corners=False)
-    crops = F.grid_sample(pixels.unsqueeze(1).float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    crops = F.grid_sample(
+        pixels.unsqueeze(1).float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
     # Exposure jitter: brightness and contrast +-20 %, as a film's window varies.
     gain = 0.8 + torch.rand(batch, 1, 1, 1, generator=generator).to(pixels.device) * 0.4
     offset = (torch.rand(batch, 1, 1, 1, generator=generator).to(pixels.device) * 2 - 1) * 25
@@ -324,7 +329,10 @@ def held_out_auc(backbone: torch.nn.Module, pixels: torch.Tensor, targets: np.nd
         for k, name in enumerate(names)
         if 0 < targets[:, k].sum() < len(targets)
     }
-    return {"mean_roc_auc": float(np.mean(list(per_finding.values()))), **{f"roc_auc_{k}": v for k, v in per_finding.items()}}
+    return {
+        "mean_roc_auc": float(np.mean(list(per_finding.values()))),
+        **{f"roc_auc_{k}": v for k, v in per_finding.items()},
+    }
 
 
 def train(args: PretrainArguments, split: PreparedSplit, targets: np.ndarray, names: list[str],
@@ -465,7 +473,9 @@ def finished_run(args: PretrainArguments) -> bool:
         return False
 
 
-def save_backbone(backbone: torch.nn.Module, args: PretrainArguments, names: list[str], results: dict[str, Any]) -> None:
+def save_backbone(
+    backbone: torch.nn.Module, args: PretrainArguments, names: list[str], results: dict[str, Any]
+) -> None:
     """timm state dict (safetensors) + the kwargs that rebuild it; the config is written last, so a
     folder whose config matches always holds the whole checkpoint."""
     from safetensors.torch import save_file

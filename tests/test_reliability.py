@@ -131,8 +131,8 @@ def test_resume_latest_refuses_a_finished_run_without_checkpoints(trained, tmp_p
         wsol_checkpoints.resolve_checkpoint(args)
     assert raised.value.code == 2 and "finished run" in capsys.readouterr().err
     # An empty folder is a first start: nothing to protect, training starts from scratch.
-    assert wsol_checkpoints.resolve_checkpoint(argparse.Namespace(resume_from_checkpoint="latest",
-                                                                  output_dir=str(tmp_path / "new"))) is None  # fmt: skip
+    fresh = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(tmp_path / "new"))
+    assert wsol_checkpoints.resolve_checkpoint(fresh) is None
 
 
 # --- 4. resuming from an older checkpoint keeps the new timeline ------------------------------------------
@@ -151,7 +151,9 @@ def test_resume_from_an_older_checkpoint_with_a_limit(tmp_path):
     assert state["global_step"] == 8
     # The abandoned timeline's checkpoint is kept aside, never "latest".
     assert (output / "checkpoints" / "abandoned_step_6" / wsol_checkpoints.COMPLETE_MARKER).is_file()
-    latest = wsol_checkpoints.resolve_checkpoint(argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(output)))
+    latest = wsol_checkpoints.resolve_checkpoint(
+        argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(output))
+    )
     assert latest.name == "step_8"
 
 
