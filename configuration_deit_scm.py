@@ -69,7 +69,9 @@ SCM_VARIANTS: dict[str, dict[str, Any]] = {
 
 _ATTENTION_LAYER_CHOICES = ("all", "last")
 _CONNECTIVITY_CHOICES = (4, 8)
-_SOLVER_CHOICES = ("polynomial", "newton_schulz", "polynomial_full_gradient")
+# How SCM computes X^T F (see `scm_solver`). "auto": "dense" on a GPU, "polynomial" elsewhere.
+SCM_SOLVERS = ("auto", "polynomial", "dense", "newton_schulz", "polynomial_full_gradient")
+_SOLVER_CHOICES = SCM_SOLVERS
 _POOLING_CHOICES = ("mean", "lse")
 _PATCH_EMBEDDING_CHOICES = ("patch", "conv_stem")
 _CONV_STEM_KERNELS = (3, 4)
@@ -130,8 +132,12 @@ class DeiTSCMConfig(PretrainedConfig):
         scm_attention_layers (`str`, defaults to `"all"`): which layers' CLS->patch attention forms
             the initial map: `"all"` (summed over layers, as the official code) or `"last"`.
         scm_connectivity (`int`, defaults to 4): neighbours per patch in the grid graph: 4 or 8.
-        scm_solver (`str`, defaults to `"polynomial"`): how X^T F is computed. `"newton_schulz"` runs
-            the official dense iteration (X0 built without gradient). `"polynomial"` uses that L is
+        scm_solver (`str`, defaults to `"auto"`): how X^T F is computed (`SCM_SOLVERS`). `"auto"` picks
+            `"dense"` on a GPU and `"polynomial"` elsewhere, by the device of the input. `"dense"` forms L
+            as one (B, N, N) matrix (a batched product for E, a constant grid Laplacian) and runs the
+            official iteration X <- X (2I - L X) with two batched matrix products per iteration: few,
+            large kernels, the GPU's strength. `"newton_schulz"` runs the same official iteration with L
+            as a stencil (X0 built without gradient in both). `"polynomial"` uses that L is
             symmetric, so the k-th iterate is a closed-form polynomial,
             X_k = alpha * Lb * sum_{j < 2^k} (I - alpha L Lb)^j with Lb = L without gradient (the official
             X0): the official values and gradients, with fewer dense products.
@@ -198,7 +204,7 @@ class DeiTSCMConfig(PretrainedConfig):
         scm_schulz_alpha: float = 0.002,
         scm_attention_layers: str = "all",
         scm_connectivity: int = 4,
-        scm_solver: str = "polynomial",
+        scm_solver: str = "auto",
         scm_pooling: str = "mean",
         scm_lse_r: float = 5.0,
         scm_lse_learnable: bool = False,
@@ -328,4 +334,4 @@ class DeiTSCMConfig(PretrainedConfig):
         return cls(**kwargs)
 
 
-__all__ = ["DeiTSCMConfig", "BACKBONE_PRESETS", "SCM_VARIANTS"]
+__all__ = ["DeiTSCMConfig", "BACKBONE_PRESETS", "SCM_SOLVERS", "SCM_VARIANTS"]

@@ -35,6 +35,12 @@ except ImportError:
 _MINMAX_EPS = 1e-12
 
 
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 are widened; float64 stays float64, so a double model matches the
+    official code to double precision, not to float32's)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 # --------------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------------
@@ -109,7 +115,7 @@ def interpolate_position_embeddings(
     dim = grid.shape[-1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
     # Bicubic in fp32: half-precision bicubic is not implemented on every device.
-    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False)
+    grid = F.interpolate(_wide(grid), size=new_grid, mode="bicubic", align_corners=False)
     grid = grid.to(position_embeddings.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
     return torch.cat([prefix, grid], dim=1)
 
@@ -251,13 +257,13 @@ class DeiTSCMAttention(nn.Module):
             mask = bias.to(q.dtype) if bias is not None else None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
             if need_cls_attention:
-                scores = (q[:, :, :1].float() * self.scale) @ k.float().transpose(-2, -1)
+                scores = (_wide(q[:, :, :1]) * self.scale) @ _wide(k).transpose(-2, -1)
                 if bias is not None:
-                    scores = scores + bias[:, :1].float()
+                    scores = scores + bias[:, :1].to(scores.dtype)
                 cls_attention = scores.softmax(dim=-1).mean(dim=1)[:, 0]
         else:
-            scores = ((q * self.scale) @ k.transpose(-2, -1)).float()
-            probs = (scores + bias.float() if bias is not None else scores).softmax(dim=-1)
+            scores = _wide((q * self.scale) @ k.transpose(-2, -1))
+            probs = (scores + bias.to(scores.dtype) if bias is not None else scores).softmax(dim=-1)
             if need_cls_attention:
                 cls_attention = probs[:, :, 0].mean(dim=1)
             probs = F.dropout(probs.to(v.dtype), p=dropout, training=self.training)
@@ -443,6 +449,40 @@ def newton_schulz_inverse(operator: GridOperator, iterations: int, alpha: float)
     return inverse
 
 
+def grid_laplacian(
+    height: int,
+    width: int,
+    connectivity: int,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """lap = D - A of the 4- or 8-connected (height x width) grid graph, as a dense (N, N) matrix."""
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    cols = torch.arange(width, device=device).repeat(height)
+    dy = (rows[:, None] - rows[None, :]).abs()
+    dx = (cols[:, None] - cols[None, :]).abs()
+    adjacent = (dy + dx == 1) if connectivity == 4 else ((dy <= 1) & (dx <= 1) & (dy + dx > 0))
+    adjacency = adjacent.to(dtype)
+    return torch.diag(adjacency.sum(dim=1)) - adjacency
+
+
+def dense_operator(semantic: torch.Tensor, lam: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
+    """L = lap * (lambda * E - 1) as a (batch, N, N) matrix, E = cos(S_i, S_j) from one batched product."""
+    unit = F.normalize(semantic.flatten(2), dim=1, eps=_MINMAX_EPS)  # (B, C, N)
+    similarity = torch.bmm(unit.transpose(1, 2), unit)
+    return laplacian * (lam * similarity - 1.0)
+
+
+def newton_schulz_dense(operator: torch.Tensor, vectors: torch.Tensor, iterations: int, alpha: float) -> torch.Tensor:
+    """X_k^T v by the official iteration on a dense L: X0 = alpha * L^T built without gradient, then
+    X <- 2X - X (L X), two batched matrix products per iteration (the GPU path: a handful of large
+    kernels per block instead of thousands of small stencil ones)."""
+    inverse = alpha * operator.detach().transpose(-2, -1)
+    for _ in range(iterations):
+        inverse = torch.baddbmm(inverse, inverse, torch.bmm(operator, inverse), beta=2.0, alpha=-1.0)
+    return torch.bmm(vectors.unsqueeze(1), inverse).squeeze(1)
+
+
 # Up to this many Newton-Schulz iterations the polynomial is summed term by term (2^k - 1
 # matrix-vector products); beyond it by doubling (k - 1 dense squarings).
 _HORNER_MAX_ITERATIONS = 5
@@ -489,6 +529,14 @@ def newton_schulz_apply(
     return alpha * total.squeeze(-1)
 
 
+def resolve_solver(solver: str, device: torch.device) -> str:
+    """The solver `scm_solver` names, `"auto"` resolved by device: `"dense"` on CUDA (few large kernels),
+    `"polynomial"` elsewhere (stencil products: the fastest on a few CPU cores)."""
+    if solver != "auto":
+        return solver
+    return "dense" if device.type == "cuda" else "polynomial"
+
+
 class DeiTSCMDiffusionBlock(nn.Module):
     r"""One SCM block: activation diffusion of the attention map on the semantic-aware grid graph.
 
@@ -512,19 +560,31 @@ class DeiTSCMDiffusionBlock(nn.Module):
         self.lam = nn.Parameter(torch.full((1,), float(config.scm_lambda_init)))
         self.beta = nn.Parameter(torch.full((1,), float(config.scm_beta_init)))
 
-    def forward(self, semantic: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        operator = GridOperator(semantic, self.lam, self.connectivity)
-        if self.solver == "newton_schulz":
-            inverse = newton_schulz_inverse(operator, self.iterations, self.alpha)
+    def forward(
+        self, semantic: torch.Tensor, attention: torch.Tensor, laplacian: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`laplacian`: the grid's dense lap (N, N), given for the `dense` solver (built once per stack)."""
+        height, width = semantic.shape[-2:]
+        solver = resolve_solver(self.solver, semantic.device)
+        if solver == "dense":
+            if laplacian is None:
+                laplacian = grid_laplacian(height, width, self.connectivity, semantic.device, semantic.dtype)
+            operator = dense_operator(semantic, self.lam, laplacian)
+            diffused = newton_schulz_dense(operator, attention, self.iterations, self.alpha)
+        elif solver == "newton_schulz":
+            inverse = newton_schulz_inverse(
+                GridOperator(semantic, self.lam, self.connectivity), self.iterations, self.alpha
+            )
             diffused = torch.bmm(attention.unsqueeze(1), inverse).squeeze(1)  # X^T F
         else:
-            detach_start = self.solver == "polynomial"
+            operator = GridOperator(semantic, self.lam, self.connectivity)
+            detach_start = solver == "polynomial"
             diffused = newton_schulz_apply(operator, attention, self.iterations, self.alpha, detach_start)
         # A constant (all-zero) attention map would divide by zero; the official code returns NaN.
         threshold = self.beta * attention.amax(dim=1, keepdim=True).clamp_min(_MINMAX_EPS)
         diffused = F.tanhshrink(diffused / threshold)
         diffused = minmax_normalize(diffused)
-        semantic = semantic + semantic * diffused.view(-1, 1, operator.height, operator.width)
+        semantic = semantic + semantic * diffused.view(-1, 1, height, width)
         return semantic, attention + diffused
 
 
@@ -546,8 +606,12 @@ class DeiTSCMSpatialCalibration(nn.Module):
         with torch.autocast(device_type=semantic.device.type, enabled=False):
             dtype = torch.promote_types(semantic.dtype, torch.float32)
             semantic, attention = semantic.to(dtype), attention.to(dtype)
+            laplacian = None
+            if self.blocks and resolve_solver(self.blocks[0].solver, semantic.device) == "dense":
+                height, width = semantic.shape[-2:]
+                laplacian = grid_laplacian(height, width, self.blocks[0].connectivity, semantic.device, dtype)
             for block in self.blocks:
-                semantic, attention = block(semantic, attention)
+                semantic, attention = block(semantic, attention, laplacian)
         return semantic, attention
 
 
@@ -579,8 +643,8 @@ class DeiTSCMClassPooling(nn.Module):
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         if self.mode == "mean":
             return maps.mean(dim=(2, 3))
-        flat = maps.flatten(2).float()
-        r = self.r.to(flat.device)
+        flat = _wide(maps.flatten(2))
+        r = self.r.to(flat.device, flat.dtype)
         return (torch.logsumexp(r * flat, dim=-1) - math.log(flat.shape[-1])) / r
 
 
@@ -730,7 +794,7 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
         )
         patches = hidden[:, 1:].transpose(1, 2).reshape(hidden.shape[0], -1, height, width)
         semantic = self.head(patches)
-        attention = minmax_normalize(cls_attention[:, 1:].float())
+        attention = minmax_normalize(_wide(cls_attention[:, 1:]))
         calibrated = None
         if self.training if run_scm is None else run_scm:
             final_semantic, calibrated = self.scm(semantic, attention)
@@ -760,9 +824,10 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
     def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy with `config.class_weights` and `config.label_smoothing` (PyTorch semantics:
         the mean is weighted by the target classes' weights)."""
-        weights = self.class_weights.to(logits.device) if self.class_weights is not None else None
+        logits = _wide(logits)
+        weights = self.class_weights.to(logits.device, logits.dtype) if self.class_weights is not None else None
         return F.cross_entropy(
-            logits.float(), labels.to(logits.device).long(), weight=weights, label_smoothing=self.config.label_smoothing
+            logits, labels.to(logits.device).long(), weight=weights, label_smoothing=self.config.label_smoothing
         )
 
     def parameter_groups(

@@ -77,6 +77,10 @@ class PretrainArguments:
     weight_decay: float = 0.05
     warmup_epochs: int = 2
     held_out_fraction: float = field(default=0.1, metadata={"help": "share of images kept for validation"})
+    attention_mil_weight: float = field(
+        default=0.0,
+        metadata={"help": "supervised: weight of the loss whose pooling weights are the last layer's CLS attention"},
+    )
     dino_out_dim: int = 1024
     dino_local_crops: int = 4
     dino_teacher_temperature: float = 0.04
@@ -211,6 +215,47 @@ def random_resized_crops(
 # --------------------------------------------------------------------------------------------------
 
 
+def cls_attention_row(attention: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The CLS token's attention over all tokens, head mean (B, T), of a timm `Attention` module given
+    its input: the row DeiT-SCM reads as F0."""
+    batch, count, _ = tokens.shape
+    qkv = attention.qkv(tokens).reshape(batch, count, 3, attention.num_heads, attention.head_dim)
+    q, k = qkv.permute(2, 0, 3, 1, 4)[:2]
+    q, k = attention.q_norm(q), attention.k_norm(k)
+    scores = (q[:, :, :1] * attention.scale) @ k.transpose(-2, -1)  # (B, heads, 1, T)
+    return scores.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+class SupervisedObjective(torch.nn.Module):
+    """Multi-label BCE of the CLS-token head, plus (weight `mil_weight`) the BCE of the same head applied
+    to every patch token and pooled with the last layer's CLS attention as the weights: attention-based
+    multiple-instance pooling (Ilse et al., *Attention-based Deep Multiple Instance Learning*, ICML 2018).
+    To raise a finding's pooled score the CLS row must move onto the patches that show it, which is
+    the premise SCM needs of F0. Only image labels are used; the backbone stays timm's own class."""
+
+    def __init__(self, backbone: torch.nn.Module, mil_weight: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.mil_weight = mil_weight
+        self._last_attention_input: Optional[torch.Tensor] = None
+        backbone.blocks[-1].attn.register_forward_pre_hook(self._keep_input)
+
+    def _keep_input(self, module: torch.nn.Module, inputs: tuple) -> None:
+        self._last_attention_input = inputs[0]
+
+    def forward(self, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(pixels)
+        loss = F.binary_cross_entropy_with_logits(self.backbone.forward_head(tokens), targets)
+        if self.mil_weight:
+            row = cls_attention_row(self.backbone.blocks[-1].attn, self._last_attention_input)
+            prefix = self.backbone.num_prefix_tokens
+            weights = row[:, prefix:] / row[:, prefix:].sum(dim=-1, keepdim=True).clamp_min(1e-12)
+            patch_logits = self.backbone.head(tokens[:, prefix:])  # (B, N, K)
+            pooled = (weights.unsqueeze(-1) * patch_logits).sum(dim=1)
+            loss = loss + self.mil_weight * F.binary_cross_entropy_with_logits(pooled, targets)
+        return loss
+
+
 class DINOHead(torch.nn.Module):
     """Projection head of DINO: a 3-layer MLP to a bottleneck, L2-normalized, then a weight-normalized
     linear layer to `out_dim` prototypes (Caron et al. 2021, sizes scaled down for a 96-wide backbone)."""
@@ -343,7 +388,10 @@ def train(args: PretrainArguments, split: PreparedSplit, targets: np.ndarray, na
     pixels, target_tensor = split.pixels, torch.from_numpy(targets)
     num_classes = len(names) if args.objective == "supervised" else 0
     backbone = create_backbone(args.timm_kwargs(num_classes))
-    trainer: torch.nn.Module = DINOTrainer(backbone, args) if args.objective == "dino" else backbone
+    if args.objective == "dino":
+        trainer: torch.nn.Module = DINOTrainer(backbone, args)
+    else:
+        trainer = SupervisedObjective(backbone, args.attention_mil_weight)
     optimizer = _optimizer(trainer, args)
     trainer, optimizer = accelerator.prepare(trainer, optimizer)
     normalizer = normalizer.to(accelerator.device)
@@ -365,8 +413,8 @@ def train(args: PretrainArguments, split: PreparedSplit, targets: np.ndarray, na
             if args.objective == "dino":
                 loss = accelerator.unwrap_model(trainer).loss(images, normalizer, generator)
             else:
-                logits = trainer(normalizer(augment_batch(images, generator)))
-                loss = F.binary_cross_entropy_with_logits(logits, target_tensor[batch].to(logits.device))
+                targets_batch = target_tensor[batch].to(images.device)
+                loss = trainer(normalizer(augment_batch(images, generator)), targets_batch)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(trainer.parameters(), 3.0)
@@ -380,13 +428,13 @@ def train(args: PretrainArguments, split: PreparedSplit, targets: np.ndarray, na
             progress.update(1)
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
         if args.objective == "supervised":
-            record.update(held_out_auc(accelerator.unwrap_model(trainer), pixels[torch.from_numpy(held_out)],
+            record.update(held_out_auc(accelerator.unwrap_model(trainer).backbone, pixels[torch.from_numpy(held_out)],
                                        targets[held_out], normalizer, names))  # fmt: skip
         history.append(record)
         logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
     progress.close()
     unwrapped = accelerator.unwrap_model(trainer)
-    final = unwrapped.teacher if args.objective == "dino" else unwrapped
+    final = unwrapped.teacher if args.objective == "dino" else unwrapped.backbone
     return final.eval(), {"history": history, "held_out_images": int(held_out.sum())}
 
 

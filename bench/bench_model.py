@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from timing import timed
 
 from configuration_deit_scm import BACKBONE_PRESETS, DeiTSCMConfig
-from modeling_deit_scm import DeiTSCMForImageClassification
+from modeling_deit_scm import DeiTSCMForImageClassification, resolve_solver
 
 logger = logging.getLogger("bench_model")
 
@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default="timm,paper,cxr,eager")
     parser.add_argument("--solver", default=None, help="scm_solver for our variants (default: the config's)")
     parser.add_argument("--profile", action="store_true", help="top kernels of one training step per eager variant")
+    parser.add_argument(
+        "--count_ops",
+        action="store_true",
+        help="only count compute operations per training step (forward + backward) for timm and every solver",
+    )
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.preset = args.preset or ("deit-small" if cuda else "deit-tiny")
@@ -173,9 +178,65 @@ def ratios_to_timm(results: dict[str, dict], peak_memory: dict[str, float]) -> d
     return ratios
 
 
+def count_operations(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, int]:
+    """Compute operations (aten calls, view-like ones excluded) that one training step (forward +
+    backward) and one inference pass dispatch: what a GPU would launch as kernels, counted on any device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - PyTorch's protocol
+            if not func.is_view:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model.train()
+    with Counter() as train:
+        F.cross_entropy(logits_of(model(pixels)).float(), labels).backward()
+    model.eval()
+    with torch.no_grad(), Counter() as infer:
+        model(pixels)
+    return {"train": train.count, "infer": infer.count}
+
+
+def operation_table(args: argparse.Namespace) -> dict:
+    """`--count_ops`: operations per step of timm's DeiT and of ours with every solver (DeiT-S
+    dimensions unless --preset, batch 2), and each one's ratio to timm's."""
+    from configuration_deit_scm import SCM_SOLVERS
+
+    preset = args.preset if args.preset != "deit-tiny" or args.device.startswith("cuda") else "deit-small"
+    settings = argparse.Namespace(**{**vars(args), "preset": preset, "solver": None})
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, 3, args.image_size, args.image_size, generator=generator).to(args.device)
+    labels = torch.tensor([0, 2]).to(args.device)
+    counts = {"timm": count_operations(build_model("timm", settings), pixels, labels)}
+    for variant in ("paper", "cxr"):
+        for solver in SCM_SOLVERS:
+            settings.solver = solver
+            counts[f"{variant}/{solver}"] = count_operations(build_model(variant, settings), pixels, labels)
+    reference = counts["timm"]
+    return {
+        "device": args.device,
+        "preset": preset,
+        "image_size": args.image_size,
+        "batch_size": 2,
+        "auto_resolves_to": resolve_solver("auto", torch.device(args.device)),
+        "operations": counts,
+        "train_vs_timm": {k: round(v["train"] / reference["train"], 2) for k, v in counts.items()},
+        "infer_vs_timm": {k: round(v["infer"] / reference["infer"], 2) for k, v in counts.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     args = parse_args(argv)
+    if args.count_ops:
+        report = operation_table(args)
+        print(json.dumps(report))
+        return report
     torch.manual_seed(0)
     cuda = args.device.startswith("cuda")
     if cuda:
