@@ -14,7 +14,7 @@ TINY = dict(
 
 
 @pytest.mark.parametrize("variant", ["paper", "cxr"])
-@pytest.mark.parametrize("solver", ["polynomial", "newton_schulz"])
+@pytest.mark.parametrize("solver", ["polynomial", "newton_schulz", "dense"])
 @pytest.mark.parametrize("training", [True, False])
 def test_forward_has_no_graph_breaks(variant, solver, training):
     torch._dynamo.reset()

@@ -11,14 +11,18 @@ import torch
 import torch.nn.functional as F
 from remote_code import run_outside_repo
 
-from configuration_deit_scm import BACKBONE_PRESETS, DeiTSCMConfig
+from configuration_deit_scm import BACKBONE_PRESETS, SCM_SOLVERS, DeiTSCMConfig
 from modeling_deit_scm import (
     DeiTSCMForImageClassification,
     DeiTSCMModel,
     GridOperator,
     interpolate_position_embeddings,
+    resolve_solver,
     select_class_maps,
     token_distances,
+)
+from modeling_deit_scm import (
+    grid_laplacian as model_grid_laplacian,
 )
 
 
@@ -246,7 +250,7 @@ def reference_scm(semantic, attention, lambdas, betas, iterations, connectivity=
 
 
 class TestSCM:
-    @pytest.mark.parametrize("solver", ["newton_schulz", "polynomial", "polynomial_full_gradient"])
+    @pytest.mark.parametrize("solver", ["newton_schulz", "dense", "polynomial", "polynomial_full_gradient"])
     @pytest.mark.parametrize("connectivity", [4, 8])
     @pytest.mark.parametrize("variant", ["paper", "cxr"])
     def test_matches_dense_reference_values_and_gradients(self, solver, connectivity, variant):
@@ -291,9 +295,9 @@ class TestSCM:
         loss and every gradient (backbone, head, lambda, beta) equal the dense Newton-Schulz iteration
         with the detached start, to 1e-9 relative (1e-13 absolute for near-zero gradients)."""
         fields = {**_variant_fields("paper"), "scm_lambda_init": lam}
-        assert DeiTSCMConfig.from_preset("deit-small", "paper").scm_solver == "polynomial"
+        assert DeiTSCMConfig.from_preset("deit-small", "paper").scm_solver == "auto"
         results = {}
-        for solver in ("newton_schulz", "polynomial"):
+        for solver in ("newton_schulz", "auto", "dense"):
             model = tiny_model(seed=3, image_size=48, scm_solver=solver, **fields).double().train()
             with torch.no_grad():
                 for i, block in enumerate(model.scm.blocks):
@@ -304,14 +308,15 @@ class TestSCM:
             out.loss.backward()
             results[solver] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
         loss_ns, grads_ns = results["newton_schulz"]
-        loss_poly, grads_poly = results["polynomial"]
-        torch.testing.assert_close(loss_poly, loss_ns, rtol=1e-12, atol=0)
-        assert grads_ns.keys() == grads_poly.keys()
-        for name, want in grads_ns.items():
-            got = grads_poly[name]
-            relative = (got - want).norm() / want.norm().clamp_min(1e-300)
-            # A floor at float64 rounding for gradients that are themselves ~1e-8 (late blocks' beta).
-            assert (got - want).norm() <= 1e-9 * want.norm() + 1e-13, (name, float(relative))
+        for solver in ("auto", "dense"):  # on the CPU "auto" is the polynomial; "dense" is the GPU path
+            loss_other, grads_other = results[solver]
+            torch.testing.assert_close(loss_other, loss_ns, rtol=1e-12, atol=0)
+            assert grads_ns.keys() == grads_other.keys()
+            for name, want in grads_ns.items():
+                got = grads_other[name]
+                relative = (got - want).norm() / want.norm().clamp_min(1e-300)
+                # A floor at float64 rounding for gradients that are themselves ~1e-8 (late blocks' beta).
+                assert (got - want).norm() <= 1e-9 * want.norm() + 1e-13, (solver, name, float(relative))
         assert all(grads_ns[f"scm.blocks.{i}.lam"].abs() > 0 for i in range(4))
 
     def test_full_gradient_solver_differs_in_gradient_only(self):
@@ -345,6 +350,36 @@ class TestSCM:
                 results[solver] = model.scm(semantic, attention)
         for got, want in zip(results["polynomial"], results["newton_schulz"]):
             assert ((got - want).norm() / want.norm()).item() < 1e-4
+
+    def test_auto_solver_is_chosen_by_device(self):
+        assert resolve_solver("auto", torch.device("cpu")) == "polynomial"
+        assert resolve_solver("auto", torch.device("cuda", 0)) == "dense"
+        for solver in ("polynomial", "dense", "newton_schulz", "polynomial_full_gradient"):
+            assert resolve_solver(solver, torch.device("cuda")) == solver
+        assert SCM_SOLVERS[0] == "auto" and set(SCM_SOLVERS) >= {"polynomial", "dense", "newton_schulz"}
+
+    @pytest.mark.parametrize("connectivity", [4, 8])
+    def test_grid_laplacian_is_degree_minus_adjacency(self, connectivity):
+        lap = model_grid_laplacian(3, 4, connectivity, dtype=torch.float64)
+        torch.testing.assert_close(lap, grid_laplacian(3, 4, connectivity).to(torch.float64))
+        # Patch (1, 1) = index 5: 4 or 8 neighbours, all inside the 3 x 4 grid.
+        assert lap[5, 5] == connectivity
+        neighbours = {4, 6, 1, 9} if connectivity == 4 else {0, 1, 2, 4, 6, 8, 9, 10}
+        assert set(torch.nonzero(lap[5] == -1).flatten().tolist()) == neighbours
+        assert lap[0, 0] == (2 if connectivity == 4 else 3)  # a corner
+        torch.testing.assert_close(lap.sum(dim=1), torch.zeros(12, dtype=torch.float64))
+        torch.testing.assert_close(lap, lap.T)
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+    def test_cxr_model_trains_in_other_dtypes(self, dtype):
+        """The class-weight buffer follows the logits: a cxr model cast to float64 or bfloat16 computes
+        its loss (it crashed before), and float64 stays float64 end to end."""
+        fields = {**_variant_fields("cxr"), "scm_pooling": "lse", "class_weights": [0.7, 0.1, 0.2]}
+        model = tiny_model(seed=0, **fields).to(dtype).train()
+        out = model(torch.randn(2, 3, 32, 32, dtype=dtype), labels=torch.tensor([0, 2]))
+        assert torch.isfinite(out.loss)
+        assert out.loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        out.loss.backward()
 
     def test_grid_operator_dense_matches_definition(self):
         semantic = torch.randn(1, 3, 3, 4, dtype=torch.float64)
