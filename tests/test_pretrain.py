@@ -1,0 +1,159 @@
+"""Tests of the pretraining job: smoke runs of both objectives, timm's format, the user path into DeiT-SCM,
+the cached rerun, and the data it may use (disjoint from every fine-tuning split)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import cxr_data
+import run_pretrain
+from convert_deit_weights import load_backbone_weights
+from modeling_deit_scm import DeiTSCMModel
+
+ROOT = Path(__file__).resolve().parents[1]
+NIH_FIXTURES = ROOT / "tests" / "fixtures" / "nih"
+TINY = [
+    "--num_images", "40", "--phantom_size", "96", "--image_size", "32", "--patch_size", "8", "--embed_dim", "24",
+    "--depth", "2", "--num_heads", "2", "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
+    "--warmup_epochs", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def supervised(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("pretrain") / "supervised"
+    run_pretrain.main([*TINY, "--attention_mil_weight", "1", "--output_dir", str(output)])
+    return output
+
+
+@pytest.fixture(scope="module")
+def dino(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("pretrain") / "dino"
+    run_pretrain.main([*TINY, "--objective", "dino", "--dino_out_dim", "64", "--output_dir", str(output)])
+    return output
+
+
+def _timm_model(folder: Path) -> torch.nn.Module:
+    """What a user does with a timm checkpoint: create the model by name and load it strictly."""
+    config = json.loads((folder / run_pretrain.CONFIG_FILE).read_text())
+    model = timm.create_model(config["timm_architecture"], pretrained=False, **config["timm_kwargs"])
+    model.load_state_dict(load_file(str(folder / run_pretrain.CHECKPOINT_FILE)), strict=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("run", ["supervised", "dino"])
+def test_smoke_run_writes_a_timm_checkpoint(run, request):
+    folder = request.getfixturevalue(run)
+    results = json.loads((folder / run_pretrain.RESULTS_FILE).read_text())
+    assert len(results["history"]) == 2 and all(np.isfinite(e["loss"]) for e in results["history"])
+    model = _timm_model(folder)
+    assert type(model).__name__ == "VisionTransformer"
+    if run == "supervised":
+        assert model.head.out_features == 7 and 0 <= results["history"][-1]["mean_roc_auc"] <= 1
+    else:
+        assert model.num_classes == 0  # DINO saves the teacher backbone without its projection head
+    check = results["attention_check"]
+    assert check["phantom_series"] == 42 and check["boxed_images"] > 0
+    assert 0 <= check["F0_last_layer"] <= 100 and check["random"] > 0
+
+
+def test_trained_checkpoint_converted_gives_timms_patch_tokens(supervised):
+    """The user path: a trained (not random) timm checkpoint through the converter gives DeiT-SCM's backbone
+    the same final tokens as timm and the same CLS attention as timm's last block."""
+    model = _timm_model(supervised)
+    backbone = run_pretrain.deit_scm_model(supervised, "cxr").deit
+    assert isinstance(backbone, DeiTSCMModel)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = model.forward_features(pixels)
+        ours = backbone(pixels)
+    torch.testing.assert_close(ours.last_hidden_state, theirs, atol=2e-5, rtol=1e-5)
+    captured = {}
+    model.blocks[-1].attn.register_forward_pre_hook(lambda module, args: captured.update(x=args[0]))
+    with torch.no_grad():
+        model.forward_features(pixels)
+        row = run_pretrain.cls_attention_row(model.blocks[-1].attn, captured["x"])[:, 1:]
+    torch.testing.assert_close(ours.cls_attention.flatten(1), row, atol=1e-6, rtol=1e-5)
+    # The weights did move away from the initialization: this is a trained backbone.
+    fresh = run_pretrain.create_backbone(json.loads((supervised / run_pretrain.CONFIG_FILE).read_text())["timm_kwargs"])
+    assert not torch.equal(fresh.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+
+
+def test_run_wsol_reads_the_checkpoint_folder(supervised):
+    """`--backbone_weights DIR` reads model.safetensors from the folder, every backbone key present."""
+    target = run_pretrain.deit_scm_model(supervised, "paper")
+    report = load_backbone_weights(target, supervised)
+    assert report.missing_keys == [] and sorted(report.unexpected_keys) == ["head.bias", "head.weight"]
+
+
+def test_a_finished_run_is_reused_not_retrained(supervised, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("retrained")
+
+    monkeypatch.setattr(run_pretrain, "train", fail)
+    first = json.loads((supervised / run_pretrain.RESULTS_FILE).read_text())
+    again = run_pretrain.main([*TINY, "--attention_mil_weight", "1", "--output_dir", str(supervised)])
+    assert again == first
+    with pytest.raises(AssertionError, match="retrained"):  # other settings: not the same run
+        run_pretrain.main([*TINY, "--attention_mil_weight", "0.5", "--output_dir", str(supervised)])
+
+
+def test_bad_flags_are_one_line(capsys):
+    with pytest.raises(SystemExit) as raised:
+        run_pretrain.main(["--objective", "mae"])
+    assert raised.value.code == 2 and "objective" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_pretrain.main(["--image_size", "30", "--patch_size", "8"])
+
+
+def _png_bytes(split) -> set[bytes]:
+    from datasets import Image as ImageFeature
+
+    return {bytes(image["bytes"]) for image in split.cast_column("image", ImageFeature(decode=False))["image"]}
+
+
+def test_pretraining_phantoms_are_in_no_fine_tuning_split():
+    phantoms = cxr_data.load_dataset_module("phantoms")
+    pretraining = phantoms.build_pretraining_dataset(6, size=64, seed=run_pretrain.PRETRAIN_SERIES)
+    fine_tuning = phantoms.build_phantom_dataset(20, 6, 6, size=64, seed=run_pretrain.PRETRAIN_SERIES)
+    assert not _png_bytes(pretraining) & set().union(*(_png_bytes(split) for split in fine_tuning.values()))
+    patients = {p for split in fine_tuning.values() for p in split["patient_id"]}
+    assert not patients & set(pretraining["patient_id"])
+    for labels, findings in zip(pretraining["image_labels"], pretraining["findings"]):
+        assert labels == sorted(set(findings)) and set(labels) <= set(phantoms.PRETRAIN_FINDINGS)
+
+
+def test_nih_pretraining_keeps_out_validation_test_and_boxed_patients(tmp_path):
+    nih = cxr_data.load_dataset_module("nih")
+    metadata = pd.read_csv(NIH_FIXTURES / "Data_Entry_2017_sample.csv")
+    boxes = pd.read_csv(NIH_FIXTURES / "BBox_List_2017.csv")
+    boxed_patients = set(metadata.loc[metadata["Image Index"].isin(boxes["Image Index"]), "Patient ID"])
+    chosen = sorted(set(metadata["Patient ID"]) - boxed_patients)[:60] + sorted(boxed_patients)[:3]
+    subset = metadata[metadata["Patient ID"].isin(chosen)]
+    subset.to_csv(tmp_path / "Data_Entry_2017_v2020.csv", index=False)
+    boxes[boxes["Image Index"].isin(subset["Image Index"])].to_csv(tmp_path / "BBox_List_2017.csv", index=False)
+    folder = tmp_path / "images_001" / "images"
+    folder.mkdir(parents=True)
+    for name in subset["Image Index"]:
+        Image.fromarray(np.full((32, 32), 100, np.uint8)).save(folder / name)
+    dataset = nih.build_pretraining_dataset(tmp_path, seed=0)
+    manifest, _ = nih.build_manifest(tmp_path / "Data_Entry_2017_v2020.csv", tmp_path / "BBox_List_2017.csv",
+                                     official_lists_dir=tmp_path, seed=0)  # fmt: skip
+    held_out = set(manifest.loc[manifest["split"] != "train", "Patient ID"].astype(int))
+    used = {int(p) for p in dataset["patient_id"]}
+    assert used and not used & held_out
+    assert not used & {int(p) for p in boxed_patients}
+    by_id = dict(zip(subset["Image Index"], subset["Finding Labels"]))
+    for image_id, labels in zip(dataset["image_id"], dataset["image_labels"]):
+        names = by_id[image_id].split("|")
+        assert sorted(labels) == ([] if names == ["No Finding"] else sorted(names))
+        assert set(labels) <= set(nih.NIH_FINDINGS)
