@@ -565,7 +565,8 @@ def make_accelerator(args: argparse.Namespace) -> Any:
         mixed_precision=args.mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Pinned batches (make_loader) copied without blocking: the copy overlaps the step on a GPU.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         # SCM's lambda and beta get no gradient while the blocks are warming up.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )

@@ -271,6 +271,36 @@ def make_loader(split: PreparedSplit, batch_size: int, shuffle: bool, num_worker
     )
 
 
+class DevicePrefetcher:
+    """Iterate a loader of tensor tuples with the next batch already on `device`: on CUDA its copy from
+    pinned memory runs on a side stream while the current batch computes; elsewhere a plain pass-through."""
+
+    def __init__(self, loader: Any, device: torch.device | str) -> None:
+        self.loader, self.device = loader, torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def _send(self, batch: Any) -> Any:
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    def __iter__(self):
+        if self.stream is None:
+            yield from (self._send(batch) for batch in self.loader)
+            return
+        iterator = iter(self.loader)
+        with torch.cuda.stream(self.stream):
+            upcoming = next(iterator, None)
+            upcoming = self._send(upcoming) if upcoming is not None else None
+        while upcoming is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            current = upcoming
+            for tensor in current:
+                tensor.record_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                upcoming = next(iterator, None)
+                upcoming = self._send(upcoming) if upcoming is not None else None
+            yield current
+
+
 def build_processor(args: argparse.Namespace) -> CXRImageProcessor:
     if args.model_name_or_path and Path(args.model_name_or_path, "preprocessor_config.json").exists():
         return CXRImageProcessor.from_pretrained(args.model_name_or_path)

@@ -44,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument(
+        "--compile_mode",
+        default=None,
+        help='torch.compile mode, e.g. "reduce-overhead" (CUDA graphs); default: default',
+    )
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--variants", default="timm,paper,cxr,eager")
     parser.add_argument("--solver", default=None, help="scm_solver for our variants (default: the config's)")
@@ -84,7 +89,7 @@ def logits_of(output: object) -> torch.Tensor:
 
 def make_steps(model: torch.nn.Module, args: argparse.Namespace, compiled: bool) -> tuple[Callable, Callable]:
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, mode=args.compile_mode) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator).to(args.device)
@@ -126,12 +131,14 @@ def top_kernels(step: Callable, args: argparse.Namespace, count: int = 12) -> li
     ]
 
 
-def warm_runners(variants: list[str], args, cuda: bool) -> tuple[dict, dict, dict, dict]:
-    """Build each variant, run two warm-up steps of each mode; (runners, solvers, train peak, infer peak)."""
+def warm_runners(variants: list[str], args, cuda: bool) -> tuple[dict, dict, dict, dict, dict]:
+    """Build each variant, run two warm-up steps of each mode; (runners, solvers, train peak, infer peak,
+    seconds of the first training step: the compile time of a compiled variant)."""
     runners: dict[str, dict[str, Callable]] = {}
     solvers: dict[str, str] = {}
     peak_memory: dict[str, float] = {}
     infer_peak_memory: dict[str, float] = {}
+    warm_seconds: dict[str, float] = {}
     for variant in variants:
         model = build_model(variant, args)
         if hasattr(model, "config") and hasattr(model.config, "scm_solver"):
@@ -139,7 +146,7 @@ def warm_runners(variants: list[str], args, cuda: bool) -> tuple[dict, dict, dic
         train_step, infer_step = make_steps(model, args, variant.endswith("_compiled"))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        train_step()  # warm-up (and compilation)
+        warm_seconds[variant] = round(timed(train_step, args.device, repeat=1), 2)  # warm-up (and compilation)
         train_step()
         if cuda:
             peak_memory[variant] = torch.cuda.max_memory_allocated() / 2**30
@@ -150,7 +157,7 @@ def warm_runners(variants: list[str], args, cuda: bool) -> tuple[dict, dict, dic
             infer_peak_memory[variant] = torch.cuda.max_memory_allocated() / 2**30
         runners[variant] = {"train": train_step, "infer": infer_step}
         logger.info("built and warmed %s", variant)
-    return runners, solvers, peak_memory, infer_peak_memory
+    return runners, solvers, peak_memory, infer_peak_memory, warm_seconds
 
 
 def ratios_to_timm(results: dict[str, dict], peak_memory: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -245,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants = args.variants.split(",")
     if args.compile:
         variants += [f"{v}_compiled" for v in variants if v != "eager"]
-    runners, solvers, peak_memory, infer_peak_memory = warm_runners(variants, args, cuda)
+    runners, solvers, peak_memory, infer_peak_memory, warm_seconds = warm_runners(variants, args, cuda)
     seconds: dict[str, dict[str, list[float]]] = {v: {"train": [], "infer": []} for v in variants}
     for round_index in range(args.rounds):
         for variant in variants:
@@ -272,8 +279,10 @@ def main(argv: list[str] | None = None) -> dict:
             "rounds": args.rounds,
             "bf16": args.bf16,
             "torch": torch.__version__,
+            "compile_mode": args.compile_mode,
         },
-        "scm_solver": solvers,
+        "first_step_seconds": warm_seconds,
+        "scm_solver": {v: f"{s} -> {resolve_solver(s, torch.device(args.device))}" for v, s in solvers.items()},
         "results": results,
         "ratios": ratios_to_timm(results, peak_memory),
     }

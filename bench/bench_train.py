@@ -105,9 +105,7 @@ def make_runs(args, split: wsol_data.PreparedSplit) -> tuple[Callable[[], None],
     def from_cache() -> None:
         done = 0
         while done < args.steps:
-            for pixels, labels, _ in loader:
-                pixels = pixels.to(args.device, non_blocking=True)
-                labels = labels.to(args.device, non_blocking=True)
+            for pixels, labels, _ in wsol_data.DevicePrefetcher(loader, args.device):
                 step(normalizer(wsol_data.augment_batch(pixels, generator)), labels)
                 done += 1
                 if done == args.steps:

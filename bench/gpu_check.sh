@@ -6,11 +6,13 @@
 # `bash bench/fetch_wheels.sh`, then carry "bench/wheels"). Each step has its own time limit and the
 # script goes on when one fails, so that what did finish comes back.
 #
-# Usage: bash bench/gpu_check.sh [all|bench|train]. Writes to $OUT (or bench/gpu_out), at most 8 files:
+# Usage: bash bench/gpu_check.sh [all|bench|train]. Writes to $OUT (or bench/gpu_out), at most 9 files:
 #   machine.txt        card, driver, torch/timm/transformers versions
 #   bench_model.json   DeiT-S, batch 256, bf16: timm vs ours paper/cxr, eager: train and inference img/s,
 #                      peak memory, interleaved rounds; top kernels of one training step
-#   bench_model_compiled.json   the same under torch.compile
+#   count_ops.json     compute operations per training step: timm and every SCM solver (auto = dense here)
+#   bench_model_compiled.json   one JSON line per SCM variant x compile mode (default, reduce-overhead),
+#                      each against a compiled timm in the same process, compile time included
 #   bench_train.json   the training data path (uint8 cache -> augmentation -> step) vs synthetic tensors
 #   all_results.json   a short from-scratch deit-tiny 224 run of run_wsol.py with --mixed_precision bf16
 #   wsol_sample.png, wsol_maps.png   one heatmap comparison and one F0/S0/F0*S0 sample of that run
@@ -57,9 +59,19 @@ if [ "$MODE" != train ]; then
   step "bench_model eager (timm vs ours), with the top kernels"
   timeout "${BENCH_EAGER_LIMIT:-90}" $PY bench/bench_model.py --variants timm,paper,cxr --rounds 3 --steps 10 \
     --profile >"$OUT/bench_model.json" 2>>"$LOG" || echo "bench_model eager failed or timed out" | tee -a "$LOG"
-  step "bench_model compiled (timm vs ours)"
-  timeout "${BENCH_COMPILED_LIMIT:-240}" $PY bench/bench_model.py --variants timm_compiled,paper_compiled,cxr_compiled \
-    --rounds 3 --steps 10 >"$OUT/bench_model_compiled.json" 2>>"$LOG" || echo "bench_model compiled failed or timed out" | tee -a "$LOG"
+  step "compute operations per training step (timm and every SCM solver)"
+  timeout 120 $PY bench/bench_model.py --count_ops >"$OUT/count_ops.json" 2>>"$LOG" || echo "count_ops failed" | tee -a "$LOG"
+  # Each SCM variant compiled in its own process beside a compiled timm (first_step_seconds = compile
+  # time): one variant's long compile cannot take the others' figures with it. Then CUDA graphs.
+  : >"$OUT/bench_model_compiled.json"
+  for variant in paper cxr; do
+    for mode in default reduce-overhead; do
+      step "bench_model compiled: $variant, mode $mode"
+      timeout "${BENCH_COMPILED_LIMIT:-150}" $PY bench/bench_model.py --variants "timm_compiled,${variant}_compiled" \
+        --compile_mode "$mode" --rounds 3 --steps 10 >>"$OUT/bench_model_compiled.json" 2>>"$LOG" \
+        || echo "bench_model compiled $variant $mode failed or timed out" | tee -a "$LOG"
+    done
+  done
   step "bench_train (data path)"
   timeout "${BENCH_TRAIN_LIMIT:-100}" $PY bench/bench_train.py --images 2048 >"$OUT/bench_train.json" 2>>"$LOG" \
     || echo "bench_train failed or timed out" | tee -a "$LOG"
