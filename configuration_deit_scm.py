@@ -152,6 +152,9 @@ class DeiTSCMConfig(PretrainedConfig):
         scm_lse_r (`float`, defaults to 5.0): the sharpness r of `"lse"` pooling (its starting value when
             learnable).
         scm_lse_learnable (`bool`, defaults to `False`): learn r (kept positive through its logarithm).
+        calibration_temperature (`float`, defaults to 1.0): T of temperature scaling (Guo et al., ICML
+            2017): the model's `probabilities` are softmax(logits / T); logits are untouched. `run_wsol.py`
+            fits T on the validation split after training.
         cls_loss_weight (`float`, defaults to 0.0): weight of an auxiliary cross-entropy on the CLS
             token (a linear classifier on the final CLS token, as ViT and DeiT classify), added to the
             loss when labels are given; 0 (the paper) builds no such classifier. Logits and maps are
@@ -209,6 +212,7 @@ class DeiTSCMConfig(PretrainedConfig):
         scm_lse_r: float = 5.0,
         scm_lse_learnable: bool = False,
         cls_loss_weight: float = 0.0,
+        calibration_temperature: float = 1.0,
         attention_locality: float = 0.0,
         head_kernel_size: int = 3,
         class_weights: Optional[Sequence[float]] = None,
@@ -289,6 +293,13 @@ class DeiTSCMConfig(PretrainedConfig):
             raise ValueError(f"scm_schulz_alpha must be positive, got {self.scm_schulz_alpha!r}")
         if self.scm_beta_init == 0:
             raise ValueError("scm_beta_init must be non-zero (it divides the diffused map)")
+        temperature = self.calibration_temperature
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not 0 < temperature < float("inf")
+        ):
+            raise ValueError(f"calibration_temperature must be a finite number > 0, got {temperature!r}")
         if not (isinstance(self.cls_loss_weight, (int, float)) and 0.0 <= float(self.cls_loss_weight) < float("inf")):
             raise ValueError(f"cls_loss_weight must be a finite number >= 0, got {self.cls_loss_weight!r}")
         if not (isinstance(self.attention_locality, (int, float)) and 0.0 <= float(self.attention_locality) < 1e3):

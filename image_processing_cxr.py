@@ -752,7 +752,8 @@ class CXRImageProcessor(BaseImageProcessor):
 
         Args:
             outputs: the model's output (needs `logits` and the map named by `localization_map`:
-                `(B, C, h, w)` class maps, or `(B, h, w)` for the class-agnostic attention).
+                `(B, C, h, w)` class maps, or `(B, h, w)` for the class-agnostic attention); its
+                `probabilities` (calibrated) give `score` when present, else the softmax of `logits`.
             target_sizes: (height, width) per image, when the inputs were squashed (no padding) and
                 `geometry` is not given.
             labels: class per image to localize (ground-truth-known); defaults to the prediction.
@@ -778,7 +779,9 @@ class CXRImageProcessor(BaseImageProcessor):
         batch = maps.shape[0]
         rows = self._geometry_rows(geometry, target_sizes, batch)
         chosen = logits.argmax(-1) if labels is None else torch.as_tensor(labels).long().view(-1)
-        probabilities = logits.softmax(-1)
+        # The model's calibrated probabilities (temperature scaling) when it gives them; else the softmax.
+        given = outputs.get("probabilities") if hasattr(outputs, "get") else None
+        probabilities = given.detach().float().cpu() if given is not None else logits.softmax(-1)
         tau = self.localization_threshold if threshold is None else float(threshold)
         results = []
         for i in range(batch):

@@ -82,6 +82,8 @@ class DeiTSCMImageClassifierOutput(ModelOutput):
             the patch tokens.
         calibrated_attention_maps (`torch.FloatTensor` of shape `(batch, h, w)`, *optional*): F after
             the last SCM block, when the blocks ran.
+        probabilities (`torch.FloatTensor` of shape `(batch, num_labels)`): calibrated class probabilities,
+            softmax(logits / `config.calibration_temperature`) (temperature scaling fitted on validation).
         cls_logits (`torch.FloatTensor` of shape `(batch, num_labels)`, *optional*): the auxiliary CLS
             token classifier's logits, when `config.cls_loss_weight > 0`.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): as in [`DeiTSCMModelOutput`].
@@ -93,6 +95,7 @@ class DeiTSCMImageClassifierOutput(ModelOutput):
     attention_maps: Optional[torch.FloatTensor] = None
     semantic_maps: Optional[torch.FloatTensor] = None
     calibrated_attention_maps: Optional[torch.FloatTensor] = None
+    probabilities: Optional[torch.FloatTensor] = None
     cls_logits: Optional[torch.FloatTensor] = None
     hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
 
@@ -816,6 +819,7 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
             attention_maps=attention[:, 0],
             semantic_maps=semantic,
             calibrated_attention_maps=calibrated,
+            probabilities=(_wide(logits.detach()) / float(self.config.calibration_temperature)).softmax(-1),
             cls_logits=cls_logits,
             hidden_states=all_hidden,
         )

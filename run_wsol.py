@@ -56,6 +56,7 @@ from wsol_outputs import (
     write_run_outputs,
 )
 from wsol_recipes import RECIPE_CHOICES, apply_recipe, resolve_recipe
+from wsol_reporting import environment
 
 logger = logging.getLogger("run_wsol")
 
@@ -641,6 +642,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         results.update(evaluation.results)
         predictions = evaluation.predictions
         processor.localization_threshold, processor.localization_map = evaluation.threshold, evaluation.map_output
+        # Probabilities leave the model calibrated: the temperature travels in its config.
+        accelerator.unwrap_model(parts.model).config.calibration_temperature = evaluation.temperature
+    results["environment"] = environment()
     if accelerator.is_main_process and (args.do_train or args.do_eval):
         write_run_outputs(args, accelerator, parts.model, processor, results, state, splits, predictions)
     if args.do_predict and accelerator.is_main_process:

@@ -17,6 +17,7 @@ from localization import FINE_THRESHOLDS, scoremap_to_boxes, upsample_scoremap
 from modeling_deit_scm import select_class_maps
 from wsol_data import EVALUATION_FRAME, PreparedSplit, make_loader
 from wsol_metrics import EvaluationSplit, LocalizationScores, classification_metrics, cxr_protocol, localization_table
+from wsol_reporting import calibration_report, classification_intervals, operating_points, resample_weights, softmax
 
 logger = logging.getLogger("run_wsol")
 
@@ -119,6 +120,13 @@ def validation_metrics(args, parts: EvaluationParts, validation: PreparedSplit) 
     return metrics
 
 
+def patients(split: PreparedSplit, predictions: Predictions) -> list[str]:
+    """The patient of every predicted sample (in prediction order): the unit the bootstrap resamples, so
+    that a patient's images stay together (each phantom is its own patient)."""
+    ids = split.source["patient_id"]
+    return [str(ids[int(i)]) for i in predictions.indices]
+
+
 def mean_prior_box(split: PreparedSplit) -> Optional[np.ndarray]:
     boxes = [b for b in split.frame_boxes if len(b)]
     return np.concatenate(boxes).mean(axis=0) if boxes else None
@@ -144,6 +152,7 @@ class Evaluation:
     predictions: dict[str, Predictions]
     localization_map: str  # "scm", "semantic" or "attention": the map chosen on the validation boxes
     threshold: float  # its threshold, calibrated on the validation boxes
+    temperature: float  # temperature scaling of the class probabilities, fitted on validation
 
     @property
     def map_output(self) -> str:
@@ -169,10 +178,31 @@ def final_evaluation(args, parts: EvaluationParts, splits: dict[str, PreparedSpl
     test_boxed = evaluation_split(splits["loc_test"], predictions["loc_test"])
     prior = mean_prior_box(splits["train"]) if args.dataset == "phantoms" else mean_prior_box(splits["loc_validation"])
     frame_maps: dict[str, list[np.ndarray]] = {}
+    loc_test = splits["loc_test"]
+    boxed_patients = [
+        patient
+        for patient, index in zip(patients(loc_test, predictions["loc_test"]), predictions["loc_test"].indices)
+        if len(loc_test.frame_boxes[index])
+    ]
     table = localization_table(
-        val_boxed, test_boxed, prior, seed=args.seed, thresholds=FINE_THRESHOLDS, upsampled_test_maps=frame_maps
-    )
+        val_boxed, test_boxed, prior, seed=args.seed, thresholds=FINE_THRESHOLDS, upsampled_test_maps=frame_maps,
+        resample_weights=resample_weights(boxed_patients, seed=args.seed),
+    )  # fmt: skip
     chosen = choose_localization_map(table)
+    results["classification"]["test"]["ci95"] = classification_intervals(
+        predictions["test"].labels, softmax(predictions["test"].logits), patients(splits["test"], predictions["test"]),
+        seed=args.seed,
+    )  # fmt: skip
+    calibration = calibration_report(
+        predictions["validation"].logits, predictions["validation"].labels,
+        predictions["test"].logits, predictions["test"].labels,
+    )  # fmt: skip
+    results["calibration"] = calibration
+    results["operating_points"] = operating_points(
+        predictions["validation"].labels, softmax(predictions["validation"].logits, calibration["temperature"]),
+        predictions["test"].labels, softmax(predictions["test"].logits, calibration["temperature"]), CLASS_NAMES,
+        patients(splits["test"], predictions["test"]), seed=args.seed,
+    )  # fmt: skip
     threshold = table[chosen]["calibrated_on_validation"]["threshold"]
     test_maps = frame_maps[chosen]
     predicted = [scoremap_to_boxes(m, threshold, multi_contour=True, normalized=True) for m in test_maps]
@@ -190,4 +220,4 @@ def final_evaluation(args, parts: EvaluationParts, splits: dict[str, PreparedSpl
         "methods": table,
         "cxr_protocol_at_calibrated_threshold": cxr_protocol(predicted, test_boxed.gt_boxes, test_boxed.gt_findings),
     }
-    return Evaluation(results, predictions, chosen, float(threshold))
+    return Evaluation(results, predictions, chosen, float(threshold), float(calibration["temperature"]))

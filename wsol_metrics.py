@@ -26,6 +26,7 @@ from localization import (
     scoremap_to_boxes,
     upsample_scoremap,
 )
+from wsol_reporting import percentile_interval
 
 
 def _as_boxes(boxes: np.ndarray) -> np.ndarray:
@@ -275,39 +276,82 @@ def boxes_to_mask(boxes: np.ndarray, frame_size: Sequence[int]) -> np.ndarray:
     return mask
 
 
+def pixel_histograms(
+    scoremaps: Sequence[np.ndarray],
+    gt_boxes: Sequence[np.ndarray],
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    ignore_masks: Optional[Sequence[Optional[np.ndarray]]] = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the histograms of foreground and background pixel scores over the thresholds' bins
+    ([0, t1), ..., [t_last, 1), [1, 2), [2, 3), wsolevaluation's mask evaluator): two (N, bins) arrays.
+    `ignore_masks` (per image, boolean (H, W) or None) marks pixels counted neither as foreground nor as
+    background; as in the reference, foreground pixels are taken out of the ignore region (they count)."""
+    edges = np.append(np.asarray(thresholds, dtype=np.float64), [1.0, 2.0, 3.0])
+    positive = np.zeros((len(scoremaps), len(edges) - 1))
+    negative = np.zeros((len(scoremaps), len(edges) - 1))
+    ignores = ignore_masks if ignore_masks is not None else [None] * len(scoremaps)
+    for index, (scoremap, boxes, ignore) in enumerate(zip(scoremaps, gt_boxes, ignores)):
+        scoremap = check_scoremap(scoremap, index)
+        mask = boxes_to_mask(check_boxes(boxes, index), scoremap.shape)
+        ignored = np.zeros(scoremap.shape, dtype=bool) if ignore is None else np.asarray(ignore, dtype=bool)
+        if ignored.shape != scoremap.shape:
+            raise ValueError(f"ignore mask of shape {ignored.shape} does not match the score map's {scoremap.shape}")
+        keep = ~(ignored & ~mask)
+        positive[index] = np.histogram(scoremap[mask & keep], bins=edges)[0]
+        negative[index] = np.histogram(scoremap[~mask & keep], bins=edges)[0]
+    return positive, negative
+
+
+def average_precision_from_histograms(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    """PxAP (percent) from pooled foreground/background histograms; rows of (R, bins) arrays are
+    independent pools (one per bootstrap resample); a 1-D pair gives a 0-d array."""
+    positive, negative = np.atleast_2d(positive), np.atleast_2d(negative)
+    true_positive = positive[:, ::-1].cumsum(axis=1)
+    false_positive = negative[:, ::-1].cumsum(axis=1)
+    total = positive.sum(axis=1, keepdims=True)
+    flagged = true_positive + false_positive
+    valid = flagged != 0
+    precision = np.divide(true_positive, flagged, out=np.zeros_like(true_positive), where=valid)
+    recall = np.divide(true_positive, total, out=np.zeros_like(true_positive), where=total > 0)
+    ap = np.where(valid[:, 1:], precision[:, 1:] * np.diff(recall, axis=1), 0.0).sum(axis=1) * 100.0
+    empty = (total[:, 0] <= 0) | (flagged.max(axis=1) <= 0)
+    return np.where(empty, np.nan, ap)
+
+
 def pixel_average_precision(
     scoremaps: Sequence[np.ndarray],
     gt_boxes: Sequence[np.ndarray],
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     ignore_masks: Optional[Sequence[Optional[np.ndarray]]] = None,
 ) -> float:
-    """PxAP (percent): area under the pixel precision-recall curve, boxes rasterized as masks.
+    """PxAP (percent): area under the pixel precision-recall curve, boxes rasterized as masks; histograms
+    accumulated over all images (`pixel_histograms`), precision weighted by recall steps."""
+    positive, negative = pixel_histograms(scoremaps, gt_boxes, thresholds, ignore_masks)
+    return float(average_precision_from_histograms(positive.sum(axis=0), negative.sum(axis=0))[0])
 
-    Histograms over the thresholds' bins, accumulated over all images, as wsolevaluation's mask
-    evaluator ([0, t1), ..., [t_last, 1), [1, 2), [2, 3) bins; precision weighted by recall steps).
-    `ignore_masks` (per image, boolean (H, W) or None) marks pixels counted neither as foreground nor as
-    background, as the reference's "ignore" regions (they override the foreground).
-    """
-    edges = np.append(np.asarray(thresholds, dtype=np.float64), [1.0, 2.0, 3.0])
-    positive = np.zeros(len(edges) - 1)
-    negative = np.zeros(len(edges) - 1)
-    ignores = ignore_masks if ignore_masks is not None else [None] * len(scoremaps)
-    for index, (scoremap, boxes, ignore) in enumerate(zip(scoremaps, gt_boxes, ignores)):
-        scoremap = check_scoremap(scoremap, index)
-        mask = boxes_to_mask(check_boxes(boxes, index), scoremap.shape)
-        keep = np.ones(scoremap.shape, dtype=bool) if ignore is None else ~np.asarray(ignore, dtype=bool)
-        if keep.shape != scoremap.shape:
-            raise ValueError(f"ignore mask of shape {keep.shape} does not match the score map's {scoremap.shape}")
-        positive += np.histogram(scoremap[mask & keep], bins=edges)[0]
-        negative += np.histogram(scoremap[~mask & keep], bins=edges)[0]
-    true_positive = positive[::-1].cumsum()
-    false_positive = negative[::-1].cumsum()
-    if positive.sum() <= 0 or (true_positive + false_positive).max() <= 0:
-        return float("nan")
-    valid = (true_positive + false_positive) != 0
-    precision = np.divide(true_positive, true_positive + false_positive, out=np.zeros_like(true_positive), where=valid)
-    recall = true_positive / positive.sum()
-    return float((precision[1:] * np.diff(recall))[valid[1:]].sum() * 100.0)
+
+def localization_intervals(
+    weights: np.ndarray,
+    test: LocalizationScores,
+    threshold_indices: tuple[int, Sequence[int]],
+    histograms: Optional[tuple[np.ndarray, np.ndarray]] = None,
+) -> dict[str, list[float]]:
+    """95 % percentile intervals over bootstrap resamples of the test images (`weights`: (R, N)
+    multiplicities) of MaxBoxAcc and MaxBoxAccV2 at the thresholds fixed on validation, and of PxAP when
+    the per-image pixel histograms are given. The thresholds are not re-chosen per resample: they come
+    from validation, as the point estimate's."""
+    main, per_delta = threshold_indices
+    total = weights.sum(axis=1)
+    box_acc = weights @ (test.largest_iou[:, main] >= 0.5) * 100.0 / total
+    v2 = np.mean(
+        [weights @ (test.multi_iou[:, i] >= d) * 100.0 / total for d, i in zip(IOU_THRESHOLDS_V2, per_delta)], axis=0
+    )
+    intervals = {"MaxBoxAcc": percentile_interval(box_acc), "MaxBoxAccV2": percentile_interval(v2)}
+    if histograms is not None:
+        intervals["PxAP"] = percentile_interval(
+            average_precision_from_histograms(weights @ histograms[0], weights @ histograms[1])
+        )
+    return intervals
 
 
 def cxr_protocol(
@@ -430,6 +474,7 @@ def localization_table(
     seed: int = 0,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     upsampled_test_maps: Optional[dict[str, list[np.ndarray]]] = None,
+    resample_weights: Optional[np.ndarray] = None,
 ) -> dict[str, dict]:
     """Every localization result with its baselines, thresholds calibrated on validation.
 
@@ -437,7 +482,9 @@ def localization_table(
     box of the train split, in the frame) when given. Each row holds the calibrated test measures, the
     test oracle, PxAP on test, and `box_measures`: the mean IoU/GIoU/IoBB/boundary distances of the
     largest-contour box at the threshold calibrated on validation (the fixed box for the box rows).
-    `upsampled_test_maps`, when given, receives each map row's test maps in the frame.
+    `upsampled_test_maps`, when given, receives each map row's test maps in the frame. With
+    `resample_weights` ((R, N) bootstrap multiplicities of the test images) each row also holds `ci95`:
+    95 % intervals of MaxBoxAcc, MaxBoxAccV2 (thresholds from validation) and PxAP.
     """
     rows: dict[str, dict] = {}
     grid = next(iter(test.maps.values())).shape[1:]
@@ -455,7 +502,7 @@ def localization_table(
         )
         test_scores = LocalizationScores.from_maps(test_maps, test.gt_boxes, test.correct_class, thresholds=thresholds)
         rows[name] = calibrated_report(val_scores, test_scores)
-        rows[name]["PxAP"] = pixel_average_precision(test_maps, test.gt_boxes, thresholds)
+        _add_pxap(rows[name], test_maps, test.gt_boxes, thresholds, val_scores, test_scores, resample_weights)
         tau = rows[name]["calibrated_on_validation"]["threshold"]
         predicted = [scoremap_to_boxes(m, tau, normalized=True) for m in test_maps]
         rows[name]["box_measures"] = mean_box_measures(predicted, test.gt_boxes, test.frame_size)
@@ -472,9 +519,20 @@ def localization_table(
         )
         rows[name] = calibrated_report(val, scores)
         box_map = boxes_to_mask(box, test.frame_size).astype(np.float32)
-        rows[name]["PxAP"] = pixel_average_precision([box_map] * len(test.gt_boxes), test.gt_boxes, thresholds)
+        _add_pxap(rows[name], [box_map] * len(test.gt_boxes), test.gt_boxes, thresholds, val, scores, resample_weights)
         rows[name]["box_measures"] = mean_box_measures([box] * len(test.gt_boxes), test.gt_boxes, test.frame_size)
     return rows
+
+
+def _add_pxap(
+    row: dict, maps: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray], thresholds: Sequence[float],
+    validation: LocalizationScores, test: LocalizationScores, resample_weights: Optional[np.ndarray],
+) -> None:  # fmt: skip
+    """PxAP of a row from per-image histograms, and the row's bootstrap intervals when asked for."""
+    histograms = pixel_histograms(maps, gt_boxes, thresholds)
+    row["PxAP"] = float(average_precision_from_histograms(histograms[0].sum(axis=0), histograms[1].sum(axis=0))[0])
+    if resample_weights is not None:
+        row["ci95"] = localization_intervals(resample_weights, test, calibrate_thresholds(validation), histograms)
 
 
 def plot_localization_table(table: dict[str, dict], path: str) -> None:

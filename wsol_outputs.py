@@ -22,6 +22,7 @@ from image_processing_cxr import CXRImageError, CXRImageProcessor, overlay_heatm
 from wsol_data import PreparedSplit
 from wsol_evaluation import MAP_OUTPUTS, Predictions
 from wsol_metrics import plot_localization_table
+from wsol_reporting import reliability_diagram, softmax
 
 logger = logging.getLogger("run_wsol")
 DATASET_NAMES = {
@@ -417,6 +418,9 @@ def write_run_outputs(
     write_results(output_dir, results)
     if args.do_eval:
         write_plots(output_dir, state, results)
+        test, temperature = predictions["test"], results["calibration"]["temperature"]
+        curves = {"softmax": softmax(test.logits), f"scaled, T = {temperature:.2f}": softmax(test.logits, temperature)}
+        reliability_diagram(curves, test.labels, str(output_dir / "metrics_plots" / "reliability.png"))
         results["overlays"] = write_overlays(output_dir, splits["loc_test"], predictions["loc_test"], processor)
         write_results(output_dir, results)
     (output_dir / "README.md").write_text(model_card(args, results if args.do_eval else _empty_results()))

@@ -46,6 +46,7 @@ class ImageResult:
     image: np.ndarray  # the decoded radiograph, original pixels
     geometry: np.ndarray  # (8,) the processor's geometry row
     logits: np.ndarray  # (C,)
+    probabilities: np.ndarray  # (C,) calibrated: softmax(logits / the model's temperature)
     maps: dict[str, np.ndarray]  # output name -> (C, h, w)
 
 
@@ -84,7 +85,8 @@ class Predictor:
                 "attention_maps": outputs.attention_maps[0].float().expand(classes, -1, -1).numpy(),
             }
             geometry = np.asarray(inputs["geometry"][0])
-            results.append(ImageResult(name, image, geometry, outputs.logits[0].float().numpy(), maps))
+            probabilities = outputs.probabilities[0].float().numpy()
+            results.append(ImageResult(name, image, geometry, outputs.logits[0].float().numpy(), probabilities, maps))
         return results, errors
 
     def post_process(self, result: ImageResult, map_name: str, threshold: float) -> tuple[dict[str, Any], dict]:
@@ -93,6 +95,7 @@ class Predictor:
         key = MAPS[map_name]
         outputs = {
             "logits": torch.from_numpy(result.logits)[None],
+            "probabilities": torch.from_numpy(result.probabilities)[None],
             key: torch.from_numpy(result.maps[key])[None],
         }
         post = self.processor.post_process_localization(
@@ -103,7 +106,7 @@ class Predictor:
             id2label=self.id2label,
             localization_map=key,
         )[0]
-        probabilities = torch.softmax(torch.from_numpy(result.logits), -1).tolist()
+        probabilities = result.probabilities.tolist()
         record = {
             "file": result.name,
             "label": post["label_name"],

@@ -54,8 +54,9 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert set(methods) == {"attention", "semantic", "scm", "random", "full_image", "train_mean_box"}
     for row in methods.values():
         assert set(row) == {
-            "calibrated_on_validation", "test_oracle_max_over_thresholds", "validation", "PxAP", "box_measures",
+            "calibrated_on_validation", "test_oracle_max_over_thresholds", "validation", "PxAP", "box_measures", "ci95",
         }  # fmt: skip
+        assert set(row["ci95"]) == {"MaxBoxAcc", "MaxBoxAccV2", "PxAP"}
         assert {"mean_iou", "mean_giou", "mean_hausdorff", "mean_average_boundary_distance"} <= set(row["box_measures"])
     assert results["localization"]["frame"] == [224, 224]
     assert results["localization"]["threshold_step"] == pytest.approx(0.001)
