@@ -598,6 +598,11 @@ class CXRImageProcessor(BaseImageProcessor):
 
         def run() -> tuple[np.ndarray, list[int]]:
             decoded = self._decode(image, source)
+            low, high = decoded.pixels.min(), decoded.pixels.max()
+            if low == high:
+                # Nothing to classify; typically a file a generic reader could not decode (PIL opens a DICOM
+                # as an all-white image), which must not get a confident answer.
+                raise CXRImageError(source, f"has no contrast: every pixel is {low} (a blank or misread image)")
             gray = self._to_uint8(decoded.pixels)
             if self.do_clahe:
                 gray = self.apply_clahe(gray)

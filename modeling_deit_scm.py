@@ -16,7 +16,9 @@ transformers and the configuration.
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -655,6 +657,17 @@ class DeiTSCMClassPooling(nn.Module):
 # Pretrained models
 # --------------------------------------------------------------------------------------------------
 
+# `config.custom_pipelines` for pipeline_cxr.py (kept here too: this file may not import that one, which
+# needs the pipeline machinery only when the task is used).
+_PIPELINE_ENTRY = {
+    "chest-xray-localization": {
+        "impl": "pipeline_cxr.ChestXrayLocalizationPipeline",
+        "pt": ["AutoModelForImageClassification"],
+        "type": "image",
+        "default": {},
+    }
+}
+
 _AUTO_MAP = {
     "AutoConfig": "configuration_deit_scm.DeiTSCMConfig",
     "AutoModel": "modeling_deit_scm.DeiTSCMModel",
@@ -708,7 +721,15 @@ class DeiTSCMPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         # Remote code: every Auto class resolves to this repository's files.
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_AUTO_MAP}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # The chest-xray-localization pipeline travels with the model when its file is beside this one
+        # (a checkout, or a folder saved from one), so `pipeline(model=folder)` finds the task.
+        pipeline_file = Path(__file__).with_name("pipeline_cxr.py")
+        if pipeline_file.is_file():
+            self.config.custom_pipelines = _PIPELINE_ENTRY
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if pipeline_file.is_file() and Path(save_directory).resolve() != pipeline_file.parent.resolve():
+            shutil.copyfile(pipeline_file, Path(save_directory) / pipeline_file.name)
+        return result
 
 
 class DeiTSCMModel(DeiTSCMPreTrainedModel):

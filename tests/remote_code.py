@@ -10,7 +10,9 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_MODULES = ("configuration_deit_scm", "modeling_deit_scm", "image_processing_cxr", "localization", "cxr_data")
+PROJECT_MODULES = (
+    "configuration_deit_scm", "modeling_deit_scm", "image_processing_cxr", "localization", "cxr_data", "pipeline_cxr",
+)  # fmt: skip
 
 
 def run_outside_repo(script: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

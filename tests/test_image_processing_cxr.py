@@ -131,17 +131,17 @@ def test_uint16_percentile_window_matches_numpy():
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
-def test_constant_image_becomes_zeros_without_nan(dtype):
+def test_a_constant_image_is_refused(dtype):
+    """No contrast, nothing to classify: a typed error naming the input, not a confident answer."""
     constant = np.full((40, 30), 7, dtype=dtype)
-    values = CXRImageProcessor(do_clahe=False)(constant)["pixel_values"]
-    assert torch.isfinite(values).all()
-    # Every pixel at level 0: the normalized value of 0 in each channel.
-    expected = -torch.tensor([0.485, 0.456, 0.406]) / torch.tensor([0.229, 0.224, 0.225])
-    torch.testing.assert_close(values[0, :, 0, 0], expected)
-    assert values.std(dim=(2, 3)).max() == 0
-    # CLAHE maps the single level somewhere, but the image stays constant and finite.
-    with_clahe = CXRImageProcessor()(constant)["pixel_values"]
-    assert torch.isfinite(with_clahe).all() and with_clahe.std(dim=(2, 3)).max() == 0
+    with pytest.raises(CXRImageError, match=r"image\[0\].*no contrast: every pixel is 7"):
+        CXRImageProcessor(do_clahe=False)(constant)
+    # PIL reads a DICOM as an all-white image: refused too.
+    with pytest.raises(CXRImageError, match="no contrast"):
+        CXRImageProcessor()(Image.fromarray(np.full((64, 64), 255, np.uint8)).convert("RGB"))
+    # One grey level of difference is an image.
+    constant[0, 0] = 8
+    assert torch.isfinite(CXRImageProcessor()(constant)["pixel_values"]).all()
 
 
 def test_steps_can_be_switched_off():
@@ -183,7 +183,7 @@ def test_box_survives_the_round_trip_within_one_pixel(mode, shape):
 
 def test_geometry_rows_and_boxes_to_input():
     processor = CXRImageProcessor(resize_mode="pad", do_clahe=False)
-    inputs = processor(np.full((300, 420), 90, np.uint8))
+    inputs = processor(np.tile(np.arange(420, dtype=np.uint16) % 256, (300, 1)).astype(np.uint8))
     geometry = Geometry.of(inputs["geometry"][0])
     assert geometry._fields == GEOMETRY_FIELDS and (geometry.original_height, geometry.original_width) == (300, 420)
     assert (geometry.height, geometry.width) == (224, 224) and geometry.pad_top > 0 and geometry.pad_left == 0

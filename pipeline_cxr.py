@@ -1,0 +1,105 @@
+"""The `chest-xray-localization` pipeline: a radiograph in, calibrated class scores, a heatmap and boxes
+out, in one call.
+
+    from transformers import pipeline
+
+    detector = pipeline(model="org/deit-scm-cxr", trust_remote_code=True)
+    result = detector("patient.dcm")  # a path, bytes, a PIL image, a numpy array or a DICOM; or a list
+    result["label"], result["score"], result["boxes"]
+
+Uploaded next to the weights and registered in the model's config (`custom_pipelines`), so the task is
+found without naming it. Every input goes through the model's own `CXRImageProcessor`, which reads DICOM
+with pydicom (modality and VOI LUTs, MONOCHROME1), never through PIL, and refuses an image it cannot use
+with a `CXRImageError` naming it. This file imports only installed packages (remote code).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+from transformers import Pipeline
+
+TASK = "chest-xray-localization"
+# What the model's config.json records so that `pipeline(model=..., trust_remote_code=True)` finds this class.
+PIPELINE_ENTRY = {
+    TASK: {
+        "impl": "pipeline_cxr.ChestXrayLocalizationPipeline",
+        "pt": ["AutoModelForImageClassification"],
+        "type": "image",
+        "default": {},
+    }
+}
+
+
+class ChestXrayLocalizationPipeline(Pipeline):
+    """Per image: `label` and `score` (calibrated probability: the model's temperature scaling), `scores`
+    for every class, `heatmap` (float32, original pixels, 0-1) of the released map, `boxes` (K x 4
+    inclusive xyxy, original pixels) and `box_scores`.
+
+    Call options: `threshold` (a fraction of the heatmap's maximum; default: the one calibrated on the
+    validation boxes and stored in the processor), `localization_map` (`"localization_maps"` F0*S0,
+    `"semantic_maps"` S0 or `"attention_maps"` F0; default: the released one), `multi_contour` (a box
+    per region above the threshold, default True; False keeps the largest region's box only).
+    """
+
+    _load_image_processor = True
+    _load_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def _sanitize_parameters(
+        self,
+        threshold: Optional[float] = None,
+        localization_map: Optional[str] = None,
+        multi_contour: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> tuple[dict, dict, dict]:
+        post: dict[str, Any] = {}
+        if threshold is not None:
+            post["threshold"] = float(threshold)
+        if localization_map is not None:
+            post["localization_map"] = localization_map
+        if multi_contour is not None:
+            post["multi_contour"] = bool(multi_contour)
+        return {}, {}, post
+
+    def preprocess(self, image: Any) -> dict[str, Any]:
+        inputs = self.image_processor([image])
+        return {"pixel_values": inputs["pixel_values"], "geometry": inputs["geometry"]}
+
+    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+        outputs = self.model(model_inputs["pixel_values"])
+        return {"outputs": outputs, "geometry": model_inputs["geometry"]}
+
+    def postprocess(
+        self,
+        model_outputs: dict[str, Any],
+        threshold: Optional[float] = None,
+        localization_map: Optional[str] = None,
+        multi_contour: bool = True,
+    ) -> dict[str, Any]:
+        outputs = model_outputs["outputs"]
+        id2label = {int(k): v for k, v in self.model.config.id2label.items()}
+        result = self.image_processor.post_process_localization(
+            outputs,
+            geometry=model_outputs["geometry"],
+            threshold=threshold,
+            multi_contour=multi_contour,
+            id2label=id2label,
+            localization_map=localization_map,
+        )[0]
+        probabilities = outputs["probabilities"][0].detach().float().cpu().numpy()
+        return {
+            "label": result["label_name"],
+            "score": float(result["score"]),
+            "scores": {id2label[i]: float(p) for i, p in enumerate(probabilities)},
+            "heatmap": np.asarray(result["heatmap"], dtype=np.float32),
+            "boxes": result["boxes"],
+            "box_scores": result["box_scores"],
+            "localization_map": localization_map or self.image_processor.localization_map,
+            "threshold": float(self.image_processor.localization_threshold if threshold is None else threshold),
+        }
+
+
+__all__ = ["ChestXrayLocalizationPipeline", "PIPELINE_ENTRY", "TASK"]

@@ -1,0 +1,124 @@
+"""Deployment: the `chest-xray-localization` pipeline shipped with the model (loaded in a fresh interpreter
+that cannot import this repository), the stock pipeline on DICOM, and the ONNX export against PyTorch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydicom.data import get_testdata_file
+from remote_code import run_outside_repo
+
+import export_onnx
+import run_wsol
+from cxr_data import load_dataset_module
+from image_processing_cxr import CXRImageProcessor
+from modeling_deit_scm import DeiTSCMForImageClassification
+
+TINY = [
+    "--num_phantoms", "48", "--phantom_size", "96", "--image_size", "64",
+    "--config_overrides", "hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,patch_size=8",
+    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("deploy") / "run"
+    run_wsol.main([*TINY, "--output_dir", str(output), "--max_train_steps", "3"])
+    return output
+
+
+@pytest.fixture(scope="module")
+def phantom_png(tmp_path_factory) -> Path:
+    phantom = load_dataset_module("phantoms").generate_phantom(5, seed=11, label=1, size=160)
+    path = tmp_path_factory.mktemp("images") / "phantom.png"
+    Image.fromarray(phantom.image).save(path)
+    return path
+
+
+def _recipe(model_dir: Path, path: str) -> dict:
+    """The README's five-line processor/model/post-process recipe."""
+    processor = CXRImageProcessor.from_pretrained(model_dir)
+    model = DeiTSCMForImageClassification.from_pretrained(model_dir, use_safetensors=True).eval()
+    inputs = processor([path])
+    with torch.no_grad():
+        outputs = model(inputs["pixel_values"])
+    return processor.post_process_localization(
+        outputs, geometry=inputs, multi_contour=True, id2label=model.config.id2label
+    )[0]
+
+
+def test_the_saved_folder_registers_the_pipeline(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["custom_pipelines"]["chest-xray-localization"]["impl"] == "pipeline_cxr.ChestXrayLocalizationPipeline"
+    assert (model_dir / "pipeline_cxr.py").is_file()
+    assert config["calibration_temperature"] > 0
+
+
+def test_pipeline_outside_the_repository_equals_the_recipe(model_dir, phantom_png, tmp_path):
+    dicom = get_testdata_file("RG1_UNCR.dcm")
+    script = f"""
+        import json, numpy as np
+        from transformers import pipeline
+        detector = pipeline(model={str(model_dir)!r}, trust_remote_code=True)
+        rows = []
+        for result in detector([{dicom!r}, {str(phantom_png)!r}]):
+            rows.append({{"label": result["label"], "score": result["score"], "scores": result["scores"],
+                          "boxes": np.asarray(result["boxes"]).tolist(), "heatmap_sum": float(result["heatmap"].sum()),
+                          "heatmap_shape": list(result["heatmap"].shape), "task": detector.task}})
+        print("ROWS" + json.dumps(rows))
+    """
+    done = run_outside_repo(script, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.split("ROWS", 1)[1])
+    for row, path in zip(rows, [dicom, str(phantom_png)]):
+        expected = _recipe(model_dir, path)
+        assert row["task"] == "chest-xray-localization"
+        assert row["label"] == expected["label_name"]
+        assert row["score"] == pytest.approx(expected["score"], abs=1e-6)
+        assert row["scores"][row["label"]] == pytest.approx(row["score"], abs=1e-7)
+        assert sum(row["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert row["boxes"] == expected["boxes"].tolist()
+        assert row["heatmap_shape"] == list(expected["heatmap"].shape)
+        assert row["heatmap_sum"] == pytest.approx(float(expected["heatmap"].sum()), rel=1e-5)
+
+
+def test_the_stock_pipeline_never_answers_a_misread_dicom(model_dir):
+    """transformers' own image-classification pipeline opens files with PIL, which reads a DICOM as an
+    all-white image: the processor refuses it instead of classifying a blank."""
+    from transformers import pipeline
+
+    classifier = pipeline("image-classification", model=str(model_dir), trust_remote_code=True)
+    # The remote-code copy of the processor raises its own CXRImageError class (a ValueError).
+    with pytest.raises(ValueError, match="no contrast") as raised:
+        classifier(get_testdata_file("RG1_UNCR.dcm"))
+    assert type(raised.value).__name__ == "CXRImageError"
+
+
+def test_pipeline_refuses_a_constant_image(model_dir):
+    from transformers import pipeline
+
+    detector = pipeline(model=str(model_dir), trust_remote_code=True)
+    with pytest.raises(ValueError, match="no contrast") as raised:
+        detector(np.full((80, 80), 128, np.uint8))
+    assert type(raised.value).__name__ == "CXRImageError"
+    result = detector(np.random.default_rng(0).integers(0, 255, (80, 90)).astype(np.uint8), threshold=0.3)
+    assert result["threshold"] == 0.3 and result["heatmap"].shape == (80, 90)
+
+
+def test_onnx_export_matches_pytorch(model_dir, phantom_png, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is an optional dependency (the onnx extra)")
+    report = export_onnx.main(["--model", str(model_dir), "--output", str(tmp_path / "model.onnx")])
+    assert report["opset"] == export_onnx.OPSET and max(report["max_abs_difference"].values()) <= 1e-4
+    model = export_onnx.load_model(str(model_dir))
+    processor = CXRImageProcessor.from_pretrained(model_dir)
+    # Real inputs, a batch size other than the export's: phantoms and the real CR.
+    pixels = processor([get_testdata_file("RG1_UNCR.dcm"), str(phantom_png), str(phantom_png)])["pixel_values"]
+    check = export_onnx.parity(model, tmp_path / "model.onnx", pixels)
+    assert set(check) == set(export_onnx.OUTPUT_NAMES)
+    assert max(check.values()) <= 1e-4, check
