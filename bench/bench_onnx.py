@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> dict:
         feed = {"pixel_values": pixels.numpy()}
         report["batches"][batch] = {"max_abs_difference": export_onnx.parity(model, path, pixels)}
 
-        def run_torch() -> None:
+        def run_torch(pixels: torch.Tensor = pixels) -> None:
             with torch.inference_mode():
                 graph(pixels)
 
-        def run_onnx() -> None:
+        def run_onnx(feed: dict = feed) -> None:
             session.run(None, feed)
 
         run_torch(), run_onnx()  # warm-up
