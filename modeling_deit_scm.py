@@ -40,7 +40,8 @@ _MINMAX_EPS = 1e-12
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
     """At least float32 (bf16/fp16 are widened; float64 stays float64, so a double model matches the
     official code to double precision, not to float32's)."""
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+    # A Python-level dtype test: torch.promote_types would dispatch an operation in every layer.
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,14 +479,49 @@ def dense_operator(semantic: torch.Tensor, lam: torch.Tensor, laplacian: torch.T
     return laplacian * (lam * similarity - 1.0)
 
 
+class _DenseNewtonSchulz(torch.autograd.Function):
+    """v^T X_k for the official iteration X0 = alpha * L^T (no gradient), X <- 2X - X M with M = L X, and its
+    backward written by hand: per iteration, with G the gradient of X_{j+1} and A = X_j^T G,
+        dL += -A X_j^T,   dX_j = 2G - G M_j^T - L^T A,
+    four batched products (autograd's own graph dispatches about twelve operations per iteration)."""
+
+    @staticmethod
+    def forward(ctx: Any, operator: torch.Tensor, vectors: torch.Tensor, iterations: int, alpha: float) -> torch.Tensor:
+        iterate = alpha * operator.detach().transpose(-2, -1)
+        iterates, products = [], []
+        for _ in range(iterations):
+            product = torch.bmm(operator, iterate)
+            iterates.append(iterate)
+            products.append(product)
+            iterate = torch.baddbmm(iterate, iterate, product, beta=2.0, alpha=-1.0)
+        ctx.save_for_backward(operator, vectors, iterate, *iterates, *products)
+        ctx.iterations = iterations
+        return torch.bmm(vectors.unsqueeze(1), iterate).squeeze(1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        operator, vectors, last, *saved = ctx.saved_tensors
+        iterates, products = saved[: ctx.iterations], saved[ctx.iterations :]
+        grad_vectors = torch.bmm(last, grad.unsqueeze(-1)).squeeze(-1) if ctx.needs_input_grad[1] else None
+        if not ctx.needs_input_grad[0]:
+            return None, grad_vectors, None, None
+        grad_iterate = vectors.unsqueeze(-1) * grad.unsqueeze(1)  # d(v^T X)/dX = v g^T
+        grad_operator = torch.zeros_like(operator)
+        for iterate, product in zip(reversed(iterates), reversed(products)):
+            inner = torch.bmm(iterate.transpose(-2, -1), grad_iterate)
+            grad_operator = torch.baddbmm(grad_operator, inner, iterate.transpose(-2, -1), alpha=-1.0)
+            grad_iterate = torch.baddbmm(grad_iterate, grad_iterate, product.transpose(-2, -1), beta=2.0, alpha=-1.0)
+            grad_iterate = torch.baddbmm(grad_iterate, operator.transpose(-2, -1), inner, alpha=-1.0)
+        return grad_operator, grad_vectors, None, None
+
+
 def newton_schulz_dense(operator: torch.Tensor, vectors: torch.Tensor, iterations: int, alpha: float) -> torch.Tensor:
     """X_k^T v by the official iteration on a dense L: X0 = alpha * L^T built without gradient, then
-    X <- 2X - X (L X), two batched matrix products per iteration (the GPU path: a handful of large
-    kernels per block instead of thousands of small stencil ones)."""
-    inverse = alpha * operator.detach().transpose(-2, -1)
-    for _ in range(iterations):
-        inverse = torch.baddbmm(inverse, inverse, torch.bmm(operator, inverse), beta=2.0, alpha=-1.0)
-    return torch.bmm(vectors.unsqueeze(1), inverse).squeeze(1)
+    X <- 2X - X (L X), two batched matrix products per iteration and four in the backward (the GPU path:
+    a handful of large kernels per block instead of thousands of small stencil ones)."""
+    if iterations == 0:
+        return torch.bmm(vectors.unsqueeze(1), alpha * operator.detach().transpose(-2, -1)).squeeze(1)
+    return _DenseNewtonSchulz.apply(operator, vectors, iterations, alpha)
 
 
 # Up to this many Newton-Schulz iterations the polynomial is summed term by term (2^k - 1

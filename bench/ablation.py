@@ -8,6 +8,12 @@ retrained, so the script can be stopped and started again.
 
     python bench/ablation.py --output_dir bench/ablation_runs --parallel 2  # 3 arms x 3 seeds, ~1 h on 2 cores
     python bench/ablation.py --arms cxr --seeds 0 --output_dir /tmp/abl   # one run
+    python bench/ablation.py --regimes supervised=outputs/pretrain-supervised dino=outputs/pretrain-dino \
+        --output_dir bench/ablation_pretrained --parallel 2   # fine-tuned from pretrained backbones
+
+A regime `NAME=DIR` fine-tunes every arm from the pretrained checkpoint in DIR (`run_pretrain.py`'s output)
+through the user path: `--backbone_weights DIR --recipe cxr` (the seed's fine-tuning recipe for all three
+arms, patch projection); `scratch` (the default) trains from scratch with the default recipe.
 
 Prints one JSON object (the table's numbers) and writes `ablation.md` (the table) into --output_dir.
 """
@@ -70,19 +76,28 @@ def merge_flags(arm: list[str], extra: list[str]) -> list[str]:
     return arm_rest + extra_rest + (["--config_overrides", joined] if joined else [])
 
 
-def run_all(jobs: list[tuple[str, int]], output_dir: Path, extra: list[str], parallel: int) -> None:
-    """Train every (arm, seed) not finished yet, `parallel` at a time, the cores split between them."""
-    pending = [
-        (arm, seed) for arm, seed in jobs if not (output_dir / f"{arm}-seed{seed}" / "all_results.json").is_file()
-    ]
+def regime_flags(regimes: dict[str, str], regime: str) -> list[str]:
+    """The flags of a regime: nothing from scratch; a pretrained backbone through the user path."""
+    return [] if regime == "scratch" else ["--backbone_weights", regimes[regime], "--recipe", "cxr"]
+
+
+def run_folder(output_dir: Path, regime: str, arm: str, seed: int) -> Path:
+    return output_dir / (f"{arm}-seed{seed}" if regime == "scratch" else f"{regime}-{arm}-seed{seed}")
+
+
+def run_all(jobs: list[tuple[str, str, int]], output_dir: Path, extra: list[str], parallel: int,
+            regimes: dict[str, str]) -> None:  # fmt: skip
+    """Train every (regime, arm, seed) not finished yet, `parallel` at a time, the cores split between them."""
+    pending = [job for job in jobs if not (run_folder(output_dir, *job) / "all_results.json").is_file()]
     threads = max(1, (os.cpu_count() or 1) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     running: list[tuple[subprocess.Popen, Path, float, Any]] = []
     while pending or running:
         while pending and len(running) < parallel:
-            arm, seed = pending.pop(0)
-            folder = output_dir / f"{arm}-seed{seed}"
-            command = [sys.executable, str(ROOT / "run_wsol.py"), *merge_flags(ARMS[arm], extra), "--seed", str(seed)]
+            regime, arm, seed = pending.pop(0)
+            folder = run_folder(output_dir, regime, arm, seed)
+            flags = merge_flags(ARMS[arm], [*regime_flags(regimes, regime), *extra])
+            command = [sys.executable, str(ROOT / "run_wsol.py"), *flags, "--seed", str(seed)]
             command += [
                 "--output_dir",
                 str(folder),
@@ -91,7 +106,7 @@ def run_all(jobs: list[tuple[str, int]], output_dir: Path, extra: list[str], par
                 str(output_dir / "cache" / folder.name),
             ]
             logger.info("running %s", " ".join(command))
-            log = open(output_dir / f"{arm}-seed{seed}.log", "w")  # noqa: SIM115 - closed when the run ends
+            log = open(folder.with_suffix(".log"), "w")  # noqa: SIM115 - closed when the run ends
             process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
             running.append((process, folder, time.perf_counter(), log))
         time.sleep(5)
@@ -106,9 +121,8 @@ def run_all(jobs: list[tuple[str, int]], output_dir: Path, extra: list[str], par
             (folder / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
 
 
-def load_run(arm: str, seed: int, output_dir: Path) -> dict:
+def load_run(folder: Path) -> dict:
     """One finished run's all_results.json with its wall time added."""
-    folder = output_dir / f"{arm}-seed{seed}"
     results = json.loads((folder / "all_results.json").read_text())
     wall = folder / "wall_seconds.txt"
     results["wall_seconds"] = float(wall.read_text()) if wall.is_file() else float("nan")
@@ -169,17 +183,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--arms", nargs="+", default=["cxr", "paper", "no_scm"], choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (the cores are split between them)")
+    parser.add_argument(
+        "--regimes", nargs="+", default=["scratch"], help='"scratch" and/or NAME=DIR (a run_pretrain.py checkpoint)'
+    )
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more run_wsol.py flags, after --")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     extra = [a for a in args.extra if a != "--"]
+    regimes = dict(item.split("=", 1) if "=" in item else (item, "") for item in args.regimes)
+    unknown = [name for name, path in regimes.items() if name != "scratch" and not Path(path).is_dir()]
+    if unknown:
+        parser.error(f"--regimes: no checkpoint folder for {unknown}")
     # Seed-major order: with the runs cut short, every arm still has the same seeds done.
-    run_all([(arm, seed) for seed in args.seeds for arm in args.arms], output_dir, extra, args.parallel)
-    table = {arm: summarize([measures(load_run(arm, seed, output_dir)) for seed in args.seeds]) for arm in args.arms}
+    jobs = [(regime, arm, seed) for seed in args.seeds for regime in regimes for arm in args.arms]
+    run_all(jobs, output_dir, extra, args.parallel, regimes)
+    table = {
+        (arm if regime == "scratch" else f"{regime}/{arm}"): summarize(
+            [measures(load_run(run_folder(output_dir, regime, arm, seed))) for seed in args.seeds]
+        )
+        for regime in regimes
+        for arm in args.arms
+    }
     (output_dir / "ablation.md").write_text(markdown(table, args.seeds))
-    report = {"seeds": args.seeds, "extra_flags": extra, "table": table}
+    report = {"seeds": args.seeds, "regimes": regimes, "extra_flags": extra, "table": table}
     print(json.dumps(report))
     return report
 
