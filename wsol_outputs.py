@@ -165,6 +165,33 @@ def _card_metadata(args: argparse.Namespace, results: dict[str, Any], released: 
     )
 
 
+def _interval(bounds: Any, digits: int = 1) -> str:
+    """ " [low, high]" for a 95 % interval, nothing when there is none."""
+    if not bounds or any(b is None or not math.isfinite(b) for b in bounds):
+        return ""
+    return f" [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
+
+
+def _classification_line(test: dict[str, Any]) -> str:
+    ci = test.get("ci95") or {}
+    names = (("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"), ("macro F1", "macro_f1"),
+             ("macro ROC-AUC", "macro_roc_auc_ovr"))  # fmt: skip
+    parts = [f"{label} {test[key]:.3f}{_interval(ci.get(key), 3)}" for label, key in names]
+    return "Classification: " + ", ".join(parts) + " (95 % bootstrap intervals over patients in brackets)."
+
+
+def _calibration_line(results: dict[str, Any]) -> str:
+    calibration = results.get("calibration")
+    if not calibration:
+        return ""
+    before, after = calibration["test"]["before"], calibration["test"]["after"]
+    return (
+        f"Probabilities are temperature-scaled (T = {calibration['temperature']:.2f}, fitted on validation): test "
+        f"ECE {before['ece']:.3f} → {after['ece']:.3f}, Brier {before['brier']:.3f} → {after['brier']:.3f}, "
+        f"NLL {before['nll']:.3f} → {after['nll']:.3f}."
+    )
+
+
 def _localization_rows(results: dict[str, Any]) -> list[str]:
     """The card's localization table: one row per map and baseline."""
     lines = [
@@ -175,9 +202,12 @@ def _localization_rows(results: dict[str, Any]) -> list[str]:
     for name, row in results["localization"]["methods"].items():
         cal, oracle = row["calibrated_on_validation"], row["test_oracle_max_over_thresholds"]
         box = row.get("box_measures") or {}
+        ci = row.get("ci95") or {}
         lines.append(
-            f"| {name} | {cal['MaxBoxAcc']:.1f} | {oracle['MaxBoxAcc']:.1f} | {cal['MaxBoxAccV2']:.1f} "
-            f"| {cal['top1_loc']:.1f} | {row['PxAP']:.1f} | {box.get('mean_iou', float('nan')):.3f} "
+            f"| {name} | {cal['MaxBoxAcc']:.1f}{_interval(ci.get('MaxBoxAcc'))} | {oracle['MaxBoxAcc']:.1f} "
+            f"| {cal['MaxBoxAccV2']:.1f}{_interval(ci.get('MaxBoxAccV2'))} "
+            f"| {cal['top1_loc']:.1f} | {row['PxAP']:.1f}{_interval(ci.get('PxAP'))} "
+            f"| {box.get('mean_iou', float('nan')):.3f} "
             f"| {box.get('mean_giou', float('nan')):.3f} | {box.get('mean_hausdorff', float('nan')):.1f} "
             f"| {box.get('mean_average_boundary_distance', float('nan')):.1f} |"
         )
@@ -185,6 +215,17 @@ def _localization_rows(results: dict[str, Any]) -> list[str]:
 
 
 USAGE = """```python
+from transformers import pipeline
+
+detector = pipeline(model="path/or/hub-id", trust_remote_code=True)  # task: chest-xray-localization
+result = detector("patient.dcm")  # DICOM, PNG, JPEG, bytes, PIL images, arrays; or a list
+print(result["label"], result["score"])  # calibrated probability (temperature scaling)
+heatmap, boxes = result["heatmap"], result["boxes"]  # original pixels
+```
+
+Step by step, with the processor and the model:
+
+```python
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 repo = "path/or/hub-id"
@@ -218,13 +259,15 @@ def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
         "",
         "## Results (test split)",
         "",
-        "Maps and boxes in wsolevaluation's 224×224 frame, thresholds on a 0.001 grid. Box measures: the "
-        "largest-contour box at the threshold chosen on validation against the ground-truth box it overlaps most.",
+        "Maps and boxes in wsolevaluation's 224×224 frame, thresholds on a 0.001 grid, 95 % bootstrap intervals "
+        "over patients in brackets. Box measures: the largest-contour box at the threshold chosen on validation "
+        "against the ground-truth box it overlaps most.",
         "",
         *_localization_rows(results),
         "",
-        f"Classification: accuracy {test['accuracy']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, macro F1 "
-        f"{test['macro_f1']:.3f}, macro ROC-AUC {test['macro_roc_auc_ovr']:.3f}.",
+        _classification_line(test),
+        "",
+        _calibration_line(results),
         "",
         "## Try it",
         "",
