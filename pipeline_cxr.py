@@ -40,7 +40,10 @@ class ChestXrayLocalizationPipeline(Pipeline):
     Call options: `threshold` (a fraction of the heatmap's maximum; default: the one calibrated on the
     validation boxes and stored in the processor), `localization_map` (`"localization_maps"` F0*S0,
     `"semantic_maps"` S0 or `"attention_maps"` F0; default: the released one), `multi_contour` (a box
-    per region above the threshold, default True; False keeps the largest region's box only).
+    per region above the threshold, default True; False keeps the largest region's box only),
+    `return_maps` (also return `maps`: every map at the model's grid, {output name: (C, h, w)}, with the
+    `logits` and the processor's `geometry` row, to redraw another map or threshold without rerunning the
+    model, as the demo does).
     """
 
     _load_image_processor = True
@@ -53,9 +56,12 @@ class ChestXrayLocalizationPipeline(Pipeline):
         threshold: Optional[float] = None,
         localization_map: Optional[str] = None,
         multi_contour: Optional[bool] = None,
+        return_maps: Optional[bool] = None,
         **kwargs: Any,
     ) -> tuple[dict, dict, dict]:
         post: dict[str, Any] = {}
+        if return_maps is not None:
+            post["return_maps"] = bool(return_maps)
         if threshold is not None:
             post["threshold"] = float(threshold)
         if localization_map is not None:
@@ -78,6 +84,7 @@ class ChestXrayLocalizationPipeline(Pipeline):
         threshold: Optional[float] = None,
         localization_map: Optional[str] = None,
         multi_contour: bool = True,
+        return_maps: bool = False,
     ) -> dict[str, Any]:
         outputs = model_outputs["outputs"]
         id2label = {int(k): v for k, v in self.model.config.id2label.items()}
@@ -90,6 +97,17 @@ class ChestXrayLocalizationPipeline(Pipeline):
             localization_map=localization_map,
         )[0]
         probabilities = outputs["probabilities"][0].detach().float().cpu().numpy()
+        extra: dict[str, Any] = {}
+        if return_maps:
+            classes = outputs["logits"].shape[-1]
+            extra["maps"] = {
+                name: outputs[name][0].detach().float().cpu().expand(classes, -1, -1).numpy()
+                if outputs[name].ndim == 3
+                else outputs[name][0].detach().float().cpu().numpy()
+                for name in ("localization_maps", "semantic_maps", "attention_maps")
+            }
+            extra["logits"] = outputs["logits"][0].detach().float().cpu().numpy()
+            extra["geometry"] = np.asarray(model_outputs["geometry"][0])
         return {
             "label": result["label_name"],
             "score": float(result["score"]),
@@ -99,6 +117,7 @@ class ChestXrayLocalizationPipeline(Pipeline):
             "box_scores": result["box_scores"],
             "localization_map": localization_map or self.image_processor.localization_map,
             "threshold": float(self.image_processor.localization_threshold if threshold is None else threshold),
+            **extra,
         }
 
 

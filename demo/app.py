@@ -54,13 +54,12 @@ class Predictor:
     """The model and processor of a saved folder or Hub id, and the demo's steps on top of them."""
 
     def __init__(self, model: str) -> None:
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
+        from transformers import pipeline
 
         self.source = model
-        self.processor = AutoImageProcessor.from_pretrained(model, trust_remote_code=True)
-        self.model = AutoModelForImageClassification.from_pretrained(
-            model, trust_remote_code=True, use_safetensors=True
-        ).eval()
+        # The model's own chest-xray-localization pipeline (saved with it): the demo shows what it returns.
+        self.detector = pipeline(model=model, trust_remote_code=True, model_kwargs={"use_safetensors": True})
+        self.processor, self.model = self.detector.image_processor, self.detector.model
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
 
     @torch.no_grad()
@@ -71,22 +70,14 @@ class Predictor:
         for path in paths:
             name = Path(path).name
             try:
-                inputs = self.processor([path])
-                outputs = self.model(inputs["pixel_values"])
+                found = self.detector(path, return_maps=True)
                 image = self.processor.decode(path)
             except Exception as error:  # any failure on one file is that file's message, not the page's
                 errors.append(f"**{name}** could not be read: {error}")
                 logger.info("rejected %s: %s", name, error)
                 continue
-            classes = outputs.logits.shape[-1]
-            maps = {
-                "localization_maps": outputs.localization_maps[0].float().numpy(),
-                "semantic_maps": outputs.semantic_maps[0].float().numpy(),
-                "attention_maps": outputs.attention_maps[0].float().expand(classes, -1, -1).numpy(),
-            }
-            geometry = np.asarray(inputs["geometry"][0])
-            probabilities = outputs.probabilities[0].float().numpy()
-            results.append(ImageResult(name, image, geometry, outputs.logits[0].float().numpy(), probabilities, maps))
+            probabilities = np.array([found["scores"][self.id2label[i]] for i in range(len(self.id2label))], np.float32)
+            results.append(ImageResult(name, image, found["geometry"], found["logits"], probabilities, found["maps"]))
         return results, errors
 
     def post_process(self, result: ImageResult, map_name: str, threshold: float) -> tuple[dict[str, Any], dict]:
