@@ -132,19 +132,42 @@ def test_pretraining_phantoms_are_in_no_fine_tuning_split():
         assert labels == sorted(set(findings)) and set(labels) <= set(phantoms.PRETRAIN_FINDINGS)
 
 
-def test_nih_pretraining_keeps_out_validation_test_and_boxed_patients(tmp_path):
-    nih = cxr_data.load_dataset_module("nih")
+def _nih_stand_in(folder: Path, patients: int = 60) -> pd.DataFrame:
+    """Real NIH metadata rows (`patients` without boxes and three with) and 32 x 32 stand-in images."""
     metadata = pd.read_csv(NIH_FIXTURES / "Data_Entry_2017_sample.csv")
     boxes = pd.read_csv(NIH_FIXTURES / "BBox_List_2017.csv")
     boxed_patients = set(metadata.loc[metadata["Image Index"].isin(boxes["Image Index"]), "Patient ID"])
-    chosen = sorted(set(metadata["Patient ID"]) - boxed_patients)[:60] + sorted(boxed_patients)[:3]
+    chosen = sorted(set(metadata["Patient ID"]) - boxed_patients)[:patients] + sorted(boxed_patients)[:3]
     subset = metadata[metadata["Patient ID"].isin(chosen)]
-    subset.to_csv(tmp_path / "Data_Entry_2017_v2020.csv", index=False)
-    boxes[boxes["Image Index"].isin(subset["Image Index"])].to_csv(tmp_path / "BBox_List_2017.csv", index=False)
-    folder = tmp_path / "images_001" / "images"
-    folder.mkdir(parents=True)
-    for name in subset["Image Index"]:
-        Image.fromarray(np.full((32, 32), 100, np.uint8)).save(folder / name)
+    images = folder / "images_001" / "images"
+    images.mkdir(parents=True)
+    subset.to_csv(folder / "Data_Entry_2017_v2020.csv", index=False)
+    boxes[boxes["Image Index"].isin(subset["Image Index"])].to_csv(folder / "BBox_List_2017.csv", index=False)
+    ramp = np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1))
+    for index, name in enumerate(subset["Image Index"]):
+        Image.fromarray(np.roll(ramp, index, axis=1)).save(images / name)
+    return subset
+
+
+def test_the_nih_pretraining_command_on_stand_in_images(tmp_path):
+    _nih_stand_in(tmp_path / "nih", patients=30)
+    output = tmp_path / "pretrain-nih"
+    tiny = [flag for flag in TINY if flag not in ("--num_images", "40", "--phantom_size", "96")]
+    results = run_pretrain.main(["--dataset", "nih", "--data_dir", str(tmp_path / "nih"), *tiny,
+                                 "--output_dir", str(output)])  # fmt: skip
+    config = json.loads((output / run_pretrain.CONFIG_FILE).read_text())
+    nih = cxr_data.load_dataset_module("nih")
+    assert config["label_names"] == list(nih.NIH_FINDINGS) and config["timm_kwargs"]["num_classes"] == 14
+    assert _timm_model(output).head.out_features == 14
+    assert len(results["history"]) == 2 and "attention_check" not in results  # no boxes to score on NIH here
+
+
+def test_nih_pretraining_keeps_out_validation_test_and_boxed_patients(tmp_path):
+    nih = cxr_data.load_dataset_module("nih")
+    subset = _nih_stand_in(tmp_path)
+    boxes = pd.read_csv(tmp_path / "BBox_List_2017.csv")
+    boxed_patients = set(subset.loc[subset["Image Index"].isin(boxes["Image Index"]), "Patient ID"])
+    assert boxed_patients  # the stand-in holds patients with boxes, to be kept out
     dataset = nih.build_pretraining_dataset(tmp_path, seed=0)
     manifest, _ = nih.build_manifest(tmp_path / "Data_Entry_2017_v2020.csv", tmp_path / "BBox_List_2017.csv",
                                      official_lists_dir=tmp_path, seed=0)  # fmt: skip
