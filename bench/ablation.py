@@ -140,6 +140,8 @@ def measures(results: dict) -> dict[str, float]:
         row[f"{name}/MaxBoxAccV2"] = calibrated["MaxBoxAccV2"]
         row[f"{name}/PxAP"] = method["PxAP"]
         row[f"{name}/mean_iou"] = method.get("box_measures", {}).get("mean_iou", float("nan"))
+        low, high = method.get("ci95", {}).get("MaxBoxAccV2", (float("nan"), float("nan")))
+        row[f"{name}/MaxBoxAccV2_ci_low"], row[f"{name}/MaxBoxAccV2_ci_high"] = low, high
     row["wall_seconds"] = results["wall_seconds"]
     return row
 
@@ -168,6 +170,14 @@ def markdown(table: dict[str, dict[str, tuple[float, float]]], seeds: list[int])
         "| macro F1 | " + " | ".join(cell(table[a]["macro_f1"], 3) for a in arms) + " |",
         "| wall time, s | " + " | ".join(cell(table[a]["wall_seconds"], 0) for a in arms) + " |",
     ]
+    for name in MAPS[:4]:
+        bounds = " | ".join(
+            f"[{table[a][f'{name}/MaxBoxAccV2_ci_low'][0]:.1f}, {table[a][f'{name}/MaxBoxAccV2_ci_high'][0]:.1f}]"
+            for a in arms
+        )
+        lines.append(
+            f"| MaxBoxAccV2 95 % interval (bootstrap over test images, mean over seeds): {MAP_NAMES[name]} | {bounds} |"
+        )
     for measure in ("MaxBoxAccV2", "MaxBoxAcc", "PxAP"):
         for name in MAPS:
             if measure == "PxAP" and name in ("full_image", "train_mean_box"):
