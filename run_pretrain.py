@@ -73,7 +73,10 @@ class PretrainArguments:
     mlp_ratio: float = 4.0
     num_train_epochs: int = 30
     per_device_train_batch_size: int = 64
-    learning_rate: float = 1e-3
+    learning_rate: Optional[float] = field(
+        default=None,
+        metadata={"help": "peak learning rate; default 1e-3 (supervised), DINO's rule 5e-4 x batch / 256 (dino)"},
+    )
     weight_decay: float = 0.05
     warmup_epochs: int = 2
     held_out_fraction: float = field(default=0.1, metadata={"help": "share of images kept for validation"})
@@ -104,6 +107,13 @@ class PretrainArguments:
             raise ValueError(f"--embed_dim {self.embed_dim} is not a multiple of --num_heads {self.num_heads}")
         if not 0 < self.held_out_fraction < 0.5:
             raise ValueError(f"--held_out_fraction must be in (0, 0.5), got {self.held_out_fraction}")
+
+    def peak_learning_rate(self) -> float:
+        """The learning rate given, else the objective's default (DINO scales 5e-4 linearly with the batch,
+        Caron et al. 2021; a rate 8x that at batch 64 collapsed DINO to a constant output here)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 5e-4 * self.per_device_train_batch_size / 256 if self.objective == "dino" else 1e-3
 
     def timm_kwargs(self, num_classes: int) -> dict[str, Any]:
         """What `timm.create_model(TIMM_ARCHITECTURE, **kwargs)` needs to rebuild the saved backbone."""
@@ -354,7 +364,7 @@ def _optimizer(module: torch.nn.Module, args: PretrainArguments) -> torch.optim.
         # No decay on biases, norms, position embeddings and the CLS token (DeiT's rule).
         (no_decay if parameter.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate)
+    return torch.optim.AdamW(groups, lr=args.peak_learning_rate())
 
 
 @torch.no_grad()
@@ -409,7 +419,7 @@ def train(args: PretrainArguments, split: PreparedSplit, targets: np.ndarray, na
             batch = order[start : start + args.per_device_train_batch_size]
             images = pixels[batch].to(accelerator.device)
             for group in optimizer.param_groups:
-                group["lr"] = args.learning_rate * cosine_factor(step, total, warmup)
+                group["lr"] = args.peak_learning_rate() * cosine_factor(step, total, warmup)
             if args.objective == "dino":
                 loss = accelerator.unwrap_model(trainer).loss(images, normalizer, generator)
             else:
@@ -418,6 +428,9 @@ def train(args: PretrainArguments, split: PreparedSplit, targets: np.ndarray, na
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(trainer.parameters(), 3.0)
+            if args.objective == "dino" and epoch == 0:
+                # DINO keeps the prototypes fixed in the first epoch (freeze_last_layer): it stabilizes the start.
+                accelerator.unwrap_model(trainer).student_head.prototypes.zero_grad(set_to_none=True)
             optimizer.step()
             if args.objective == "dino":
                 # Teacher momentum rises from its start to 1 on a cosine (DINO's schedule).
