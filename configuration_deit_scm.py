@@ -149,7 +149,7 @@ class DeiTSCMConfig(PretrainedConfig):
             (r -> 0) to the max (r -> inf); Wang et al., "ChestX-ray8", CVPR 2017, pool their chest X-ray
             maps with it because a finding covers a few percent of the film: averaging over every
             patch dilutes the evidence of a 1-4 token lesion 40-150x.
-        scm_lse_r (`float`, defaults to 5.0): the sharpness r of `"lse"` pooling (its starting value when
+        scm_lse_r (`float`, defaults to 5.0; in (0, 1000]): the sharpness r of `"lse"` pooling (its starting value when
             learnable).
         scm_lse_learnable (`bool`, defaults to `False`): learn r (kept positive through its logarithm).
         calibration_temperature (`float`, defaults to 1.0): T of temperature scaling (Guo et al., ICML
@@ -271,8 +271,12 @@ class DeiTSCMConfig(PretrainedConfig):
             raise ValueError(f"scm_solver must be one of {_SOLVER_CHOICES}, got {self.scm_solver!r}")
         if self.scm_pooling not in _POOLING_CHOICES:
             raise ValueError(f"scm_pooling must be one of {_POOLING_CHOICES}, got {self.scm_pooling!r}")
-        if not (isinstance(self.scm_lse_r, (int, float)) and 0.0 < float(self.scm_lse_r) < float("inf")):
-            raise ValueError(f"scm_lse_r must be a positive finite number, got {self.scm_lse_r!r}")
+        # Beyond 1e3 r * S overflows float32 for class scores of ordinary size: NaN logits, not an error.
+        if not (isinstance(self.scm_lse_r, (int, float)) and 0.0 < float(self.scm_lse_r) <= 1e3):
+            raise ValueError(f"scm_lse_r must be a number in (0, 1000], got {self.scm_lse_r!r}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < float(eps) < 1.0:
+            raise ValueError(f"layer_norm_eps must be a number in (0, 1), got {eps!r} (<= 0 gives NaN)")
         if self.patch_embedding not in _PATCH_EMBEDDING_CHOICES:
             raise ValueError(f"patch_embedding must be one of {_PATCH_EMBEDDING_CHOICES}, got {self.patch_embedding!r}")
         if self.conv_stem_kernel_size not in _CONV_STEM_KERNELS:

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
@@ -258,6 +258,9 @@ class CXRImageProcessor(BaseImageProcessor):
         self.clahe_tile_grid_size = list(clahe_tile_grid_size)
         self.clahe_max_size = clahe_max_size
         self.do_resize = do_resize
+        # An int means a square, as transformers' processors accept.
+        if isinstance(size, int) and not isinstance(size, bool):
+            size = {"height": size, "width": size}
         self.size = dict(size) if size is not None else {"height": 224, "width": 224}
         self.resize_mode = resize_mode
         self.pad_value = pad_value
@@ -366,7 +369,10 @@ class CXRImageProcessor(BaseImageProcessor):
             with Image.open(io.BytesIO(data)) as pil:
                 self._check_pixel_count(pil.size[0] * pil.size[1], source)
                 pil.load()
-                return _Decoded(_finite_pixels(self._from_pil(pil, source), source, "decoded image"), source)
+                # EXIF orientation, as every viewer honours it: a rotated photo of a film is turned upright,
+                # so the heart is on the side the viewer shows.
+                upright = ImageOps.exif_transpose(pil)
+                return _Decoded(_finite_pixels(self._from_pil(upright, source), source, "decoded image"), source)
         except Image.DecompressionBombError as error:
             raise CXRImageError(source, f"image too large to decode safely ({error})") from error
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:

@@ -302,7 +302,17 @@ class DevicePrefetcher:
 
 
 def build_processor(args: argparse.Namespace) -> CXRImageProcessor:
-    if args.model_name_or_path and Path(args.model_name_or_path, "preprocessor_config.json").exists():
+    """The saved model's processor (its preprocessing, released map and threshold) when one is loaded,
+    else a new one at --image_size. A local model folder without `preprocessor_config.json` is refused:
+    other preprocessing, threshold and map would be used without a word."""
+    if args.model_name_or_path and Path(args.model_name_or_path).is_dir():
+        if not Path(args.model_name_or_path, "preprocessor_config.json").is_file():
+            cli_error(
+                f"--model_name_or_path {args.model_name_or_path} has no preprocessor_config.json: the model's "
+                "preprocessing, released map and threshold are unknown (save the processor beside the model)"
+            )
+        return CXRImageProcessor.from_pretrained(args.model_name_or_path)
+    if args.model_name_or_path:  # a Hub id
         return CXRImageProcessor.from_pretrained(args.model_name_or_path)
     return CXRImageProcessor(size={"height": args.image_size, "width": args.image_size})
 

@@ -264,12 +264,17 @@ def build_demo(model: str = DEFAULT_MODEL, examples_dir: Optional[Path] = None) 
     return demo
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=os.environ.get("MODEL_ID", DEFAULT_MODEL), help="a saved folder or Hub id")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
-    args = parser.parse_args(argv)
+    # Gradio's own variables win over the loopback default, so a Hub Space (which sets them) listens outside.
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     build_demo(args.model).launch(server_name=args.host, server_port=args.port, show_error=False)
 

@@ -237,3 +237,14 @@ def test_page_in_a_real_browser(browser, server, files, model_dir, tmp_path):
     message = _done(browser, lambda: _text(browser, "errors"))
     assert "corrupt.png" in message and "could not be read" in message and "Traceback" not in message
     browser.save_screenshot(str(tmp_path / "corrupt.png"))
+
+
+def test_the_demo_listens_where_gradio_is_told(monkeypatch):
+    """A Hub Space sets GRADIO_SERVER_NAME=0.0.0.0: the loopback default must not override it."""
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    assert app.parse_args([]).host == "127.0.0.1"
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7861")
+    args = app.parse_args([])
+    assert (args.host, args.port) == ("0.0.0.0", 7861)
+    assert app.parse_args(["--host", "127.0.0.2"]).host == "127.0.0.2"  # the flag still wins

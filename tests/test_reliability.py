@@ -237,3 +237,65 @@ def test_training_checkpoints_every_epoch_by_default(trained):
     assert done, "a default run wrote no checkpoint"
     assert json.loads((done[-1] / "train_state.json").read_text())["global_step"] == 2
     assert run_wsol.parse_args(["--checkpointing_steps", "none"]).checkpointing_steps is None
+
+
+# --- refused instead of silently wrong ---------------------------------------------------------------
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    """A photo of a film stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view)
+    decodes upright, as viewers show it: the bright marker lands on the viewer's right."""
+    from image_processing_cxr import CXRImageProcessor
+
+    stored = np.zeros((40, 60), np.uint8)
+    stored[0:8, 0:8] = 255  # top-left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "sideways.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    upright = CXRImageProcessor().decode(str(path))
+    assert upright.shape == (60, 40)
+    assert upright[:8, -8:].mean() > 200 and upright[:8, :8].mean() < 50  # stored top-left -> viewed top-right
+
+
+def test_processor_takes_an_int_size():
+    from image_processing_cxr import CXRImageProcessor
+
+    assert CXRImageProcessor(size=96).size == {"height": 96, "width": 96}
+
+
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [("layer_norm_eps", -1.0, "layer_norm_eps"), ("layer_norm_eps", 0.0, "layer_norm_eps"),
+     ("scm_lse_r", 1e6, "scm_lse_r"), ("calibration_temperature", 0.0, "calibration_temperature")],
+)  # fmt: skip
+def test_config_values_that_make_nan_are_refused(field, value, fragment):
+    from configuration_deit_scm import DeiTSCMConfig
+
+    with pytest.raises(ValueError, match=fragment):
+        DeiTSCMConfig(**{field: value})
+
+
+def test_a_model_folder_without_its_processor_is_refused(trained, tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((trained / name).read_bytes())
+    image = tmp_path / "x.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).save(image)
+    with pytest.raises(SystemExit) as raised:
+        run_wsol.main(["--do_train", "false", "--do_eval", "false", "--model_name_or_path", str(folder),
+                       "--output_dir", str(tmp_path / "out"), "--predict_files", str(image)])  # fmt: skip
+    assert raised.value.code == 2 and "preprocessor_config.json" in capsys.readouterr().err
+
+
+def test_an_empty_finding_labels_cell_is_refused(tmp_path):
+    nih = load_dataset_module("nih")
+    source = Path(__file__).resolve().parent / "fixtures" / "nih" / "Data_Entry_2017_sample.csv"
+    import pandas as pd
+
+    table = pd.read_csv(source).head(20)
+    table.loc[3, "Finding Labels"] = None
+    table.to_csv(tmp_path / "Data_Entry_2017.csv", index=False)
+    with pytest.raises(nih.NIHMetadataError, match=r"row 5 .*empty Finding Labels"):
+        nih.read_metadata(tmp_path / "Data_Entry_2017.csv")

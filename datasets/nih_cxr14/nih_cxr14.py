@@ -101,6 +101,14 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
     missing = [column for column in needed if column not in table.columns]
     if missing:
         raise NIHMetadataError(f"{path}: missing columns {missing}")
+    labels = table["Finding Labels"]
+    empty = labels.isna() | (labels.astype(str).str.strip() == "")
+    if empty.any():
+        row = int(empty.to_numpy().nonzero()[0][0])
+        raise NIHMetadataError(
+            f"{path}: row {row + 2} ({table['Image Index'].iloc[row]}) has an empty Finding Labels cell "
+            f"({int(empty.sum())} such rows); NIH writes 'No Finding' for a normal image"
+        )
     ages = table["Patient Age"].astype(str).str.extract(r"(-?\d+)", expand=False)
     return pd.DataFrame(
         {
