@@ -15,25 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-import run_wsol
+from tiny_run import train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "demo"))
 import app  # noqa: E402
 
-TINY = [
-    "--num_phantoms", "48", "--phantom_size", "96", "--image_size", "64",
-    "--config_overrides", "hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,patch_size=8",
-    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
-]  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("demo") / "model"
-    run_wsol.main([*TINY, "--output_dir", str(output), "--max_train_steps", "2"])
-    return output
+    return train_tiny(tmp_path_factory.mktemp("demo") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -12,25 +12,17 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 from remote_code import run_outside_repo
+from tiny_run import train_tiny
 
 import export_onnx
-import run_wsol
 from cxr_data import load_dataset_module
 from image_processing_cxr import CXRImageProcessor
 from modeling_deit_scm import DeiTSCMForImageClassification
 
-TINY = [
-    "--num_phantoms", "48", "--phantom_size", "96", "--image_size", "64",
-    "--config_overrides", "hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,patch_size=8",
-    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
-]  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("deploy") / "run"
-    run_wsol.main([*TINY, "--output_dir", str(output), "--max_train_steps", "3"])
-    return output
+    return train_tiny(tmp_path_factory.mktemp("deploy") / "run", 3)
 
 
 @pytest.fixture(scope="module")

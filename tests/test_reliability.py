@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_run import TINY, train_tiny
 
 import image_processing_cxr
 import run_wsol
@@ -17,18 +18,10 @@ import wsol_checkpoints
 import wsol_outputs
 from cxr_data import load_dataset_module
 
-TINY = [
-    "--num_phantoms", "48", "--phantom_size", "96", "--image_size", "64",
-    "--config_overrides", "hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,patch_size=8",
-    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
-]  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("reliability") / "run"
-    run_wsol.main([*TINY, "--output_dir", str(output), "--max_train_steps", "2", "--do_eval", "false"])
-    return output
+    return train_tiny(tmp_path_factory.mktemp("reliability") / "run", 2, "--do_eval", "false")
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

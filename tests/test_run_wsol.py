@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from remote_code import run_outside_repo
 from safetensors.torch import load_file
+from tiny_run import TINY
 
 import run_wsol
 import wsol_checkpoints
@@ -25,11 +26,6 @@ from cxr_data import CLASS_NAMES
 from image_processing_cxr import CXRImageProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--num_phantoms", "48", "--phantom_size", "96", "--image_size", "64",
-    "--config_overrides", "hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,patch_size=8",
-    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
-]  # fmt: skip
 
 
 def _env() -> dict[str, str]:
