@@ -33,9 +33,11 @@ from cxr_data import CLASS_NAMES
 from modeling_deit_scm import DeiTSCMForImageClassification
 from wsol_checkpoints import (
     TrainState,
+    check_resumed_settings,
     clear_run_outputs,
     load_checkpoint,
     resolve_checkpoint,
+    run_settings,
     save_checkpoint,
     set_aside_later_checkpoints,
 )
@@ -608,10 +610,12 @@ def resume_and_train(args, parts: Components, validation: PreparedSplit, output_
     checkpoint = resolve_checkpoint(args)
     if checkpoint is not None:
         state, parts.best_weights = load_checkpoint(parts.accelerator, checkpoint)
+        check_resumed_settings(state.settings, vars(args), checkpoint)
         logger.info("resumed from %s at step %d", checkpoint, state.global_step)
         if parts.accelerator.is_main_process:
             set_aside_later_checkpoints(output_dir, state.global_step)
         parts.accelerator.wait_for_everyone()
+    state.settings = run_settings(vars(args))
     return train(args, parts, state, validation, output_dir)
 
 

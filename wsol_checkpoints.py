@@ -48,6 +48,37 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
     scm_warmup_epochs: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)  # the flags that determine training (`run_settings`)
+
+
+# Flags a resumed run may change: where things go, how they are reported, what runs after training.
+# Any other flag shapes the training itself (a rate, the data, the schedule's length...).
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "num_workers",
+    "preprocessing_num_workers", "per_device_eval_batch_size", "do_eval", "do_predict", "predict_files",
+    "push_to_hub", "hub_model_id", "hub_space_id", "cache_dir", "data_dir", "checkpointing_steps",
+    "checkpoints_total_limit", "cpu", "torch_compile",
+})  # fmt: skip
+
+
+def run_settings(flags: dict[str, Any]) -> dict[str, Any]:
+    """The flags that determine what training does, as JSON values (what a checkpoint records)."""
+    return json.loads(json.dumps({k: v for k, v in sorted(flags.items()) if k not in RESUMABLE_CHANGES}, default=str))
+
+
+def check_resumed_settings(recorded: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse (one line) to resume with flags other than the checkpoint's: the results would record settings
+    the model never trained with. Checkpoints written before settings were recorded pass."""
+    if not recorded:
+        return
+    now = run_settings(current)
+    changed = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+    if changed:
+        details = ", ".join(f"--{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+        cli_error(
+            f"--resume_from_checkpoint {checkpoint}: the checkpoint was trained with other settings ({details}); "
+            "resume with the same flags, or start a new run"
+        )
 
 
 def completed_checkpoints(output_dir: Path) -> list[Path]:

@@ -133,21 +133,33 @@ def test_resume_latest_refuses_a_finished_run_without_checkpoints(trained, tmp_p
 
 def test_resume_from_an_older_checkpoint_with_a_limit(tmp_path):
     output = tmp_path / "run"
-    common = [*TINY, "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--do_eval", "false"]
-    run_wsol.main([*common, "--max_train_steps", "6", "--output_dir", str(output)])
-    names = [c.name for c in wsol_checkpoints.completed_checkpoints(output)]
-    assert names == ["step_4", "step_6"]
-    run_wsol.main([*common, "--max_train_steps", "8", "--output_dir", str(output),
-                   "--resume_from_checkpoint", str(output / "checkpoints" / "step_4")])  # fmt: skip
-    assert [c.name for c in wsol_checkpoints.completed_checkpoints(output)] == ["step_6", "step_8"]
-    state = json.loads((output / "checkpoints" / "step_8" / "train_state.json").read_text())
-    assert state["global_step"] == 8
-    # The abandoned timeline's checkpoint is kept aside, never "latest".
+    common = [*TINY, "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--do_eval", "false",
+              "--max_train_steps", "6", "--output_dir", str(output)]  # fmt: skip
+    run_wsol.main(common)
+    assert [c.name for c in wsol_checkpoints.completed_checkpoints(output)] == ["step_4", "step_6"]
+    run_wsol.main([*common, "--resume_from_checkpoint", str(output / "checkpoints" / "step_4")])
+    # The new step_6 is written and kept; step_4, older, stays within the limit of two.
+    assert [c.name for c in wsol_checkpoints.completed_checkpoints(output)] == ["step_4", "step_6"]
+    # The abandoned timeline's step_6 is kept aside, never "latest".
     assert (output / "checkpoints" / "abandoned_step_6" / wsol_checkpoints.COMPLETE_MARKER).is_file()
-    latest = wsol_checkpoints.resolve_checkpoint(
-        argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(output))
-    )
-    assert latest.name == "step_8"
+    latest = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(output))
+    assert wsol_checkpoints.resolve_checkpoint(latest).name == "step_6"
+
+
+def test_resume_with_changed_flags_is_refused(tmp_path, capsys):
+    output = tmp_path / "run"
+    common = [*TINY, "--checkpointing_steps", "2", "--do_eval", "false", "--max_train_steps", "4",
+              "--output_dir", str(output)]  # fmt: skip
+    run_wsol.main(common)
+    checkpoint = str(output / "checkpoints" / "step_2")
+    for changed in (["--learning_rate", "1e-3"], ["--seed", "5"], ["--per_device_train_batch_size", "4"]):
+        with pytest.raises(SystemExit) as raised:
+            run_wsol.main([*common, *changed, "--resume_from_checkpoint", checkpoint])
+        assert raised.value.code == 2
+        assert f"--{changed[0][2:]}" in capsys.readouterr().err
+    # Where outputs go and what runs after training may change.
+    run_wsol.main([*common, "--output_dir", str(tmp_path / "elsewhere"), "--num_workers", "0",
+                   "--resume_from_checkpoint", checkpoint])  # fmt: skip
 
 
 # --- 5. prediction: a failed file is a row, never an abort ------------------------------------------------
