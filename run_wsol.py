@@ -46,6 +46,7 @@ from wsol_data import (
     PreparedSplit,
     augment_batch,
     build_processor,
+    cli_error,
     make_loader,
     prepare_all,
 )
@@ -359,6 +360,13 @@ def build_model(args: argparse.Namespace, train_labels: torch.Tensor) -> DeiTSCM
     if args.model_name_or_path:
         # safetensors only: a model folder never needs pickle (a pytorch_model.bin alone is refused).
         overrides = parse_overrides(args.config_overrides)
+        folder = Path(args.model_name_or_path)
+        if folder.is_dir() and not (folder / "model.safetensors").is_file():
+            pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+            cli_error(
+                f"--model_name_or_path {folder} has no model.safetensors"
+                + (f" (only {', '.join(pickles)}: pickle files are never loaded)" if pickles else "")
+            )
         model = DeiTSCMForImageClassification.from_pretrained(
             args.model_name_or_path, use_safetensors=True, **overrides
         )
