@@ -189,10 +189,10 @@ def final_evaluation(args, parts: EvaluationParts, splits: dict[str, PreparedSpl
         resample_weights=resample_weights(boxed_patients, seed=args.seed),
     )  # fmt: skip
     chosen = choose_localization_map(table)
+    test_patients = patients(splits["test"], predictions["test"])
     results["classification"]["test"]["ci95"] = classification_intervals(
-        predictions["test"].labels, softmax(predictions["test"].logits), patients(splits["test"], predictions["test"]),
-        seed=args.seed,
-    )  # fmt: skip
+        predictions["test"].labels, softmax(predictions["test"].logits), test_patients, seed=args.seed
+    )
     calibration = calibration_report(
         predictions["validation"].logits, predictions["validation"].labels,
         predictions["test"].logits, predictions["test"].labels,
@@ -201,7 +201,7 @@ def final_evaluation(args, parts: EvaluationParts, splits: dict[str, PreparedSpl
     results["operating_points"] = operating_points(
         predictions["validation"].labels, softmax(predictions["validation"].logits, calibration["temperature"]),
         predictions["test"].labels, softmax(predictions["test"].logits, calibration["temperature"]), CLASS_NAMES,
-        patients(splits["test"], predictions["test"]), seed=args.seed,
+        test_patients, seed=args.seed,
     )  # fmt: skip
     threshold = table[chosen]["calibrated_on_validation"]["threshold"]
     test_maps = frame_maps[chosen]
