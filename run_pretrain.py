@@ -33,6 +33,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -84,6 +85,16 @@ class PretrainArguments:
         default=0.0,
         metadata={"help": "supervised: weight of the loss whose pooling weights are the last layer's CLS attention"},
     )
+    patch_cam_weight: float = field(
+        default=0.0,
+        metadata={"help": "supervised: weight of the BCE of the head applied to every patch token, LSE-pooled"},
+    )
+    attention_guidance_weight: float = field(
+        default=0.0,
+        metadata={"help": "supervised: weight of the loss that draws every layer's CLS attention onto the "
+                          "image's own class activation map (the positive findings' ReLU(CAM), detached)"},
+    )
+    patch_cam_lse_r: float = field(default=5.0, metadata={"help": "sharpness r of the patch-CAM LSE pooling"})
     dino_out_dim: int = 1024
     dino_local_crops: int = 4
     dino_teacher_temperature: float = 0.04
@@ -105,6 +116,13 @@ class PretrainArguments:
             raise ValueError(f"--image_size {self.image_size} is not a multiple of --patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"--embed_dim {self.embed_dim} is not a multiple of --num_heads {self.num_heads}")
+        if min(self.attention_mil_weight, self.patch_cam_weight, self.attention_guidance_weight) < 0:
+            raise ValueError("the loss weights must be >= 0")
+        if self.objective == "dino" and (self.attention_mil_weight or self.patch_cam_weight
+                                         or self.attention_guidance_weight):  # fmt: skip
+            raise ValueError("the attention-MIL, patch-CAM and guidance losses need labels: --objective supervised")
+        if not 0 < self.patch_cam_lse_r <= 1e3:
+            raise ValueError(f"--patch_cam_lse_r must be in (0, 1000], got {self.patch_cam_lse_r}")
         if not 0 < self.held_out_fraction < 0.5:
             raise ValueError(f"--held_out_fraction must be in (0, 0.5), got {self.held_out_fraction}")
 
@@ -237,33 +255,91 @@ def cls_attention_row(attention: torch.nn.Module, tokens: torch.Tensor) -> torch
 
 
 class SupervisedObjective(torch.nn.Module):
-    """Multi-label BCE of the CLS-token head, plus (weight `mil_weight`) the BCE of the same head applied
-    to every patch token and pooled with the last layer's CLS attention as the weights: attention-based
-    multiple-instance pooling (Ilse et al., *Attention-based Deep Multiple Instance Learning*, ICML 2018).
-    To raise a finding's pooled score the CLS row must move onto the patches that show it, which is
-    the premise SCM needs of F0. Only image labels are used; the backbone stays timm's own class."""
+    """Multi-label BCE of the CLS-token head, plus three optional terms, all from image labels only and
+    all leaving the backbone timm's own class (the head is shared, so nothing is added to the checkpoint):
 
-    def __init__(self, backbone: torch.nn.Module, mil_weight: float) -> None:
+    - `mil_weight`: the same head on every patch token, pooled with the last layer's CLS attention as the
+      weights: attention-based multiple-instance pooling (Ilse et al., *Attention-based Deep Multiple
+      Instance Learning*, ICML 2018).
+    - `patch_cam_weight`: the same head on every patch token, log-sum-exp pooled (sharpness `lse_r`;
+      Pinheiro & Collobert, CVPR 2015): a class activation map (Zhou et al., CVPR 2016) in the patch
+      tokens, as the fine-tuning head reads them.
+    - `guidance_weight`: the cross-entropy from the image's own CAM, sum over its positive findings of
+      ReLU(CAM), detached and normalized over patches, to every layer's CLS attention row. SCM assumes
+      F0 already points at the object (Bai et al., ECCV 2022); a backbone pretrained on thousands of
+      classes gets there on its own, one pretrained on seven findings does not (bench/RESULTS.md), so this
+      term asks for it directly. It is ramped in linearly over `guidance_warmup_steps` while the CAM forms.
+    """
+
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        mil_weight: float = 0.0,
+        patch_cam_weight: float = 0.0,
+        guidance_weight: float = 0.0,
+        lse_r: float = 5.0,
+        guidance_warmup_steps: int = 0,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.mil_weight = mil_weight
-        self._last_attention_input: Optional[torch.Tensor] = None
-        backbone.blocks[-1].attn.register_forward_pre_hook(self._keep_input)
+        self.patch_cam_weight = patch_cam_weight
+        self.guidance_weight = guidance_weight
+        self.lse_r = lse_r
+        self.guidance_warmup_steps = guidance_warmup_steps
+        self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
+        self._attention_inputs: dict[int, torch.Tensor] = {}
+        for index, block in enumerate(backbone.blocks):
+            block.attn.register_forward_pre_hook(partial(self._keep_input, index))
 
-    def _keep_input(self, module: torch.nn.Module, inputs: tuple) -> None:
-        self._last_attention_input = inputs[0]
+    def _keep_input(self, index: int, module: torch.nn.Module, inputs: tuple) -> None:
+        self._attention_inputs[index] = inputs[0]
+
+    def _cls_rows(self, layers: Sequence[int]) -> list[torch.Tensor]:
+        """The CLS rows over the patch tokens (B, N) of `layers`, renormalized over the patches."""
+        prefix = self.backbone.num_prefix_tokens
+        rows = []
+        for index in layers:
+            row = cls_attention_row(self.backbone.blocks[index].attn, self._attention_inputs[index])[:, prefix:]
+            rows.append(row / row.sum(dim=-1, keepdim=True).clamp_min(1e-12))
+        return rows
 
     def forward(self, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone.forward_features(pixels)
         loss = F.binary_cross_entropy_with_logits(self.backbone.forward_head(tokens), targets)
+        if not (self.mil_weight or self.patch_cam_weight or self.guidance_weight):
+            return loss
+        patch_logits = self.backbone.head(tokens[:, self.backbone.num_prefix_tokens :])  # (B, N, K)
         if self.mil_weight:
-            row = cls_attention_row(self.backbone.blocks[-1].attn, self._last_attention_input)
-            prefix = self.backbone.num_prefix_tokens
-            weights = row[:, prefix:] / row[:, prefix:].sum(dim=-1, keepdim=True).clamp_min(1e-12)
-            patch_logits = self.backbone.head(tokens[:, prefix:])  # (B, N, K)
+            (weights,) = self._cls_rows([len(self.backbone.blocks) - 1])
             pooled = (weights.unsqueeze(-1) * patch_logits).sum(dim=1)
             loss = loss + self.mil_weight * F.binary_cross_entropy_with_logits(pooled, targets)
+        if self.patch_cam_weight:
+            r = self.lse_r
+            pooled = (torch.logsumexp(r * patch_logits, dim=1) - math.log(patch_logits.shape[1])) / r
+            loss = loss + self.patch_cam_weight * F.binary_cross_entropy_with_logits(pooled, targets)
+        if self.guidance_weight:
+            loss = loss + self._ramp() * self.guidance_weight * self._guidance(patch_logits.detach(), targets)
+        if self.training:
+            self.step += 1
         return loss
+
+    def _ramp(self) -> float:
+        if self.guidance_warmup_steps <= 0:
+            return 1.0
+        return min(1.0, float(self.step) / self.guidance_warmup_steps)
+
+    def _guidance(self, patch_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean over layers and over images with a positive finding of -sum_i t_i log a_i."""
+        target = (F.relu(patch_logits) * targets.unsqueeze(1)).sum(dim=-1)  # (B, N)
+        mass = target.sum(dim=-1, keepdim=True)
+        keep = mass.squeeze(-1) > 0
+        if not bool(keep.any()):
+            return patch_logits.new_zeros(())
+        target = target[keep] / mass[keep]
+        rows = self._cls_rows(range(len(self.backbone.blocks)))
+        terms = [-(target * torch.log(row[keep].clamp_min(1e-12))).sum(dim=-1).mean() for row in rows]
+        return torch.stack(terms).mean()
 
 
 class DINOHead(torch.nn.Module):
@@ -401,7 +477,11 @@ def train(args: PretrainArguments, split: PreparedSplit, targets: np.ndarray, na
     if args.objective == "dino":
         trainer: torch.nn.Module = DINOTrainer(backbone, args)
     else:
-        trainer = SupervisedObjective(backbone, args.attention_mil_weight)
+        trainer = SupervisedObjective(
+            backbone, args.attention_mil_weight, args.patch_cam_weight, args.attention_guidance_weight,
+            args.patch_cam_lse_r, guidance_warmup_steps=(args.num_train_epochs * len(train_index)
+                                                         // args.per_device_train_batch_size) // 3,
+        )  # fmt: skip
     optimizer = _optimizer(trainer, args)
     trainer, optimizer = accelerator.prepare(trainer, optimizer)
     normalizer = normalizer.to(accelerator.device)
