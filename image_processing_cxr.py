@@ -150,6 +150,21 @@ class CXRImageProcessorKwargs(ImagesKwargs, total=False):
     localization_threshold: float
 
 
+def _narrowest_float(pixels: np.ndarray) -> np.ndarray:
+    """float32 when it keeps every grey level, else float64: a large rescale intercept with a small slope
+    (1e6 + 1e-3 k) has levels closer together than float32's spacing at that magnitude, and the cast
+    would merge them before the window is applied."""
+    wide = pixels.astype(np.float64, copy=False)
+    magnitude = float(np.abs(wide).max())
+    if magnitude > 3e38:
+        return wide
+    narrow = wide.astype(np.float32)
+    span = float(wide.max() - wide.min())
+    if span > 0 and float(np.abs(narrow - wide).max()) > span * 1e-6:
+        return wide
+    return narrow
+
+
 @lru_cache(maxsize=8)
 def _clahe(clip_limit: float, tiles: tuple[int, int]) -> Any:
     return cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=tiles)
@@ -507,7 +522,7 @@ class CXRImageProcessor(BaseImageProcessor):
         # RescaleSlope/Intercept or a LUT can give NaN or overflow (slope 1e308): an error, not a black image.
         _finite_pixels(pixels, source, "after the modality/VOI LUT")
         if pixels.dtype.kind == "f" or pixels.dtype.itemsize > 2 or pixels.min() < 0:
-            pixels = pixels.astype(np.float64 if np.abs(pixels).max() > 3e38 else np.float32)
+            pixels = _narrowest_float(pixels)
         return pixels
 
     # ------------------------------------------------------------------------------------- pipeline
@@ -532,7 +547,10 @@ class CXRImageProcessor(BaseImageProcessor):
             return table[pixels]
         magnitude = max(abs(low), abs(high))
         if magnitude < 1e30 and high - low > 1e-30:
-            values = pixels.astype(np.float32)
+            # The offset is removed in the input's own precision first: levels 1e-3 apart at 1e6 survive.
+            wide = np.float64 if pixels.dtype == np.float64 or pixels.dtype.kind in "iu" else np.float32
+            values = (pixels.astype(wide, copy=False) - wide(low)).astype(np.float32)
+            low, high = 0.0, high - low
         else:
             # Near the float limits: divide by the magnitude first, in float64, so that neither
             # (x - low) nor 255 / (high - low) can overflow.

@@ -304,3 +304,30 @@ def test_an_empty_finding_labels_cell_is_refused(tmp_path):
     table.to_csv(tmp_path / "Data_Entry_2017.csv", index=False)
     with pytest.raises(nih.NIHMetadataError, match=r"row 5 .*empty Finding Labels"):
         nih.read_metadata(tmp_path / "Data_Entry_2017.csv")
+
+
+def test_a_large_rescale_intercept_keeps_every_grey_level():
+    """Intercept 1e6, slope 1e-3: 241 stored levels lie 1e-3 apart at 1e6, closer than float32's spacing
+    there (0.0625); a float32 cast before the window merged them into 34."""
+    import io
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    dataset = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    rows, columns = 241, 32
+    dataset.Rows, dataset.Columns = rows, columns
+    ramp = np.repeat(np.arange(rows, dtype=np.uint16)[:, None], columns, axis=1)
+    dataset.PixelData = ramp.tobytes()
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 0
+    dataset.PhotometricInterpretation = "MONOCHROME2"
+    dataset.RescaleIntercept, dataset.RescaleSlope = 1e6, 1e-3
+    for tag in ("WindowCenter", "WindowWidth", "VOILUTSequence"):
+        if tag in dataset:
+            delattr(dataset, tag)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    processor = image_processing_cxr.CXRImageProcessor(intensity_normalization="minmax")
+    gray = processor.normalize_intensity(processor.decode(buffer.getvalue(), "intercept.dcm"))
+    assert len(np.unique(gray)) == rows
+    assert np.all(np.diff(gray[:, 0].astype(int)) > 0)  # still a ramp, level by level
