@@ -20,6 +20,7 @@ import io
 import logging
 import math
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -148,6 +149,10 @@ class CXRImageProcessorKwargs(ImagesKwargs, total=False):
     dicom_invert_monochrome1: bool
     strict: bool
     localization_threshold: float
+
+
+# Deflated Explicit VR Little Endian: the whole dataset after the file meta is one raw deflate stream.
+_DEFLATED_SYNTAX = b"1.2.840.10008.1.2.1.99"
 
 
 def _narrowest_float(pixels: np.ndarray) -> np.ndarray:
@@ -469,12 +474,42 @@ class CXRImageProcessor(BaseImageProcessor):
             ) from error
         return pixels
 
+    def _check_deflated_size(self, data: bytes, source: str) -> None:
+        """A Deflated Explicit VR Little Endian file is inflated whole by pydicom before any tag can be read,
+        so `max_image_pixels` would be checked too late (a 1.7 MB upload inflated to 3.4 GB). Count the
+        inflated bytes first, in chunks that are thrown away, and stop at the most a dataset within
+        `max_image_pixels` can need (16-bit RGB, 6 bytes a pixel, plus 16 MiB of other elements)."""
+        if data[128:132] != b"DICM" or _DEFLATED_SYNTAX not in data[132:4096]:
+            return
+        meta_end = 132
+        # The file meta group is explicit VR little endian; (0002,0000) UL gives the length of the rest.
+        if data[132:136] == b"\x02\x00\x00\x00" and data[136:138] == b"UL":
+            meta_end = 144 + int.from_bytes(data[140:144], "little")
+        if _DEFLATED_SYNTAX not in data[132:meta_end]:
+            return
+        limit = self.max_image_pixels * 6 + (16 << 20)
+        inflater, inflated, view = zlib.decompressobj(-zlib.MAX_WBITS), 0, memoryview(data)[meta_end:]
+        step = 1 << 22  # at most 4 MiB of inflated bytes held at a time
+        try:
+            for start in range(0, len(view), 1 << 16):
+                inflated += len(inflater.decompress(view[start : start + (1 << 16)], step))
+                while inflater.unconsumed_tail and inflated <= limit:
+                    inflated += len(inflater.decompress(inflater.unconsumed_tail, step))
+                if inflated > limit:
+                    raise CXRImageError(
+                        source, f"deflated DICOM inflates to more than {limit:,} bytes, more than max_image_pixels "
+                        f"({self.max_image_pixels:,}) can need; not decoded",
+                    )  # fmt: skip
+        except zlib.error as error:
+            raise CXRImageError(source, f"deflated DICOM is corrupt ({error})") from error
+
     def _from_dicom(self, data: bytes, source: str) -> np.ndarray:
         try:
             import pydicom
             from pydicom.pixels import apply_modality_lut, apply_voi_lut
         except ImportError as error:
             raise CXRImageError(source, "reading DICOM needs pydicom: pip install pydicom") from error
+        self._check_deflated_size(data, source)
         try:
             dataset = pydicom.dcmread(io.BytesIO(data), force=True)
         except Exception as error:  # pydicom raises many types for malformed files

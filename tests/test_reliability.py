@@ -331,3 +331,42 @@ def test_a_large_rescale_intercept_keeps_every_grey_level():
     gray = processor.normalize_intensity(processor.decode(buffer.getvalue(), "intercept.dcm"))
     assert len(np.unique(gray)) == rows
     assert np.all(np.diff(gray[:, 0].astype(int)) > 0)  # still a ramp, level by level
+
+
+def _deflated(dataset) -> bytes:
+    import io
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_a_deflated_dicom_is_measured_before_it_is_inflated():
+    import tracemalloc
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("RG1_UNCR.dcm")
+    processor = image_processing_cxr.CXRImageProcessor(max_image_pixels=4_000_000)
+    plain = processor.decode(path)
+    # A real deflated radiograph decodes as before.
+    np.testing.assert_array_equal(processor.decode(_deflated(pydicom.dcmread(path)), "deflated.dcm"), plain)
+    # 64 x 64 declared, 48 MiB of pixel data: 90 kB on disk, refused without inflating it.
+    bomb = pydicom.dcmread(path)
+    bomb.Rows, bomb.Columns = 64, 64
+    bomb.PixelData = bytes(48 << 20)
+    data = _deflated(bomb)
+    assert len(data) < 200_000
+    small = image_processing_cxr.CXRImageProcessor(max_image_pixels=1_000_000)
+    tracemalloc.start()
+    with pytest.raises(image_processing_cxr.CXRImageError, match="bomb.dcm: deflated DICOM inflates to more than"):
+        small.decode(data, "bomb.dcm")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20, peak  # pydicom would hold the 48 MiB
+    with pytest.raises(image_processing_cxr.CXRImageError, match="corrupt.dcm: deflated DICOM is corrupt"):
+        small.decode(data[:400] + b"\xff" * 64 + data[464:], "corrupt.dcm")
