@@ -370,3 +370,35 @@ def test_a_deflated_dicom_is_measured_before_it_is_inflated():
     assert peak < 16 << 20, peak  # pydicom would hold the 48 MiB
     with pytest.raises(image_processing_cxr.CXRImageError, match="corrupt.dcm: deflated DICOM is corrupt"):
         small.decode(data[:400] + b"\xff" * 64 + data[464:], "corrupt.dcm")
+
+
+def test_nih_rows_that_disagree_about_an_image_are_refused(tmp_path):
+    import pandas as pd
+
+    nih = load_dataset_module("nih")
+    source = Path(__file__).resolve().parent / "fixtures" / "nih" / "Data_Entry_2017_sample.csv"
+    table = pd.read_csv(source).head(20)
+    # An exact repeat (a file concatenated twice) is dropped: one row per image remains.
+    pd.concat([table, table.head(3)]).to_csv(tmp_path / "repeated.csv", index=False)
+    read = nih.read_metadata(tmp_path / "repeated.csv")
+    assert len(read) == 20 and read["Image Index"].is_unique
+    # The same image with other labels: refused, naming it.
+    other = table.head(1).assign(**{"Finding Labels": "Atelectasis"})
+    pd.concat([table, other]).to_csv(tmp_path / "conflict.csv", index=False)
+    image = table["Image Index"].iloc[0]
+    with pytest.raises(nih.NIHMetadataError, match=rf"conflict.csv: image {image} has 2 rows that disagree"):
+        nih.read_metadata(tmp_path / "conflict.csv")
+
+
+def test_nih_images_with_one_name_in_two_folders(tmp_path):
+    nih = load_dataset_module("nih")
+    for folder in ("images_001/images", "images_002/images"):
+        (tmp_path / folder).mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images_001/images/a.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images_002/images/a.png")
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "images_002/images/b.png")
+    index = nih.index_images(tmp_path)  # identical copies: accepted, the first kept
+    assert index == {"a.png": tmp_path / "images_001/images/a.png", "b.png": tmp_path / "images_002/images/b.png"}
+    Image.fromarray(np.full((8, 8), 9, np.uint8)).save(tmp_path / "images_002/images/a.png")
+    with pytest.raises(nih.NIHMetadataError, match=r"two different files named a.png"):
+        nih.index_images(tmp_path)

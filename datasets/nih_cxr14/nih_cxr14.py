@@ -109,6 +109,7 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
             f"{path}: row {row + 2} ({table['Image Index'].iloc[row]}) has an empty Finding Labels cell "
             f"({int(empty.sum())} such rows); NIH writes 'No Finding' for a normal image"
         )
+    table = _without_repeated_rows(table, path)
     ages = table["Patient Age"].astype(str).str.extract(r"(-?\d+)", expand=False)
     return pd.DataFrame(
         {
@@ -120,6 +121,27 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
             "view": table["View Position"].astype(str).str.upper(),
         }
     )
+
+
+def _without_repeated_rows(table: pd.DataFrame, path: Path | str) -> pd.DataFrame:
+    """One row per image: exact repeats (a file concatenated twice) are dropped with a warning; two rows
+    that disagree about an image (labels, patient, view...) are refused, naming it: which one is right
+    cannot be guessed, and either choice would train or score on a label nobody checked."""
+    repeated = table["Image Index"].duplicated(keep=False)
+    if not repeated.any():
+        return table
+    distinct = table[repeated].drop_duplicates()
+    conflicting = distinct["Image Index"].duplicated(keep=False)
+    if conflicting.any():
+        rows = distinct[conflicting]
+        image = rows["Image Index"].iloc[0]
+        cells = sorted(set(rows.loc[rows["Image Index"] == image, "Finding Labels"].astype(str)))
+        raise NIHMetadataError(
+            f"{path}: image {image} has {int((table['Image Index'] == image).sum())} rows that disagree "
+            f"(Finding Labels {cells}); {rows['Image Index'].nunique()} such images; keep one row per image"
+        )
+    logger.warning("%s: %d repeated rows dropped (identical copies)", path, int(table.duplicated().sum()))
+    return table.drop_duplicates(subset=["Image Index"]).reset_index(drop=True)
 
 
 def read_boxes(path: str | Path) -> pd.DataFrame:
@@ -323,8 +345,25 @@ def summarize(
 
 
 def index_images(data_dir: str | Path) -> dict[str, Path]:
-    """File name -> path for every PNG under `data_dir` (flat, or the `images_*/images` folders)."""
-    return {path.name: path for path in Path(data_dir).rglob("*.png")}
+    """File name -> path for every PNG under `data_dir` (flat, or the `images_*/images` folders).
+
+    A name found in two places is refused unless both files are byte-identical (an archive extracted
+    twice): the metadata names images by file name alone, so two different files would make the label
+    belong to whichever the walk met last."""
+    index: dict[str, Path] = {}
+    copies = 0
+    for path in sorted(Path(data_dir).rglob("*.png")):
+        first = index.setdefault(path.name, path)
+        if first is path:
+            continue
+        if first.stat().st_size != path.stat().st_size or first.read_bytes() != path.read_bytes():
+            raise NIHMetadataError(
+                f"{data_dir}: two different files named {path.name}: {first} and {path}; keep one"
+            )
+        copies += 1
+    if copies:
+        logger.warning("%s: %d images appear twice (identical copies); the first of each is used", data_dir, copies)
+    return index
 
 
 def _readable(path: Path) -> bool:
