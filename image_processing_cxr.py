@@ -38,9 +38,9 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("CXRImageProcessor needs OpenCV: pip install opencv-python-headless") from error
 
 try:
-    from .localization import boxes_with_scores, normalize_scoremap
+    from .localization import LocalizationInputError, boxes_with_scores, check_thresholds, normalize_scoremap
 except ImportError:
-    from localization import boxes_with_scores, normalize_scoremap
+    from localization import LocalizationInputError, boxes_with_scores, check_thresholds, normalize_scoremap
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,19 @@ class Geometry(NamedTuple):
         values = row.tolist() if hasattr(row, "tolist") else list(row)
         if len(values) < 8:
             raise ValueError(f"a geometry row has 8 values ({', '.join(cls._fields)}), got {len(values)}")
-        return cls(*(int(v) for v in values[:8]))
+        if not all(_is_int(v) or (_finite(v) and float(v).is_integer()) for v in values[:8]):
+            raise LocalizationInputError(f"a geometry row holds integers, got {values[:8]}")
+        geometry = cls(*(int(v) for v in values[:8]))
+        sizes_ok = min(geometry.original_height, geometry.original_width, geometry.content_height,
+                       geometry.content_width, geometry.height, geometry.width) >= 1  # fmt: skip
+        fits = (min(geometry.pad_top, geometry.pad_left) >= 0
+                and geometry.pad_top + geometry.content_height <= geometry.height
+                and geometry.pad_left + geometry.content_width <= geometry.width)  # fmt: skip
+        if not (sizes_ok and fits):
+            raise LocalizationInputError(
+                f"a geometry row needs sizes >= 1 and the content inside the input, got {geometry}"
+            )
+        return geometry
 
 
 GEOMETRY_FIELDS = Geometry._fields
@@ -846,10 +858,18 @@ class CXRImageProcessor(BaseImageProcessor):
         # The model's calibrated probabilities (temperature scaling) when it gives them; else the softmax.
         given = outputs.get("probabilities") if hasattr(outputs, "get") else None
         probabilities = given.detach().float().cpu() if given is not None else logits.softmax(-1)
-        tau = self.localization_threshold if threshold is None else float(threshold)
+        tau = float(check_thresholds(self.localization_threshold if threshold is None else threshold)[0])
+        if chosen.numel() != batch or (batch and (chosen.min() < 0 or chosen.max() >= logits.shape[-1])):
+            raise LocalizationInputError(
+                f"labels must be {batch} class indices in [0, {logits.shape[-1]}), got {chosen.tolist()}"
+            )
         results = []
         for i in range(batch):
+            if not (torch.isfinite(logits[i]).all() and torch.isfinite(probabilities[i]).all()):
+                raise LocalizationInputError(f"image {i}: the model's logits are NaN or infinite (broken weights?)")
             label = int(chosen[i])
+            if not torch.isfinite(maps[i, label]).all():
+                raise LocalizationInputError(f"image {i}: the {key} map holds NaN or infinite values")
             heatmap = self.heatmap_to_original(maps[i, label].numpy(), rows[i])
             boxes, box_scores = boxes_with_scores(heatmap, tau, multi_contour)
             results.append(

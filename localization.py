@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -84,6 +84,35 @@ def check_boxes(boxes: np.ndarray, index: Optional[int] = None, allow_empty: boo
     return boxes
 
 
+def check_frame_size(frame_size: Sequence[Any]) -> tuple[int, int]:
+    """(height, width) as two integers >= 1, else `LocalizationInputError`."""
+    try:
+        height, width = (float(v) for v in frame_size)
+    except (TypeError, ValueError) as error:
+        raise LocalizationInputError(f"a frame size is (height, width), got {frame_size!r}") from error
+    if not (np.isfinite([height, width]).all() and height >= 1 and width >= 1 and height.is_integer()
+            and width.is_integer()):  # fmt: skip
+        raise LocalizationInputError(f"a frame size is two integers >= 1, got {frame_size!r}")
+    return int(height), int(width)
+
+
+def check_thresholds(thresholds: Union[float, Sequence[float]], increasing: bool = False) -> np.ndarray:
+    """Thresholds as a 1-D float64 array: non-empty, finite, in [0, 1] (fractions of the map's maximum),
+    strictly increasing when `increasing` (the metrics' curves and tie rules assume it); else
+    `LocalizationInputError`."""
+    try:
+        values = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as error:
+        raise LocalizationInputError(f"thresholds must be numbers: {error}") from error
+    if values.size == 0:
+        raise LocalizationInputError("no thresholds given")
+    if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+        raise LocalizationInputError(f"thresholds must be finite and in [0, 1], got [{values.min()}, {values.max()}]")
+    if increasing and values.size > 1 and (np.diff(values) <= 0).any():
+        raise LocalizationInputError("thresholds must be strictly increasing")
+    return values
+
+
 def _float_map(scoremap: np.ndarray) -> np.ndarray:
     """Float maps keep their precision (the reference computes in the map's own dtype); others become float32."""
     scoremap = np.asarray(scoremap)
@@ -128,7 +157,7 @@ def boxes_at_threshold(
         contours: the K contours behind the boxes (empty when nothing passes).
     """
     height, width = quantized.shape
-    level = int(threshold * int(quantized.max()))
+    level = int(check_thresholds(threshold)[0] * int(quantized.max()))
     binary = np.where(quantized > level, np.uint8(255), np.uint8(0))
     contours = _contours(binary)
     if len(contours) == 0:
@@ -204,7 +233,7 @@ def boxes_over_thresholds(quantized: np.ndarray, thresholds: Sequence[float] = D
     the contours and their order are unchanged); boxes, contour areas and the largest contour of every
     threshold are then computed from all contours at once instead of one OpenCV call per contour.
     """
-    levels = (np.asarray(thresholds, dtype=np.float64) * int(quantized.max())).astype(np.int64)
+    levels = (check_thresholds(thresholds) * int(quantized.max())).astype(np.int64)
     # A uint8 map has at most 256 levels: the 1,000 thresholds of a 0.001 grid share their contour passes.
     unique, inverse = np.unique(levels, return_inverse=True)
     if len(unique) == len(levels):
@@ -287,7 +316,7 @@ def _boxes_over_levels(quantized: np.ndarray, levels: np.ndarray) -> ThresholdBo
 
 def upsample_scoremap(grid_map: np.ndarray, frame_size: Sequence[int]) -> np.ndarray:
     """A (h, w) map -> min-max normalized (H, W) float32 map, bicubic, as wsolevaluation's CAM computer."""
-    height, width = int(frame_size[0]), int(frame_size[1])
+    height, width = check_frame_size(frame_size)
     check_scoremap(grid_map, normalized=False)
     resized = cv2.resize(np.asarray(grid_map, dtype=np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
     return normalize_scoremap(resized)
@@ -297,7 +326,9 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
     "FINE_THRESHOLDS",
     "LocalizationInputError",
+    "check_frame_size",
     "check_scoremap",
+    "check_thresholds",
     "check_boxes",
     "normalize_scoremap",
     "quantize_scoremap",

@@ -21,7 +21,9 @@ from localization import (
     ThresholdBoxes,
     boxes_over_thresholds,
     check_boxes,
+    check_frame_size,
     check_scoremap,
+    check_thresholds,
     quantize_scoremap,
     scoremap_to_boxes,
     upsample_scoremap,
@@ -73,10 +75,22 @@ def pairwise_iobb(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.divide(inter, area, out=np.zeros_like(inter), where=area > 0)
 
 
+# Outline points per side at most: exact (one per unit step) for any side up to this many pixels, evenly
+# spaced beyond it, so that one huge box costs milliseconds, not minutes (a 1e7-pixel side took 108 s).
+MAX_OUTLINE_POINTS = 4096
+
+
+def _side(start: int, stop: int) -> np.ndarray:
+    if stop - start + 1 <= MAX_OUTLINE_POINTS:
+        return np.arange(start, stop + 1)
+    return np.unique(np.round(np.linspace(start, stop, MAX_OUTLINE_POINTS)).astype(np.int64))
+
+
 def box_outline(box: np.ndarray) -> np.ndarray:
-    """Integer points on the outline of an inclusive box, one per unit step."""
-    x0, y0, x1, y1 = (int(round(v)) for v in np.asarray(box).reshape(4))
-    xs, ys = np.arange(x0, x1 + 1), np.arange(y0, y1 + 1)
+    """Integer points on the outline of an inclusive box, one per unit step (sides longer than
+    `MAX_OUTLINE_POINTS` pixels: that many, evenly spaced, corners included)."""
+    x0, y0, x1, y1 = (int(round(v)) for v in check_boxes(box).reshape(-1)[:4])
+    xs, ys = _side(x0, x1), _side(y0, y1)
     top = np.stack([xs, np.full_like(xs, y0)], 1)
     bottom = np.stack([xs, np.full_like(xs, y1)], 1)
     left = np.stack([np.full_like(ys, x0), ys], 1)
@@ -100,11 +114,11 @@ def box_boundary_distances(predicted: np.ndarray, truth: np.ndarray, image_size:
 
     Returns pixels and the same divided by the image diagonal (`image_size` = (height, width)).
     """
+    diagonal = float(np.hypot(*check_frame_size(image_size)))
     a, b = box_outline(predicted), box_outline(truth)
     a_to_b, b_to_a = _distance_to_outline(a, truth), _distance_to_outline(b, predicted)
     hausdorff = float(max(a_to_b.max(), b_to_a.max()))
     average = float((a_to_b.sum() + b_to_a.sum()) / (len(a) + len(b)))
-    diagonal = float(np.hypot(*image_size))
     return {
         "hausdorff": hausdorff,
         "average_boundary_distance": average,
@@ -115,6 +129,9 @@ def box_boundary_distances(predicted: np.ndarray, truth: np.ndarray, image_size:
 
 def box_measures(predicted: np.ndarray, truth: np.ndarray, image_size: Sequence[int]) -> dict[str, float]:
     """IoU, GIoU, IoBB and the boundary distances of one predicted box against one ground-truth box."""
+    for name, box in (("predicted", predicted), ("truth", truth)):
+        if check_boxes(box).shape != (1, 4):
+            raise LocalizationInputError(f"box_measures takes one {name} box, got {np.shape(box)}")
     measures = {
         "iou": float(pairwise_iou(predicted, truth)[0, 0]),
         "giou": float(pairwise_giou(predicted, truth)[0, 0]),
@@ -149,6 +166,12 @@ def threshold_ious(
     return largest, multi, boxes
 
 
+def _check_delta(delta: float) -> float:
+    if not (isinstance(delta, (int, float, np.floating)) and 0 <= float(delta) <= 1):
+        raise LocalizationInputError(f"an IoU threshold delta must be a number in [0, 1], got {delta!r}")
+    return float(delta)
+
+
 @dataclass
 class LocalizationScores:
     """Per image and threshold: best IoU of the largest-contour box and of any contour box.
@@ -172,9 +195,11 @@ class LocalizationScores:
     ) -> LocalizationScores:
         """Score normalized maps (in the frame of their boxes). `workers` > 1 spreads images over
         threads (OpenCV releases the GIL while tracing contours)."""
-        thresholds = np.asarray(thresholds, dtype=np.float64)
+        thresholds = check_thresholds(thresholds, increasing=True)
         if len(scoremaps) != len(gt_boxes):
             raise LocalizationInputError(f"{len(scoremaps)} score maps for {len(gt_boxes)} images' boxes")
+        if correct_class is not None and len(correct_class) != len(scoremaps):
+            raise LocalizationInputError(f"{len(correct_class)} correct_class flags for {len(scoremaps)} score maps")
         for index, (scoremap, boxes) in enumerate(zip(scoremaps, gt_boxes)):
             check_scoremap(scoremap, index)
             check_boxes(boxes, index)
@@ -205,6 +230,9 @@ class LocalizationScores:
         thresholds=DEFAULT_THRESHOLDS,
     ) -> LocalizationScores:
         """A baseline that predicts the same box at every threshold (full image, a prior box)."""
+        thresholds = check_thresholds(thresholds, increasing=True)
+        if len(boxes) != len(gt_boxes) or (correct_class is not None and len(correct_class) != len(boxes)):
+            raise LocalizationInputError(f"{len(boxes)} boxes for {len(gt_boxes)} images' ground truth")
         for index, (box, truth) in enumerate(zip(boxes, gt_boxes)):
             check_boxes(box, index)
             check_boxes(truth, index)
@@ -215,13 +243,14 @@ class LocalizationScores:
 
     def box_acc(self, delta: float = 0.5, multi_contour: bool = False) -> np.ndarray:
         """BoxAcc(tau, delta) in percent for every threshold tau: images whose box reaches IoU >= delta."""
+        _check_delta(delta)
         ious = self.multi_iou if multi_contour else self.largest_iou
         # count * 100 / N, the reference's formula, so results are bit-identical to it.
         return (ious >= delta).sum(axis=0) * 100.0 / len(ious)
 
     def top1_loc(self, delta: float = 0.5) -> np.ndarray:
         """Per threshold: percent of images with the right class and IoU >= delta (largest contour)."""
-        hits = (self.largest_iou >= delta) & self.correct_class[:, None]
+        hits = (self.largest_iou >= _check_delta(delta)) & self.correct_class[:, None]
         return hits.sum(axis=0) * 100.0 / len(hits)
 
     def oracle(self) -> dict[str, float]:
@@ -286,7 +315,12 @@ def pixel_histograms(
     ([0, t1), ..., [t_last, 1), [1, 2), [2, 3), wsolevaluation's mask evaluator): two (N, bins) arrays.
     `ignore_masks` (per image, boolean (H, W) or None) marks pixels counted neither as foreground nor as
     background; as in the reference, foreground pixels are taken out of the ignore region (they count)."""
-    edges = np.append(np.asarray(thresholds, dtype=np.float64), [1.0, 2.0, 3.0])
+    bins = check_thresholds(thresholds, increasing=True)
+    if bins[-1] >= 1:
+        raise LocalizationInputError("PxAP thresholds must lie below 1 (the last bins are [t, 1), [1, 2), [2, 3))")
+    edges = np.append(bins, [1.0, 2.0, 3.0])
+    if len(gt_boxes) != len(scoremaps) or (ignore_masks is not None and len(ignore_masks) != len(scoremaps)):
+        raise LocalizationInputError(f"{len(scoremaps)} score maps for {len(gt_boxes)} images' boxes (or masks)")
     positive = np.zeros((len(scoremaps), len(edges) - 1))
     negative = np.zeros((len(scoremaps), len(edges) - 1))
     ignores = ignore_masks if ignore_masks is not None else [None] * len(scoremaps)
@@ -295,7 +329,9 @@ def pixel_histograms(
         mask = boxes_to_mask(check_boxes(boxes, index), scoremap.shape)
         ignored = np.zeros(scoremap.shape, dtype=bool) if ignore is None else np.asarray(ignore, dtype=bool)
         if ignored.shape != scoremap.shape:
-            raise ValueError(f"ignore mask of shape {ignored.shape} does not match the score map's {scoremap.shape}")
+            raise LocalizationInputError(
+                f"image {index}: ignore mask of shape {ignored.shape} does not match the score map's {scoremap.shape}"
+            )
         keep = ~(ignored & ~mask)
         positive[index] = np.histogram(scoremap[mask & keep], bins=edges)[0]
         negative[index] = np.histogram(scoremap[~mask & keep], bins=edges)[0]
@@ -368,6 +404,18 @@ def cxr_protocol(
     with no ground-truth box of its image is a false positive; AFP is their number per image that has
     the finding. Returns {finding: {"iobb@T": {"accuracy", "afp"}, "iou@T": {...}}}.
     """
+    if not len(predicted_boxes) == len(gt_boxes) == len(gt_findings):
+        raise LocalizationInputError(
+            f"{len(predicted_boxes)} predicted, {len(gt_boxes)} ground-truth and {len(gt_findings)} finding lists"
+        )
+    for index, (truth, names) in enumerate(zip(gt_boxes, gt_findings)):
+        count = len(check_boxes(truth, index, allow_empty=True))
+        if count != len(names):
+            raise LocalizationInputError(f"image {index}: {count} boxes, {len(names)} findings")
+    for index, predicted in enumerate(predicted_boxes):
+        check_boxes(predicted, index, allow_empty=True)
+    for level in (*iobb_thresholds, *iou_thresholds):
+        check_thresholds(level)
     findings = sorted({f for fs in gt_findings for f in fs})
     results: dict[str, dict[str, dict[str, float]]] = {}
     for finding in findings:
@@ -396,6 +444,37 @@ def cxr_protocol(
     return results
 
 
+class ClassificationInputError(ValueError):
+    """Labels or probabilities the classification metrics cannot score; the message says which and why."""
+
+
+def check_classification_inputs(labels: Sequence[int], probabilities: np.ndarray,
+                                num_classes: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Integer labels in [0, num_classes) and finite (N, num_classes) probabilities, one row per label."""
+    try:
+        raw = np.asarray(labels)
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ClassificationInputError(f"labels and probabilities must be numbers: {error}") from error
+    whole = raw.dtype.kind in "iub" or (
+        raw.dtype.kind == "f" and bool(np.isfinite(raw).all()) and bool((raw == np.round(raw)).all())
+    )
+    if raw.ndim != 1 or not whole:
+        raise ClassificationInputError(f"labels must be 1-D class indices, got dtype {raw.dtype}, shape {raw.shape}")
+    labels = raw.astype(np.int64)
+    if probabilities.shape != (len(labels), num_classes):
+        raise ClassificationInputError(
+            f"probabilities of shape {probabilities.shape} for {len(labels)} labels and {num_classes} classes"
+        )
+    if len(labels) == 0:
+        raise ClassificationInputError("no labels to score")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ClassificationInputError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+    if not np.isfinite(probabilities).all():
+        raise ClassificationInputError("probabilities hold NaN or infinite values")
+    return labels, probabilities
+
+
 def classification_metrics(labels: Sequence[int], probabilities: np.ndarray, class_names: Sequence[str]) -> dict:
     """Accuracy, balanced accuracy, per-class precision/recall/F1, macro F1, one-vs-rest ROC-AUC,
     confusion matrix (rows: truth, columns: prediction)."""
@@ -403,8 +482,7 @@ def classification_metrics(labels: Sequence[int], probabilities: np.ndarray, cla
         from sklearn import metrics as skm
     except ImportError as error:
         raise ImportError("classification_metrics needs scikit-learn: pip install scikit-learn") from error
-    labels = np.asarray(labels, dtype=np.int64)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels, probabilities = check_classification_inputs(labels, probabilities, len(class_names))
     predictions = probabilities.argmax(axis=1)
     classes = list(range(len(class_names)))
     precision, recall, f1, support = skm.precision_recall_fscore_support(

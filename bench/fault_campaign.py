@@ -31,7 +31,7 @@ import torch
 
 from image_processing_cxr import CXRImageError, CXRImageProcessor
 from localization import LocalizationInputError
-from wsol_metrics import LocalizationScores, pixel_average_precision
+from wsol_metrics import ClassificationInputError, LocalizationScores, pixel_average_precision
 
 OUTCOMES = ("handled", "typed_error", "other_exception", "silent_wrong")
 
@@ -196,6 +196,62 @@ def metric_cases():
     yield (lambda: LocalizationScores.from_maps([good_map], [good_box]).oracle()["MaxBoxAcc"]), False
 
 
+def metric_argument_cases():
+    """Bad arguments to the metrics and the post-processing (issue 22): thresholds, deltas, counts that do not
+    match, zero-size geometry, NaN logits and maps, labels out of range."""
+    from wsol_metrics import box_measures, classification_metrics, cxr_protocol
+
+    rng = np.random.default_rng(1)
+    maps = [rng.random((32, 32)).astype(np.float32) for _ in range(2)]
+    boxes = [np.array([[2.0, 2.0, 20.0, 20.0]])] * 2
+    for thresholds in ([], [0.5, 0.2], [np.nan], [-0.1, 0.5], [0.5, 1.5], ["abc"], [0.2, 0.2]):
+        yield (lambda t=thresholds: LocalizationScores.from_maps(maps, boxes, thresholds=t).oracle()["MaxBoxAcc"]), True
+        yield (lambda t=thresholds: pixel_average_precision(maps, boxes, thresholds=t)), True
+    yield (lambda: pixel_average_precision(maps, boxes, thresholds=[0.5, 1.0])), True
+    scores = LocalizationScores.from_maps(maps, boxes)
+    for delta in (-0.1, 1.5, np.nan):
+        yield (lambda d=delta: scores.box_acc(d)), True
+        yield (lambda d=delta: scores.top1_loc(d)), True
+    yield (lambda: LocalizationScores.from_maps(maps, boxes, correct_class=[True]).top1_loc()), True
+    yield (lambda: LocalizationScores.from_fixed_boxes(boxes[:1], boxes).box_acc()), True
+    yield (lambda: pixel_average_precision(maps, boxes[:1])), True
+    for size in ((0, 0), (np.nan, 32), (-5, 32), (32.5, 32)):
+        yield (lambda z=size: list(box_measures(boxes[0], boxes[0], z).values())), True
+    yield (lambda: list(box_measures(np.array([[9.0, 9, 2, 2]]), boxes[0], (32, 32)).values())), True
+    yield (lambda: list(box_measures(np.concatenate(boxes), boxes[0], (32, 32)).values())), True
+    yield (lambda: list(box_measures(boxes[0], boxes[0], (32, 32)).values())), False
+    yield (lambda: cxr_protocol(boxes, [np.concatenate(boxes), boxes[1]], [["Mass"], ["Mass"]]) and None), True
+    yield (lambda: cxr_protocol(boxes, boxes[:1], [["Mass"]]) and None), True
+    yield (lambda: cxr_protocol(boxes, boxes, [["Mass"], ["Mass"]]) and None), False
+    probabilities = np.full((4, 3), 1 / 3)
+    bad_classification = [
+        ([0, 1, 2, 5], probabilities), ([0, 1, 2, -1], probabilities), ([0, 1, 2, 0.5], probabilities),
+        ([0, 1, 2, 0], np.full((4, 3), np.nan)), ([0, 1, 2], probabilities), ([], np.zeros((0, 3))),
+    ]  # fmt: skip
+    for labels, probs in bad_classification:
+        yield (lambda y=labels, q=probs: classification_metrics(y, q, ["a", "b", "c"])["accuracy"]), True
+    yield (lambda: classification_metrics([0, 1, 2, 0], probabilities, ["a", "b", "c"])["accuracy"]), False
+    processor = CXRImageProcessor(size={"height": 32, "width": 32})
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    grid = torch.rand(1, 3, 4, 4)
+    good = [[32, 32, 32, 32, 0, 0, 32, 32]]
+
+    def post(out_logits=logits, out_maps=grid, geometry=good, **kwargs):
+        outputs = {"logits": out_logits, "localization_maps": out_maps}
+        return processor.post_process_localization(outputs, geometry=geometry, **kwargs)[0]["heatmap"]
+
+    bad_post = [
+        {"out_logits": torch.full((1, 3), float("nan"))}, {"out_maps": torch.full((1, 3, 4, 4), float("nan"))},
+        {"labels": [7]}, {"labels": [-1]}, {"threshold": float("nan")}, {"threshold": 2.0},
+        {"geometry": [[0, 0, 0, 0, 0, 0, 32, 32]]}, {"geometry": [[32, 32, 32, 32, 10, 0, 32, 32]]},
+        {"geometry": [[32, 32, 32, 32, 0, 0, 32, 32.5]]},
+    ]  # fmt: skip
+    for kwargs in bad_post:
+        yield (lambda k=kwargs: post(**k)), True
+    yield (lambda: post()), False
+    yield (lambda: post(geometry=torch.tensor(good))), False
+
+
 CLI_MISTAKES = [
     ["--learning_rate", "-1"], ["--learning_rate", "nan"], ["--max_grad_norm", "-1"],
     ["--early_stopping_patience", "-1"], ["--class_weights", "nan,1,1"], ["--class_weights", "0,0,0"],
@@ -235,6 +291,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ("mutated_dicoms", lambda: mutated_dicom_cases(rng, processor, args.mutations), typed_image),
         ("image_files", lambda: image_file_cases(rng, processor, args.mutations), typed_image),
         ("metric_inputs", metric_cases, (LocalizationInputError,)),
+        ("metric_arguments", metric_argument_cases, (LocalizationInputError, ClassificationInputError)),
         ("cli_mistakes", lambda: cli_cases(Path(tempfile.mkdtemp())), ()),
     ]
     rows = []

@@ -402,3 +402,36 @@ def test_nih_images_with_one_name_in_two_folders(tmp_path):
     Image.fromarray(np.full((8, 8), 9, np.uint8)).save(tmp_path / "images_002/images/a.png")
     with pytest.raises(nih.NIHMetadataError, match=r"two different files named a.png"):
         nih.index_images(tmp_path)
+
+
+def _campaign():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "fault_campaign.py"
+    spec = importlib.util.spec_from_file_location("fault_campaign", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bad_metric_and_post_processing_arguments_raise_typed_errors():
+    """Before: 15 untyped crashes and 32 silent results out of 52 cases (bench/RESULTS.md)."""
+    from localization import LocalizationInputError
+    from wsol_metrics import ClassificationInputError
+
+    campaign = _campaign()
+    row = campaign.tally("metric_arguments", campaign.metric_argument_cases(),
+                         (LocalizationInputError, ClassificationInputError))  # fmt: skip
+    assert row["other_exception"] == 0 and row["silent_wrong"] == 0, row["examples"]
+    assert row["handled"] == 5 and row["typed_error"] == row["tried"] - 5
+
+
+def test_a_huge_box_is_measured_on_a_bounded_outline():
+    from wsol_metrics import MAX_OUTLINE_POINTS, box_measures, box_outline
+
+    huge = np.array([[0.0, 0.0, 1e7, 10.0]])
+    assert len(box_outline(huge)) <= 4 * MAX_OUTLINE_POINTS
+    measures = box_measures(huge, np.array([[0.0, 0.0, 1e7, 20.0]]), (10, int(1e7) + 1))
+    assert measures["hausdorff"] == pytest.approx(10.0)  # the far sides are 10 pixels apart everywhere
+    # Up to MAX_OUTLINE_POINTS per side the outline is exact: one point per unit step.
+    assert len(box_outline(np.array([[0.0, 0.0, 99.0, 49.0]]))) == 2 * 100 + 2 * 50 - 4
