@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import json
 import logging
 import shutil
@@ -121,7 +122,8 @@ def save_checkpoint(
 
                 save_file(best_weights, str(partial / BEST_WEIGHTS_FILE))
             (partial / "train_state.json").write_text(json.dumps(asdict(state)))
-            (partial / COMPLETE_MARKER).write_text("ok\n")
+            # The marker holds every file's SHA-256: a resume verifies them before trusting the folder.
+            (partial / COMPLETE_MARKER).write_text(json.dumps(folder_checksums(partial), indent=1))
     except (OSError, RuntimeError) as error:
         free = shutil.disk_usage(partial.parent).free / 2**20 if partial.parent.exists() else float("nan")
         if accelerator.is_main_process:
@@ -211,6 +213,43 @@ def load_checkpoint(accelerator: Any, checkpoint: Path) -> tuple[TrainState, Opt
     return state, load_file(str(best))
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_checksums(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under `folder` but the completion marker, by relative path."""
+    return {
+        str(path.relative_to(folder)): file_sha256(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != COMPLETE_MARKER
+    }
+
+
+def checkpoint_damage(checkpoint: Path) -> Optional[str]:
+    """None when every file of `checkpoint` matches the checksums its marker recorded, else what is wrong.
+    Markers written before checksums existed ("ok") cannot be verified and are accepted."""
+    try:
+        recorded = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        marker = checkpoint / COMPLETE_MARKER
+        legacy = marker.is_file() and marker.read_bytes().strip() == b"ok"
+        return None if legacy else f"{marker} is unreadable"
+    if not isinstance(recorded, dict):
+        return f"{checkpoint / COMPLETE_MARKER} is not a checksum list"
+    for name, expected in recorded.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if file_sha256(path) != expected:
+            return f"{path} does not match its recorded SHA-256 (flipped or truncated bytes)"
+    return None
+
+
 def checkpoint_step(path: Path) -> int:
     return int(path.name[len(CHECKPOINT_PREFIX) :])
 
@@ -234,8 +273,16 @@ def resolve_checkpoint(args: argparse.Namespace) -> Optional[Path]:
                 )
             logger.warning("no complete checkpoint in %s; starting from scratch", args.output_dir)
             return None
-        return done[-1]
+        for candidate in reversed(done):
+            damage = checkpoint_damage(candidate)
+            if damage is None:
+                return candidate
+            logger.warning("checkpoint %s is damaged (%s); falling back to the one before it", candidate.name, damage)
+        cli_error(f"every checkpoint in {output_dir / 'checkpoints'} is damaged; nothing to resume from")
     path = Path(args.resume_from_checkpoint)
     if not (path / COMPLETE_MARKER).is_file():
         cli_error(f"{path} is not a complete checkpoint")
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        cli_error(f"checkpoint {path} is damaged: {damage}; resume from another one (or 'latest')")
     return path

@@ -146,6 +146,32 @@ def test_resume_from_an_older_checkpoint_with_a_limit(tmp_path):
     assert wsol_checkpoints.resolve_checkpoint(latest).name == "step_6"
 
 
+def test_a_damaged_checkpoint_is_never_resumed(tmp_path, capsys, caplog):
+    output = tmp_path / "run"
+    common = [*TINY, "--checkpointing_steps", "2", "--do_eval", "false", "--max_train_steps", "4",
+              "--output_dir", str(output)]  # fmt: skip
+    run_wsol.main(common)
+    step_2, step_4 = wsol_checkpoints.completed_checkpoints(output)
+    assert wsol_checkpoints.checkpoint_damage(step_4) is None
+    weights = step_4 / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one flipped bit in the weights
+    weights.write_bytes(bytes(data))
+    assert "model.safetensors does not match" in wsol_checkpoints.checkpoint_damage(step_4)
+    latest = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(output))
+    with caplog.at_level("WARNING"):
+        assert wsol_checkpoints.resolve_checkpoint(latest) == step_2
+    assert "step_4 is damaged" in caplog.text and "falling back" in caplog.text
+    named = argparse.Namespace(resume_from_checkpoint=str(step_4), output_dir=str(output))
+    with pytest.raises(SystemExit) as raised:
+        wsol_checkpoints.resolve_checkpoint(named)
+    assert raised.value.code == 2 and "is damaged" in capsys.readouterr().err
+    (step_2 / "train_state.json").unlink()
+    with pytest.raises(SystemExit):
+        wsol_checkpoints.resolve_checkpoint(latest)
+    assert "every checkpoint" in capsys.readouterr().err
+
+
 def test_resume_with_changed_flags_is_refused(tmp_path, capsys):
     output = tmp_path / "run"
     common = [*TINY, "--checkpointing_steps", "2", "--do_eval", "false", "--max_train_steps", "4",
