@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,18 +99,80 @@ def _digest(*parts: Any) -> str:
     return digest.hexdigest()[:20]
 
 
+def _image_identity(image: dict[str, Any]) -> Any:
+    """What determines one image's pixels: its bytes when the dataset embeds them (hashed), else its file's
+    path, size and modification time (a replaced or rewritten file changes them; hashing 45 GB of NIH
+    images on every start would not be affordable)."""
+    if image.get("bytes"):
+        return hashlib.sha256(image["bytes"]).hexdigest()
+    path = image.get("path")
+    try:
+        status = os.stat(path)
+    except (OSError, TypeError):
+        return [path, None]
+    return [path, status.st_size, status.st_mtime_ns]
+
+
 def source_fingerprint(dataset: Any) -> str:
-    """Identity of a split's content: its ids, labels and boxes, and the code that made it (phantom
-    images are drawn by `cxr_phantoms.py`, so a change there must rebuild the cache)."""
+    """Identity of a split's content: its ids, labels and boxes, each image's content (`_image_identity`),
+    and the code that made it (phantom images are drawn by `cxr_phantoms.py`)."""
+    from datasets import Image as ImageFeature
+
     code = hashlib.sha256()
     for path in sorted((Path(__file__).parent / "datasets").rglob("*.py")):
         code.update(path.read_bytes())
     # Columns are lazy in datasets >= 4 and their repr is truncated: materialize them.
     boxes = [[list(box) for box in image_boxes] for image_boxes in dataset["boxes"]]
-    return _digest(list(dataset["image_id"]), list(dataset["label"]), boxes, code.hexdigest())
+    images = [_image_identity(image) for image in dataset.cast_column("image", ImageFeature(decode=False))["image"]]
+    return _digest(list(dataset["image_id"]), list(dataset["label"]), boxes, images, code.hexdigest())
 
 
-CACHE_VERSION = "pixels-geometry-error-v2"
+def processor_code_digest() -> str:
+    """SHA-256 of the preprocessing code: an edited processor must not reuse arrays the old one made."""
+    import image_processing_cxr
+
+    return hashlib.sha256(Path(image_processing_cxr.__file__).read_bytes()).hexdigest()
+
+
+def _cache_files(cache_file: Path) -> list[Path]:
+    """The Arrow file(s) `datasets` wrote for `cache_file` (one, or one per process with num_proc)."""
+    if cache_file.is_file():
+        return [cache_file]
+    return sorted(cache_file.parent.glob(f"{cache_file.stem}_*_of_*{cache_file.suffix}"))
+
+
+def _cache_digest(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _drop_unverified_cache(cache_file: Path) -> None:
+    """Delete a cache whose checksum is missing or wrong (flipped bytes, a write cut short), so that it is
+    rebuilt instead of training on whatever it now holds."""
+    files, sidecar = _cache_files(cache_file), cache_file.with_name(cache_file.name + ".sha256")
+    if not files:
+        sidecar.unlink(missing_ok=True)  # a checksum without its cache would condemn the next one
+        return
+    recorded = sidecar.read_text().strip() if sidecar.is_file() else None
+    if recorded == _cache_digest(files):
+        return
+    logger.warning("preprocessed cache %s %s; rebuilding it", cache_file.name,
+                   "has no checksum" if recorded is None else "does not match its checksum")  # fmt: skip
+    for path in [*files, sidecar]:
+        path.unlink(missing_ok=True)
+
+
+def _record_cache_checksum(cache_file: Path) -> None:
+    files, sidecar = _cache_files(cache_file), cache_file.with_name(cache_file.name + ".sha256")
+    if files and not sidecar.is_file():
+        sidecar.write_text(_cache_digest(files) + "\n")
+
+
+CACHE_VERSION = "pixels-geometry-error-v3"
 
 
 def cached_preprocess(
@@ -124,7 +187,7 @@ def cached_preprocess(
     from datasets import Image as ImageFeature
 
     # CACHE_VERSION: the cached columns' layout; a cache of another layout is never read back.
-    settings = _digest(processor.to_dict(), CACHE_VERSION)
+    settings = _digest(processor.to_dict(), CACHE_VERSION, processor_code_digest())
     fingerprint = f"{source_fingerprint(dataset)}-{settings}"
     height, width = processor.size["height"], processor.size["width"]
     features = Features(
@@ -155,7 +218,8 @@ def cached_preprocess(
     cache_file = str(cache_dir / f"{name}-{fingerprint}.arrow") if cache_dir else None
     if cache_dir:
         cache_dir.mkdir(parents=True, exist_ok=True)
-    return dataset.cast_column("image", ImageFeature(decode=False)).map(
+        _drop_unverified_cache(Path(cache_file))
+    processed = dataset.cast_column("image", ImageFeature(decode=False)).map(
         process,
         batched=True,
         batch_size=32,
@@ -167,6 +231,9 @@ def cached_preprocess(
         new_fingerprint=fingerprint,
         desc=f"preprocessing {name}",
     )
+    if cache_dir:
+        _record_cache_checksum(Path(cache_file))
+    return processed
 
 
 def prepare_split(

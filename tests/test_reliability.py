@@ -461,3 +461,57 @@ def test_a_huge_box_is_measured_on_a_bounded_outline():
     assert measures["hausdorff"] == pytest.approx(10.0)  # the far sides are 10 pixels apart everywhere
     # Up to MAX_OUTLINE_POINTS per side the outline is exact: one point per unit step.
     assert len(box_outline(np.array([[0.0, 0.0, 99.0, 49.0]]))) == 2 * 100 + 2 * 50 - 4
+
+
+def _path_dataset(folder: Path, count: int = 4):
+    from cxr_data import records_to_dataset
+
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for index in range(count):
+        path = folder / f"img{index}.png"
+        Image.fromarray((rng.random((48, 48)) * 255).astype(np.uint8)).save(path)
+        records.append({"image": {"path": str(path), "bytes": None}, "label": index % 3, "boxes": [],
+                        "findings": [], "image_id": f"img{index}", "patient_id": str(index), "age": 40,
+                        "sex": "F", "view": "PA"})  # fmt: skip
+    return records_to_dataset(records)
+
+
+def test_the_preprocessed_cache_is_verified_and_keyed_on_content_and_code(tmp_path, monkeypatch, caplog):
+    import wsol_data
+
+    processor = image_processing_cxr.CXRImageProcessor(size={"height": 32, "width": 32})
+    cache = tmp_path / "cache"
+    dataset = _path_dataset(tmp_path / "images")
+    first = wsol_data.prepare_split("train", dataset, processor, None, cache).pixels.clone()
+    (arrow,) = cache.glob("train-*.arrow")
+    assert (arrow.parent / (arrow.name + ".sha256")).is_file()
+    # Flipped bytes in the cache: detected, rebuilt, the same arrays as before.
+    data = bytearray(arrow.read_bytes())
+    data[-200] ^= 0xFF
+    arrow.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        again = wsol_data.prepare_split("train", dataset, processor, None, cache).pixels
+    assert "does not match its checksum" in caplog.text
+    assert torch_equal(again, first)
+    # An image replaced on disk under the same name: a new cache, not the old arrays.
+    replacement = np.random.default_rng(9).random((48, 48)) * 255
+    Image.fromarray(replacement.astype(np.uint8)).save(tmp_path / "images" / "img1.png")
+    changed = wsol_data.prepare_split("train", _reloaded(dataset), processor, None, cache).pixels
+    assert not torch_equal(changed[1], first[1]) and torch_equal(changed[0], first[0])
+    # Edited preprocessing code: a new cache file.
+    before = set(cache.glob("train-*.arrow"))
+    monkeypatch.setattr(wsol_data, "processor_code_digest", lambda: "edited")
+    wsol_data.prepare_split("train", dataset, processor, None, cache)
+    assert len(set(cache.glob("train-*.arrow")) - before) == 1
+
+
+def _reloaded(dataset):
+    return dataset.select(range(len(dataset)))
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
