@@ -813,6 +813,15 @@ class CXRImageProcessor(BaseImageProcessor):
             raise ValueError(f"{len(rows)} geometry rows for {batch} images")
         return rows
 
+    @staticmethod
+    def heatmap_boxes(
+        heatmap: np.ndarray, threshold: float, multi_contour: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The boxes `post_process_localization` gives for a heatmap it returned, at another threshold: (K, 4)
+        int64 inclusive xyxy and their (K,) mean heatmap values. A viewer that keeps the heatmap redraws boxes
+        with this alone, without warping the map to the original pixels again."""
+        return boxes_with_scores(heatmap, float(check_thresholds(threshold)[0]), multi_contour)
+
     def post_process_localization(
         self,
         outputs: Any,
@@ -871,7 +880,7 @@ class CXRImageProcessor(BaseImageProcessor):
             if not torch.isfinite(maps[i, label]).all():
                 raise LocalizationInputError(f"image {i}: the {key} map holds NaN or infinite values")
             heatmap = self.heatmap_to_original(maps[i, label].numpy(), rows[i])
-            boxes, box_scores = boxes_with_scores(heatmap, tau, multi_contour)
+            boxes, box_scores = self.heatmap_boxes(heatmap, tau, multi_contour)
             results.append(
                 {
                     "label": label,

@@ -6,19 +6,24 @@
 The model and processor load exactly as a Hub user loads them (`trust_remote_code=True`). Each uploaded
 file (DICOM, PNG, JPEG) goes file -> processor -> model once; the threshold slider and the map toggle
 (F0⊙S0, F0, S0) only redo the post-processing (`post_process_localization`) on the kept outputs. A file the
-processor cannot read is named with the reason; nothing else is lost and no stack trace reaches the page.
+processor cannot read is named with the reason (its name only, never a server path); nothing else is lost
+and no stack trace reaches the page. Two uploads with one name are told apart ("name (2)"). Each image's
+heatmap in original pixels is computed once per map and kept, so a slider move only redraws boxes.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,18 +41,52 @@ MAPS = {
     "F₀ (attention)": "attention_maps",
 }
 FILE_TYPES = [".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff"]
+# A page, not a batch service: a radiograph is 5-60 MB; larger files and longer lists are refused by name.
+MAX_UPLOAD_MB = 200
+MAX_FILES = 16
+# Result JSONs the app keeps on disk (oldest deleted first); the folder goes when the app exits.
+KEPT_RESULTS = 64
+
+
+def _scratch_folder(prefix: str) -> Path:
+    """A temporary folder removed when the process exits."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def unique_labels(names: list[str]) -> list[str]:
+    """Names made unique in upload order ("a.png", "a.png (2)"): the image selector goes by label, and two
+    files with one name must never show each other's result."""
+    seen: dict[str, int] = {}
+    labels = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        labels.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return labels
+
+
+def _without_paths(message: str, path: str) -> str:
+    """An error message with the server's folders taken out: the page shows file names only."""
+    name = Path(path).name
+    for text in (path, os.path.abspath(path), str(Path(path).parent)):
+        message = message.replace(text, name if text != str(Path(path).parent) else "")
+    return message.replace(tempfile.gettempdir(), "")
 
 
 @dataclass
 class ImageResult:
     """What one uploaded image keeps between redraws: the model ran once."""
 
-    name: str
+    name: str  # unique among the uploads shown together (`unique_labels`)
     image: np.ndarray  # the decoded radiograph, original pixels
     geometry: np.ndarray  # (8,) the processor's geometry row
     logits: np.ndarray  # (C,)
     probabilities: np.ndarray  # (C,) calibrated: softmax(logits / the model's temperature)
     maps: dict[str, np.ndarray]  # output name -> (C, h, w)
+    # output name -> `post_process_localization`'s result at original size, filled on first use: the heatmap
+    # does not depend on the threshold, so it is warped once per map, not on every slider move.
+    localized: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Predictor:
@@ -67,36 +106,44 @@ class Predictor:
         """Run every readable file through processor and model; return the results and one message per
         unreadable file."""
         results, errors = [], []
-        for path in paths:
-            name = Path(path).name
+        if len(paths) > MAX_FILES:
+            errors.append(f"{len(paths)} files: only the first {MAX_FILES} are read (upload the rest separately)")
+            paths = paths[:MAX_FILES]
+        for path, label in zip(paths, unique_labels([Path(p).name for p in paths])):
             try:
+                size_mb = os.path.getsize(path) / 2**20
+                if size_mb > MAX_UPLOAD_MB:
+                    raise ValueError(f"{size_mb:.0f} MB, more than the demo's {MAX_UPLOAD_MB} MB limit")
                 found = self.detector(path, return_maps=True)
                 image = self.processor.decode(path)
             except Exception as error:  # any failure on one file is that file's message, not the page's
-                errors.append(f"**{name}** could not be read: {error}")
-                logger.info("rejected %s: %s", name, error)
+                errors.append(f"**{label}** could not be read: {_without_paths(str(error), path)}")
+                logger.info("rejected %s: %s", label, error)
                 continue
             probabilities = np.array([found["scores"][self.id2label[i]] for i in range(len(self.id2label))], np.float32)
-            results.append(ImageResult(name, image, found["geometry"], found["logits"], probabilities, found["maps"]))
+            results.append(ImageResult(label, image, found["geometry"], found["logits"], probabilities, found["maps"]))
         return results, errors
 
     def post_process(self, result: ImageResult, map_name: str, threshold: float) -> tuple[dict[str, Any], dict]:
         """One kept result with a map and a threshold -> its JSON record and `post_process_localization`'s
         output (heatmap and boxes in original pixels)."""
         key = MAPS[map_name]
-        outputs = {
-            "logits": torch.from_numpy(result.logits)[None],
-            "probabilities": torch.from_numpy(result.probabilities)[None],
-            key: torch.from_numpy(result.maps[key])[None],
-        }
-        post = self.processor.post_process_localization(
-            outputs,
-            geometry=result.geometry[None],
-            threshold=threshold,
-            multi_contour=True,
-            id2label=self.id2label,
-            localization_map=key,
-        )[0]
+        if key not in result.localized:
+            outputs = {
+                "logits": torch.from_numpy(result.logits)[None],
+                "probabilities": torch.from_numpy(result.probabilities)[None],
+                key: torch.from_numpy(result.maps[key])[None],
+            }
+            result.localized[key] = self.processor.post_process_localization(
+                outputs,
+                geometry=result.geometry[None],
+                threshold=threshold,
+                multi_contour=True,
+                id2label=self.id2label,
+                localization_map=key,
+            )[0]
+        post = dict(result.localized[key])
+        post["boxes"], post["box_scores"] = self.processor.heatmap_boxes(post["heatmap"], threshold, multi_contour=True)
         probabilities = result.probabilities.tolist()
         record = {
             "file": result.name,
@@ -177,6 +224,16 @@ def _callbacks(predictor: Optional[Predictor], status: str) -> tuple[Callable, C
     or the shown image only post-processes the kept results again."""
     import gradio as gr
 
+    results_folder = _scratch_folder("deit_scm_results_")
+
+    def write_result(records: list[dict]) -> str:
+        path = results_folder / f"result-{uuid.uuid4().hex[:12]}.json"
+        path.write_text(json.dumps(records, indent=2))
+        kept = sorted(results_folder.glob("result-*.json"), key=lambda p: p.stat().st_mtime_ns)
+        for old in kept[:-KEPT_RESULTS]:
+            old.unlink(missing_ok=True)
+        return str(path)
+
     def show(results: list[ImageResult], selected: Optional[str], map_name: str, threshold: float, errors: list[str]):
         messages = "\n\n".join(errors)
         if not results:
@@ -187,11 +244,10 @@ def _callbacks(predictor: Optional[Predictor], status: str) -> tuple[Callable, C
         processed = [predictor.post_process(r, map_name, threshold) for r in results]
         record, post = processed[index]
         overlay = predictor.processor.overlay_heatmap(results[index].image, post["heatmap"], boxes=post["boxes"])
-        path = Path(tempfile.mkdtemp(prefix="deit_scm_result_")) / "result.json"
-        path.write_text(json.dumps([r for r, _ in processed], indent=2))
+        path = write_result([r for r, _ in processed])
         boxes = record["boxes"]
         summary = f"**{names[index]}**: {len(boxes)} box{'es' if len(boxes) != 1 else ''} at threshold {threshold:.2f}"
-        return record["probabilities"], overlay, summary, str(path), messages
+        return record["probabilities"], overlay, summary, path, messages
 
     def on_upload(files, map_name, threshold):
         started = time.perf_counter()
@@ -218,9 +274,10 @@ def build_demo(model: str = DEFAULT_MODEL, examples_dir: Optional[Path] = None) 
 
     predictor, status = load_predictor(model)
     threshold0 = float(predictor.processor.localization_threshold) if predictor else 0.5
-    examples_dir = examples_dir or Path(tempfile.mkdtemp(prefix="deit_scm_examples_"))
+    examples_dir = examples_dir or _scratch_folder("deit_scm_examples_")
     on_upload, on_redraw = _callbacks(predictor, status)
-    with gr.Blocks(title="DeiT-SCM chest X-ray localization") as demo:
+    # delete_cache: Gradio's copies of uploads and results older than an hour go, checked hourly.
+    with gr.Blocks(title="DeiT-SCM chest X-ray localization", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# DeiT-SCM: chest X-ray classification and weakly supervised localization\n"
             "Drop radiographs (DICOM, PNG, JPEG). The model gives Atelectasis / Other pathologies / No pathologies "
@@ -276,7 +333,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    build_demo(args.model).launch(server_name=args.host, server_port=args.port, show_error=False)
+    build_demo(args.model).launch(
+        server_name=args.host, server_port=args.port, show_error=False, max_file_size=f"{MAX_UPLOAD_MB}mb"
+    )
 
 
 if __name__ == "__main__":

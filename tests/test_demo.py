@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tiny_run import train_tiny
 
@@ -70,6 +71,55 @@ def test_bad_file_is_named_and_the_rest_kept(model_dir, files):
     results, errors = predictor.predict([str(files["corrupt"]), str(files["png"])])
     assert [r.name for r in results] == ["phantom_1024.png"]
     assert len(errors) == 1 and "corrupt.png" in errors[0] and "Traceback" not in errors[0]
+
+
+def test_two_uploads_with_one_name_are_told_apart(model_dir, files, tmp_path):
+    predictor, _ = app.load_predictor(str(model_dir))
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    twin = elsewhere / files["png"].name  # same name, another patient's image
+    image = np.asarray(Image.open(files["png"]))
+    Image.fromarray(np.ascontiguousarray(image[:, ::-1])).save(twin)
+    results, errors = predictor.predict([str(files["png"]), str(twin)])
+    assert errors == [] and [r.name for r in results] == ["phantom_1024.png", "phantom_1024.png (2)"]
+    on_upload, on_redraw = app._callbacks(predictor, "")
+    first = on_redraw(results, [], "phantom_1024.png", next(iter(app.MAPS)), 0.5)
+    second = on_redraw(results, [], "phantom_1024.png (2)", next(iter(app.MAPS)), 0.5)
+    assert "(2)" in second[2] and "(2)" not in first[2]
+    assert not np.array_equal(first[1], second[1])  # each selection shows its own image
+
+
+def test_a_slider_move_reuses_the_heatmaps(model_dir, files, monkeypatch):
+    predictor, _ = app.load_predictor(str(model_dir))
+    results, _ = predictor.predict([str(files["png"]), str(files["dicom"])])
+    calls = []
+    original = predictor.processor.post_process_localization
+    monkeypatch.setattr(predictor.processor, "post_process_localization",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))  # fmt: skip
+    map_name = next(iter(app.MAPS))
+    for threshold in (0.2, 0.5, 0.8):
+        views = [predictor.post_process(r, map_name, threshold)[0] for r in results]
+    assert len(calls) == 2  # one warp per image and map, none per threshold
+    # The kept heatmap gives the boxes the full post-processing gives at that threshold.
+    fresh = original({"logits": torch.from_numpy(results[1].logits)[None],
+                      "probabilities": torch.from_numpy(results[1].probabilities)[None],
+                      app.MAPS[map_name]: torch.from_numpy(results[1].maps[app.MAPS[map_name]])[None]},
+                     geometry=results[1].geometry[None], threshold=0.8, multi_contour=True,
+                     localization_map=app.MAPS[map_name])[0]  # fmt: skip
+    assert views[1]["boxes"] == fresh["boxes"].tolist()
+
+
+def test_errors_show_no_server_paths_and_big_files_are_refused(model_dir, files, tmp_path, monkeypatch):
+    predictor, _ = app.load_predictor(str(model_dir))
+    hidden = tmp_path / "server_side_folder"
+    hidden.mkdir()
+    bad = hidden / "scan.png"
+    bad.write_bytes(b"not an image at all")
+    monkeypatch.setattr(app, "MAX_UPLOAD_MB", 0.001)
+    results, errors = predictor.predict([str(bad), str(files["png"])])
+    assert results == [] and len(errors) == 2
+    assert all("server_side_folder" not in e and str(tmp_path) not in e for e in errors)
+    assert "scan.png" in errors[0] and "MB limit" in errors[1]
 
 
 def test_missing_model_says_how_to_make_one(tmp_path, monkeypatch):
