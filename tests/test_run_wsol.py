@@ -346,7 +346,10 @@ def test_preprocessing_cache_is_keyed_by_content_and_settings(tmp_path):
     assert subset.pixels.shape[0] == len(subset.labels) == 10
     changed = CXRImageProcessor(size={"height": 32, "width": 32}, do_clahe=False)
     rebuilt = wsol_data.prepare_split("train", dataset, changed, None, tmp_path, 1)
-    assert len(set(tmp_path.iterdir())) == len(files) + 2  # the subset's and the new setting's
+    caches = sorted(path.name for path in tmp_path.glob("*.arrow"))
+    assert len(caches) == 3  # the first, the subset's and the new setting's
+    # every cache carries the checksum that resume verifies before trusting it
+    assert sorted(path.name for path in tmp_path.glob("*.arrow.sha256")) == [f"{name}.sha256" for name in caches]
     assert not torch.equal(rebuilt.pixels, first.pixels)
 
 
