@@ -113,6 +113,58 @@ def test_bad_flags_are_one_line(capsys):
     assert raised.value.code == 2 and "objective" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_pretrain.main(["--image_size", "30", "--patch_size", "8"])
+    for flags in (["--objective", "dino", "--patch_cam_weight", "1"], ["--attention_guidance_weight", "-1"],
+                  ["--patch_cam_lse_r", "0"]):  # fmt: skip
+        with pytest.raises(SystemExit) as raised:
+            run_pretrain.main(flags)
+        assert raised.value.code == 2
+
+
+def test_patch_cam_and_guidance_terms_follow_their_formulas():
+    """The patch-CAM and guidance terms against the formulas written out here, on timm's own attention
+    weights (read from its unfused attention path), with the CAM target held fixed (no gradient)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    backbone = VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2, num_classes=3)
+    attention: list[torch.Tensor] = []
+    for block in backbone.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_hook(lambda module, inputs, output: attention.append(inputs[0]))
+    pixels = torch.randn(4, 3, 32, 32)
+    targets = torch.tensor([[1.0, 0, 1], [0, 0, 0], [0, 1, 0], [1, 1, 1]])
+    objective = run_pretrain.SupervisedObjective(backbone, patch_cam_weight=1.0, guidance_weight=0.5, lse_r=5.0)
+    objective.eval()
+    loss = objective(pixels, targets)
+    (head_gradient,) = torch.autograd.grad(loss, backbone.head.weight)
+
+    attention.clear()
+    tokens = backbone.forward_features(pixels)
+    patches = backbone.head(tokens[:, 1:])  # (B, N, K)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    pooled = (torch.logsumexp(5.0 * patches, dim=1) - np.log(patches.shape[1])) / 5.0
+    expected = bce(backbone.forward_head(tokens), targets) + bce(pooled, targets)
+    cam = (patches.detach().clamp_min(0) * targets[:, None]).sum(-1)  # image 1 has no finding: left out
+    keep = cam.sum(-1) > 0
+    assert keep.tolist() == [True, False, True, True]
+    cam = cam[keep] / cam[keep].sum(-1, keepdim=True)
+    cross_entropies = []
+    for weights in attention:  # (B, heads, T, T), one per layer
+        row = weights[:, :, 0, 1:].mean(dim=1)
+        row = row / row.sum(-1, keepdim=True)
+        cross_entropies.append(-(cam * row[keep].log()).sum(-1).mean())
+    expected = expected + 0.5 * torch.stack(cross_entropies).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head_gradient, torch.autograd.grad(expected, backbone.head.weight)[0])
+
+
+def test_guided_pretraining_smoke_run(tmp_path):
+    output = tmp_path / "guided"
+    run_pretrain.main([*TINY, "--patch_cam_weight", "1", "--attention_guidance_weight", "0.1",
+                       "--output_dir", str(output)])  # fmt: skip
+    results = json.loads((output / run_pretrain.RESULTS_FILE).read_text())
+    assert all(np.isfinite(e["loss"]) for e in results["history"])
+    assert _timm_model(output).head.out_features == 7
 
 
 def _png_bytes(split) -> set[bytes]:
