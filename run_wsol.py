@@ -33,9 +33,10 @@ from cxr_data import CLASS_NAMES
 from modeling_deit_scm import DeiTSCMForImageClassification
 from wsol_checkpoints import (
     TrainState,
-    check_resumed_settings,
     clear_run_outputs,
+    foreign_outputs,
     load_checkpoint,
+    load_model_folder,
     resolve_checkpoint,
     run_settings,
     save_checkpoint,
@@ -46,7 +47,6 @@ from wsol_data import (
     PreparedSplit,
     augment_batch,
     build_processor,
-    cli_error,
     make_loader,
     prepare_all,
 )
@@ -273,6 +273,14 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     validate_model_flags(args, parser)
     validate_numbers(args, parser)
     output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output_dir {output} is a file, not a folder")
+    foreign = foreign_outputs(output)
+    if foreign and (args.do_train or args.push_to_hub):
+        parser.error(
+            f"--output_dir {output} holds {', '.join(p.name for p in foreign)}, which no run wrote and a run "
+            "would write over; choose another --output_dir"
+        )
     fresh = not (args.overwrite_output_dir or args.resume_from_checkpoint)
     if args.do_train and fresh and ((output / "config.json").exists() or (output / "checkpoints").exists()):
         parser.error(
@@ -358,18 +366,8 @@ def config_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_model(args: argparse.Namespace, train_labels: torch.Tensor) -> DeiTSCMForImageClassification:
     if args.model_name_or_path:
-        # safetensors only: a model folder never needs pickle (a pytorch_model.bin alone is refused).
-        overrides = parse_overrides(args.config_overrides)
-        folder = Path(args.model_name_or_path)
-        if folder.is_dir() and not (folder / "model.safetensors").is_file():
-            pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
-            cli_error(
-                f"--model_name_or_path {folder} has no model.safetensors"
-                + (f" (only {', '.join(pickles)}: pickle files are never loaded)" if pickles else "")
-            )
-        model = DeiTSCMForImageClassification.from_pretrained(
-            args.model_name_or_path, use_safetensors=True, **overrides
-        )
+        model = load_model_folder(args.model_name_or_path, DeiTSCMForImageClassification,
+                                  parse_overrides(args.config_overrides))  # fmt: skip
     else:
         weights = class_weights_from(args, train_labels, SCM_VARIANTS[args.scm_variant]["class_weights"])
         config = DeiTSCMConfig.from_preset(
@@ -617,8 +615,7 @@ def resume_and_train(args, parts: Components, validation: PreparedSplit, output_
     state = TrainState()
     checkpoint = resolve_checkpoint(args)
     if checkpoint is not None:
-        state, parts.best_weights = load_checkpoint(parts.accelerator, checkpoint)
-        check_resumed_settings(state.settings, vars(args), checkpoint)
+        state, parts.best_weights = load_checkpoint(parts.accelerator, checkpoint, vars(args))
         logger.info("resumed from %s at step %d", checkpoint, state.global_step)
         if parts.accelerator.is_main_process:
             set_aside_later_checkpoints(output_dir, state.global_step)

@@ -34,6 +34,14 @@ RUN_OUTPUT_PATTERNS = (
     "metrics_plots", "heatmap_comparisons", "localization_samples", "checkpoints",
     "predictions", "problem_images_*.csv", "run_wsol",
 )  # fmt: skip
+# Inside the folders above, what a run writes; a user's file kept there survives an overwrite.
+RUN_FOLDER_PATTERNS = {
+    "checkpoints": (f"{CHECKPOINT_PREFIX}*", f"{ABANDONED_PREFIX}*"),
+    "run_wsol": ("*",),  # the trackers' own logs
+}
+RUN_FILE_SUFFIXES = (".png", ".jpg", ".json", ".jsonl", ".csv")
+# The model card's title line (wsol_outputs.model_card): a README.md without it is not a run's.
+MODEL_CARD_TITLE = "# DeiT-SCM ("
 
 
 @dataclass
@@ -175,6 +183,55 @@ def run_outputs(output_dir: Path) -> list[Path]:
     )
 
 
+def _json_field(path: Path, key: str) -> Any:
+    try:
+        return json.loads(path.read_text()).get(key)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+
+
+def written_by_a_run(entry: Path) -> bool:
+    """Whether a top-level entry whose name a run writes holds what a run wrote: a README.md, config.json,
+    preprocessor_config.json or code file of the same name as ours but not ours (a project's own files,
+    `--output_dir .` in a repository) is not, and must neither be deleted nor written over."""
+    if entry.name == "config.json":
+        return _json_field(entry, "model_type") == "deit_scm"
+    if entry.name == "preprocessor_config.json":
+        return _json_field(entry, "image_processor_type") == "CXRImageProcessor"
+    if entry.name == "README.md":
+        try:
+            return MODEL_CARD_TITLE in entry.read_text(errors="replace")
+        except OSError:
+            return False
+    if entry.suffix == ".py":  # the remote code saved beside a model of ours
+        return written_by_a_run(entry.parent / "config.json")
+    return True
+
+
+def foreign_outputs(output_dir: Path) -> list[Path]:
+    """Entries of `output_dir` a run would write over or delete that no run of ours wrote."""
+    return [entry for entry in run_outputs(output_dir) if entry.is_file() and not written_by_a_run(entry)]
+
+
+def _remove_run_folder(folder: Path) -> list[Path]:
+    """A run's folder emptied of what a run writes there; anything else (a user's notes) stays with the
+    folder. Returns what was kept."""
+    patterns = RUN_FOLDER_PATTERNS.get(folder.name)
+    for child in folder.iterdir():
+        ours = (any(fnmatch.fnmatchcase(child.name, p) for p in patterns) if patterns
+                else child.is_file() and child.suffix in RUN_FILE_SUFFIXES)  # fmt: skip
+        if not ours:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    kept = sorted(folder.iterdir())
+    if not kept:
+        folder.rmdir()
+    return kept
+
+
 def clear_run_outputs(output_dir: Path, keep: list[Path]) -> list[Path]:
     """--overwrite_output_dir: remove what an earlier run wrote in `output_dir`, nothing else. Refuses (one
     line, nothing deleted) when a path the new run reads (`keep`: the model to fine-tune, backbone
@@ -190,21 +247,36 @@ def clear_run_outputs(output_dir: Path, keep: list[Path]) -> list[Path]:
                 f"--overwrite_output_dir would delete {where}, which holds {path} that this run reads; "
                 "nothing was deleted: choose another --output_dir"
             )
+    foreign = foreign_outputs(output_dir)
+    if foreign:
+        cli_error(
+            f"--overwrite_output_dir would delete {', '.join(str(p) for p in foreign)}, which no run wrote; "
+            "nothing was deleted: choose another --output_dir"
+        )
+    kept: list[Path] = []
     for entry in entries:
         if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
+            kept += _remove_run_folder(entry)
         else:
             entry.unlink()
+    if kept:
+        logger.warning("--overwrite_output_dir kept what no run wrote: %s", ", ".join(map(str, kept)))
     if entries:
         logger.info("--overwrite_output_dir: removed %s from %s", ", ".join(e.name for e in entries), output_dir)
     return entries
 
 
-def load_checkpoint(accelerator: Any, checkpoint: Path) -> tuple[TrainState, Optional[dict[str, torch.Tensor]]]:
+def load_checkpoint(
+    accelerator: Any, checkpoint: Path, flags: Optional[dict[str, Any]] = None
+) -> tuple[TrainState, Optional[dict[str, torch.Tensor]]]:
     """What `save_checkpoint` wrote: Accelerate's state restored into `accelerator`, the run's `TrainState`,
-    and the best-epoch weights (present when early stopping is on, else None)."""
-    accelerator.load_state(str(checkpoint))
+    and the best-epoch weights (present when early stopping is on, else None). With `flags` (the current
+    run's), the recorded settings are checked first: a changed model shape is refused in one line, not
+    by a size mismatch deep in `load_state`."""
     state = TrainState(**json.loads((checkpoint / "train_state.json").read_text()))
+    if flags is not None:
+        check_resumed_settings(state.settings, flags, checkpoint)
+    accelerator.load_state(str(checkpoint))
     best = checkpoint / BEST_WEIGHTS_FILE
     if not best.is_file():
         return state, None
@@ -286,3 +358,32 @@ def resolve_checkpoint(args: argparse.Namespace) -> Optional[Path]:
     if damage is not None:
         cli_error(f"checkpoint {path} is damaged: {damage}; resume from another one (or 'latest')")
     return path
+
+
+def load_model_folder(source: str, model_class: Any, overrides: dict[str, Any]) -> Any:
+    """`--model_name_or_path`, safetensors only, loaded whole or refused in one line naming the folder and the
+    problem: a pickle-only folder, an unreadable config or weights file, weights of another shape, or weights
+    that leave parameters at their random initialisation (a missing head or position embedding would
+    predict without a word)."""
+    folder = Path(source)
+    if folder.is_dir() and not (folder / "model.safetensors").is_file():
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+        cli_error(
+            f"--model_name_or_path {folder} has no model.safetensors"
+            + (f" (only {', '.join(pickles)}: pickle files are never loaded)" if pickles else "")
+        )
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        cli_error(f"--model_name_or_path {folder} has no config.json")
+    try:
+        model, info = model_class.from_pretrained(
+            source, use_safetensors=True, output_loading_info=True, **overrides
+        )
+    except Exception as error:  # transformers, safetensors and JSON errors alike: the user's folder is wrong
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        cli_error(f"--model_name_or_path {source} cannot be loaded: {type(error).__name__}: {first_line}")
+    missing = sorted(info.get("missing_keys", ())) + sorted(info.get("mismatched_keys", ()))
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        cli_error(f"--model_name_or_path {source}: model.safetensors lacks {shown}; they would stay random")
+    return model
+

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from cxr_data import CLASS_NAMES
 from image_processing_cxr import CXRImageError, CXRImageProcessor, overlay_heatmap
+from wsol_checkpoints import MODEL_CARD_TITLE
 from wsol_data import PreparedSplit
 from wsol_evaluation import MAP_OUTPUTS, Predictions
 from wsol_metrics import plot_localization_table
@@ -251,7 +252,7 @@ def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
     dataset_name, _ = DATASET_NAMES[args.dataset]
     threshold = results["localization"]["heatmap_threshold_from_validation"]
     body = [
-        f"# DeiT-SCM ({args.preset}, `{args.scm_variant}` SCM) — {dataset_name}",
+        f"{MODEL_CARD_TITLE}{args.preset}, `{args.scm_variant}` SCM) — {dataset_name}",
         "",
         "DeiT with the Semantic/Spatial Calibration Module (Bai et al., ECCV 2022): classifies a chest radiograph as "
         "Atelectasis / Other pathologies / No pathologies and localizes the finding from image labels only.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -430,12 +431,13 @@ def test_nih_images_with_one_name_in_two_folders(tmp_path):
         nih.index_images(tmp_path)
 
 
-def _campaign():
+def _campaign(name: str = "fault_campaign"):
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "fault_campaign.py"
-    spec = importlib.util.spec_from_file_location("fault_campaign", path)
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -515,3 +517,67 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+# --- found by the run-level campaign (bench/fault_runs.py) ----------------------------------------------------
+
+
+def test_overwrite_keeps_a_users_file_inside_a_run_folder(trained, tmp_path):
+    output = tmp_path / "run"
+    common = [*TINY, "--output_dir", str(output), "--max_train_steps", "1", "--do_eval", "false"]
+    run_wsol.main(common)
+    (output / "checkpoints" / "README.txt").write_text("which checkpoint went to the clinic")
+    (output / "predictions").mkdir()
+    (output / "predictions" / "notes.md").write_text("mine")
+    run_wsol.main([*common, "--overwrite_output_dir"])
+    assert (output / "checkpoints" / "README.txt").read_text() == "which checkpoint went to the clinic"
+    assert (output / "predictions" / "notes.md").read_text() == "mine"
+    assert [c.name for c in wsol_checkpoints.completed_checkpoints(output)] == ["step_1"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_with_its_own_readme_config_and_code_is_refused(tmp_path, capsys, overwrite):
+    """`--output_dir .` in a repository: its README.md would become the model card, its code our code."""
+    folder = tmp_path / "repository"
+    folder.mkdir()
+    (folder / "README.md").write_text("# My project\n")
+    (folder / "modeling_deit_scm.py").write_text("# my edited model\n")
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    before = _tree(folder)
+    with pytest.raises(SystemExit) as raised:
+        run_wsol.main([*TINY, "--output_dir", str(folder), "--max_train_steps", "1", "--do_eval", "false",
+                       *(["--overwrite_output_dir"] if overwrite else [])])  # fmt: skip
+    assert raised.value.code == 2 and "no run wrote" in capsys.readouterr().err
+    assert _tree(folder) == before
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    report = tmp_path / "report.txt"
+    report.write_text("kept")
+    with pytest.raises(SystemExit) as raised:
+        run_wsol.main([*TINY, "--output_dir", str(report), "--overwrite_output_dir", "--max_train_steps", "1"])
+    assert raised.value.code == 2 and "is a file" in capsys.readouterr().err and report.read_text() == "kept"
+
+
+def test_resume_with_another_image_size_is_refused_before_loading(tmp_path, capsys):
+    output = tmp_path / "run"
+    common = [*TINY, "--checkpointing_steps", "2", "--do_eval", "false", "--max_train_steps", "2",
+              "--output_dir", str(output)]  # fmt: skip
+    run_wsol.main(common)
+    with pytest.raises(SystemExit) as raised:  # was a size mismatch from load_state_dict
+        run_wsol.main([*common, "--image_size", "96", "--resume_from_checkpoint", "latest"])
+    assert raised.value.code == 2 and "--image_size" in capsys.readouterr().err
+
+
+def test_model_folders_that_cannot_predict_right_are_one_line():
+    """Before: 7 untyped crashes and 5 predictions from incomplete or inconsistent folders (bench/RESULTS.md)."""
+    row = _campaign("fault_runs").run_categories(["saved_model_folders"])[0]
+    assert row["other_exception"] == row["silent_wrong"] == row["data_lost"] == 0, row["examples"]
+    assert row["handled"] == 1 and row["typed_error"] == row["tried"] - 1
+
+
+def test_damaged_caches_and_nih_folders_in_the_campaign():
+    rows = _campaign("fault_runs").run_categories(["cache_corruption", "nih_folders"])
+    for row in rows:
+        assert row["other_exception"] == row["silent_wrong"] == row["data_lost"] == 0, row
+
