@@ -6,29 +6,25 @@ percentiles) -> CLAHE (Zuiderveld, "Contrast Limited Adaptive Histogram Equaliza
 1994; clip limit 2.0, 8x8 tiles) -> resize (squash, or keep the aspect ratio and pad) -> 3 channels ->
 rescale and normalize.
 
-DICOM follows the standard's order (PS3.3 C.11, "Grayscale Transform"): modality LUT (rescale slope and
-intercept) -> VOI LUT or window centre/width -> MONOCHROME1 inversion. Integer inputs keep their bit
-depth until the intensity normalization.
+Decoding (DICOM's grayscale transform, PNG/JPEG/TIFF, arrays) lives in `cxr_decoding.py`; integer inputs
+keep their bit depth until the intensity normalization.
 
-This file is uploaded with the model and loaded as remote code; it imports numpy, OpenCV, Pillow, torch
-and transformers, and pydicom only when a DICOM arrives.
+This file is uploaded with the model and loaded as remote code, with `cxr_decoding.py` and
+`localization.py` beside it (relative imports); it imports numpy, OpenCV, Pillow, torch and transformers,
+and pydicom only when a DICOM arrives.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
-import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
@@ -37,10 +33,16 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("CXRImageProcessor needs OpenCV: pip install opencv-python-headless") from error
 
-try:
-    from .localization import LocalizationInputError, boxes_with_scores, check_thresholds, normalize_scoremap
+# isort: off
+try:  # as remote code, beside this file; else from the checkout
+    from .cxr_decoding import CXRImageError, DecodeOptions, ImageLike, decode, typed_errors
+    from .localization import LocalizationInputError, boxes_with_scores, check_thresholds
+    from .localization import normalize_scoremap, overlay_heatmap
 except ImportError:
-    from localization import LocalizationInputError, boxes_with_scores, check_thresholds, normalize_scoremap
+    from cxr_decoding import CXRImageError, DecodeOptions, ImageLike, decode, typed_errors
+    from localization import LocalizationInputError, boxes_with_scores, check_thresholds
+    from localization import normalize_scoremap, overlay_heatmap
+# isort: on
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +50,7 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 # The model outputs post_process_localization can localize with (see `localization_map`).
 LOCALIZATION_MAPS = ("localization_maps", "semantic_maps", "attention_maps")
-_RADIOGRAPH_MODALITIES = {"CR", "DX", "RG", "DR", "MG", "PX", "IO", "XA", "RF", "OT", "SC"}
-_SUPPORTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"}
+
 
 
 def _finite(value: Any) -> bool:
@@ -102,48 +103,7 @@ class Geometry(NamedTuple):
 
 GEOMETRY_FIELDS = Geometry._fields
 
-ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor]
 
-
-class CXRImageError(ValueError):
-    """An input that cannot be turned into a radiograph. `source` names it (path or batch index)."""
-
-    def __init__(self, source: str, reason: str) -> None:
-        super().__init__(f"{source}: {reason}")
-        self.source = source
-        self.reason = reason
-
-
-@dataclass
-class _Decoded:
-    """A decoded grayscale image, before intensity normalization (any numeric dtype)."""
-
-    pixels: np.ndarray
-    source: str
-
-
-def _typed(source: str, work: Any) -> Any:
-    """Run `work()`; any exception but `CXRImageError` becomes one naming `source` (chained)."""
-    try:
-        return work()
-    except CXRImageError:
-        raise
-    except MemoryError as error:
-        raise CXRImageError(source, "out of memory while decoding") from error
-    except Exception as error:  # a per-image failure of any library is this image's error
-        raise CXRImageError(source, f"{type(error).__name__}: {error}") from error
-
-
-def _looks_like_dicom(data: bytes) -> bool:
-    """A DICOM file with its 128-byte preamble and "DICM", or a bare data set (no preamble) whose first
-    element is in the file-meta (0002) or identifying (0008) group, little-endian."""
-    return (len(data) >= 132 and data[128:132] == b"DICM") or data[:2] in (b"\x02\x00", b"\x08\x00")
-
-
-def _finite_pixels(pixels: np.ndarray, source: str, stage: str) -> np.ndarray:
-    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
-        raise CXRImageError(source, f"contains NaN or infinite values ({stage})")
-    return pixels
 
 
 class CXRImageProcessorKwargs(ImagesKwargs, total=False):
@@ -161,25 +121,6 @@ class CXRImageProcessorKwargs(ImagesKwargs, total=False):
     dicom_invert_monochrome1: bool
     strict: bool
     localization_threshold: float
-
-
-# Deflated Explicit VR Little Endian: the whole dataset after the file meta is one raw deflate stream.
-_DEFLATED_SYNTAX = b"1.2.840.10008.1.2.1.99"
-
-
-def _narrowest_float(pixels: np.ndarray) -> np.ndarray:
-    """float32 when it keeps every grey level, else float64: a large rescale intercept with a small slope
-    (1e6 + 1e-3 k) has levels closer together than float32's spacing at that magnitude, and the cast
-    would merge them before the window is applied."""
-    wide = pixels.astype(np.float64, copy=False)
-    magnitude = float(np.abs(wide).max())
-    if magnitude > 3e38:
-        return wide
-    narrow = wide.astype(np.float32)
-    span = float(wide.max() - wide.min())
-    if span > 0 and float(np.abs(narrow - wide).max()) > span * 1e-6:
-        return wide
-    return narrow
 
 
 @lru_cache(maxsize=8)
@@ -364,213 +305,16 @@ class CXRImageProcessor(BaseImageProcessor):
         """Decode one input to a 2-D grayscale array, keeping its bit depth (uint8, uint16, float...).
         Raises `CXRImageError` (and nothing else) for any input it cannot use."""
         source = source or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else "image")
-        return _typed(source, lambda: self._decode(image, source)).pixels
+        return decode(image, source, self.decode_options)
 
-    def _decode(self, image: ImageLike, source: str) -> _Decoded:
-        if isinstance(image, (str, os.PathLike)):
-            path = os.fspath(image)
-            if os.path.isdir(path):
-                raise CXRImageError(path, "is a folder, not an image file")
-            if not os.path.isfile(path):
-                raise CXRImageError(path, "no such file")
-            with open(path, "rb") as handle:
-                data = handle.read()
-            return self._decode_bytes(data, path, hint_dicom=path.lower().endswith((".dcm", ".dicom")))
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            return self._decode_bytes(bytes(image), source)
-        if isinstance(image, Image.Image):
-            self._check_pixel_count(image.size[0] * image.size[1], source)
-            return _Decoded(_finite_pixels(self._from_pil(image, source), source, "decoded image"), source)
-        if isinstance(image, torch.Tensor):
-            array = image.detach().cpu()
-            if array.dtype in (torch.bfloat16, torch.float16):
-                array = array.float()  # numpy has no bfloat16; float32 holds both exactly
-            if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-                array = array.permute(1, 2, 0)  # torch images are channels-first
-            return _Decoded(self._from_array(array.numpy(), source), source)
-        if isinstance(image, np.ndarray):
-            return _Decoded(self._from_array(image, source), source)
-        raise CXRImageError(source, f"unsupported input type {type(image).__name__}")
-
-    def _decode_bytes(self, data: bytes, source: str, hint_dicom: bool = False) -> _Decoded:
-        if not data:
-            raise CXRImageError(source, "empty file")
-        if _looks_like_dicom(data) or hint_dicom:
-            return _Decoded(self._from_dicom(data, source), source)
-        try:
-            with Image.open(io.BytesIO(data)) as pil:
-                self._check_pixel_count(pil.size[0] * pil.size[1], source)
-                pil.load()
-                # EXIF orientation, as every viewer honours it: a rotated photo of a film is turned upright,
-                # so the heart is on the side the viewer shows.
-                upright = ImageOps.exif_transpose(pil)
-                return _Decoded(_finite_pixels(self._from_pil(upright, source), source, "decoded image"), source)
-        except Image.DecompressionBombError as error:
-            raise CXRImageError(source, f"image too large to decode safely ({error})") from error
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            if isinstance(error, CXRImageError):
-                raise
-            raise CXRImageError(source, f"cannot decode image ({error})") from error
-
-    def _check_pixel_count(self, count: int, source: str) -> None:
-        if count > self.max_image_pixels:
-            raise CXRImageError(
-                source, f"{count:,} pixels, more than max_image_pixels ({self.max_image_pixels:,}); not decoded"
-            )
-
-    @staticmethod
-    def _from_pil(pil: Image.Image, source: str) -> np.ndarray:
-        if pil.mode in ("I;16", "I;16B", "I;16L"):
-            return np.asarray(pil, dtype=np.uint16)
-        if pil.mode in ("I", "F", "L"):
-            return np.asarray(pil)
-        if pil.mode in ("1", "P", "LA", "PA"):
-            return np.asarray(pil.convert("L"))
-        if pil.mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
-            return CXRImageProcessor._luminance(np.asarray(pil.convert("RGB")))
-        raise CXRImageError(source, f"unsupported image mode {pil.mode}")
-
-    @staticmethod
-    def _luminance(rgb: np.ndarray) -> np.ndarray:
-        if rgb.dtype == np.uint8:
-            return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
-        dtype = np.float64 if rgb.dtype == np.float64 else np.float32
-        weights = np.array([0.299, 0.587, 0.114], dtype=dtype)
-        return rgb[..., :3].astype(dtype) @ weights
-
-    def _from_array(self, array: np.ndarray, source: str) -> np.ndarray:
-        if array.dtype == np.bool_:
-            array = array.astype(np.uint8) * 255
-        if array.dtype.kind not in "uif":
-            raise CXRImageError(source, f"unsupported dtype {array.dtype}")
-        if array.size == 0:
-            raise CXRImageError(source, f"empty array of shape {array.shape}")
-        if array.ndim == 3:
-            channels = array.shape[-1]
-            if channels == 1:
-                array = array[..., 0]
-            elif channels in (3, 4):
-                array = self._luminance(array[..., :3])
-            else:
-                raise CXRImageError(source, f"expected H x W x 1, 3 or 4, got shape {array.shape}")
-        elif array.ndim != 2:
-            raise CXRImageError(source, f"expected a 2-D or 3-D image, got {array.ndim}-D shape {array.shape}")
-        self._check_pixel_count(array.shape[0] * array.shape[1], source)
-        _finite_pixels(array, source, "input array")
-        if array.dtype.kind == "f":
-            # float64 stays float64: values beyond float32's range would become infinite.
-            return array if array.dtype == np.float64 else array.astype(np.float32)
-        if array.dtype in (np.uint8, np.uint16):
-            return array
-        # Other integers: unsigned 16-bit when the values fit (keeps the lookup-table path), else float.
-        if int(array.min()) >= 0 and int(array.max()) <= 65535:
-            return array.astype(np.uint16)
-        return array.astype(np.float32)
-
-    @staticmethod
-    def _dicom_pixel_array(dataset: Any, source: str) -> np.ndarray:
-        """`dataset.pixel_array`, or a `CXRImageError` that says whether a decoder is missing (compressed
-        transfer syntax) or the data is malformed."""
-        try:
-            pixels = dataset.pixel_array
-        except Exception as error:
-            syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-            name = getattr(syntax, "name", str(syntax or "unknown"))
-            if syntax is not None and getattr(syntax, "is_compressed", False):
-                hint = "; compressed DICOM needs a decoder: pip install pylibjpeg pylibjpeg-libjpeg "
-                hint += "pylibjpeg-openjpeg (or python-gdcm)"
-            else:
-                hint = "; the pixel data or its description (Rows, Columns, BitsAllocated...) is malformed"
-            raise CXRImageError(
-                source, f"cannot decode pixel data with transfer syntax {name} ({error}){hint}"
-            ) from error
-        return pixels
-
-    def _check_deflated_size(self, data: bytes, source: str) -> None:
-        """A Deflated Explicit VR Little Endian file is inflated whole by pydicom before any tag can be read,
-        so `max_image_pixels` would be checked too late (a 1.7 MB upload inflated to 3.4 GB). Count the
-        inflated bytes first, in chunks that are thrown away, and stop at the most a dataset within
-        `max_image_pixels` can need (16-bit RGB, 6 bytes a pixel, plus 16 MiB of other elements)."""
-        if data[128:132] != b"DICM" or _DEFLATED_SYNTAX not in data[132:4096]:
-            return
-        meta_end = 132
-        # The file meta group is explicit VR little endian; (0002,0000) UL gives the length of the rest.
-        if data[132:136] == b"\x02\x00\x00\x00" and data[136:138] == b"UL":
-            meta_end = 144 + int.from_bytes(data[140:144], "little")
-        if _DEFLATED_SYNTAX not in data[132:meta_end]:
-            return
-        limit = self.max_image_pixels * 6 + (16 << 20)
-        inflater, inflated, view = zlib.decompressobj(-zlib.MAX_WBITS), 0, memoryview(data)[meta_end:]
-        step = 1 << 22  # at most 4 MiB of inflated bytes held at a time
-        try:
-            for start in range(0, len(view), 1 << 16):
-                inflated += len(inflater.decompress(view[start : start + (1 << 16)], step))
-                while inflater.unconsumed_tail and inflated <= limit:
-                    inflated += len(inflater.decompress(inflater.unconsumed_tail, step))
-                if inflated > limit:
-                    raise CXRImageError(
-                        source, f"deflated DICOM inflates to more than {limit:,} bytes, more than max_image_pixels "
-                        f"({self.max_image_pixels:,}) can need; not decoded",
-                    )  # fmt: skip
-        except zlib.error as error:
-            raise CXRImageError(source, f"deflated DICOM is corrupt ({error})") from error
-
-    def _from_dicom(self, data: bytes, source: str) -> np.ndarray:
-        try:
-            import pydicom
-            from pydicom.pixels import apply_modality_lut, apply_voi_lut
-        except ImportError as error:
-            raise CXRImageError(source, "reading DICOM needs pydicom: pip install pydicom") from error
-        self._check_deflated_size(data, source)
-        try:
-            dataset = pydicom.dcmread(io.BytesIO(data), force=True)
-        except Exception as error:  # pydicom raises many types for malformed files
-            raise CXRImageError(source, f"cannot read DICOM ({error})") from error
-        modality = str(getattr(dataset, "Modality", "")).upper()
-        if modality and modality not in _RADIOGRAPH_MODALITIES:
-            if self.strict:
-                raise CXRImageError(source, f"modality {modality} is not a radiograph (strict mode)")
-            logger.warning("%s: modality %s is not a radiograph; processing it anyway", source, modality)
-        photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2")).upper()
-        if photometric not in _SUPPORTED_PHOTOMETRIC:
-            raise CXRImageError(source, f"unsupported photometric interpretation {photometric}")
-        if "PixelData" not in dataset:
-            raise CXRImageError(source, "DICOM has no pixel data")
-        rows, columns = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
-        frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
-        self._check_pixel_count(rows * columns * frames, source)
-        pixels = self._dicom_pixel_array(dataset, source)
-        if frames > 1:
-            if self.dicom_multiframe == "error":
-                raise CXRImageError(source, f"multi-frame DICOM ({frames} frames)")
-            pixels = pixels[0]
-        if photometric.startswith(("RGB", "YBR")):
-            if pixels.ndim != 3 or pixels.shape[-1] != 3:
-                raise CXRImageError(
-                    source, f"{photometric} DICOM whose pixel data has shape {pixels.shape} (SamplesPerPixel?)"
-                )
-            if photometric.startswith("YBR"):
-                from pydicom.pixels import convert_color_space
-
-                pixels = convert_color_space(pixels, photometric, "RGB")
-            return self._luminance(pixels)
-        pixels = apply_modality_lut(pixels, dataset)
-        if self.dicom_voi == "on":
-            pixels = apply_voi_lut(pixels, dataset)
-        elif self.dicom_voi == "percentile":
-            low, high = np.percentile(pixels, self.dicom_voi_percentiles)
-            pixels = np.clip(pixels, low, high)
-        if photometric == "MONOCHROME1" and self.dicom_invert_monochrome1:
-            # After the VOI transform, so that the window applies to stored values as intended.
-            pixels = pixels.max() + pixels.min() - pixels
-        pixels = np.asarray(pixels)
-        if pixels.ndim != 2 or pixels.size == 0:
-            raise CXRImageError(source, f"DICOM pixel data has shape {pixels.shape}")
-        # RescaleSlope/Intercept or a LUT can give NaN or overflow (slope 1e308): an error, not a black image.
-        _finite_pixels(pixels, source, "after the modality/VOI LUT")
-        if pixels.dtype.kind == "f" or pixels.dtype.itemsize > 2 or pixels.min() < 0:
-            pixels = _narrowest_float(pixels)
-        return pixels
+    @property
+    def decode_options(self) -> DecodeOptions:
+        """The decoding settings, as `cxr_decoding` takes them."""
+        return DecodeOptions(
+            max_image_pixels=self.max_image_pixels, strict=self.strict, dicom_voi=self.dicom_voi,
+            dicom_voi_percentiles=tuple(self.dicom_voi_percentiles), dicom_multiframe=self.dicom_multiframe,
+            dicom_invert_monochrome1=self.dicom_invert_monochrome1,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------- pipeline
 
@@ -668,18 +412,18 @@ class CXRImageProcessor(BaseImageProcessor):
         a library's own exception on a malformed file (pydicom, PIL, OpenCV) becomes one naming `source`."""
 
         def run() -> tuple[np.ndarray, list[int]]:
-            decoded = self._decode(image, source)
-            low, high = decoded.pixels.min(), decoded.pixels.max()
+            pixels = decode(image, source, self.decode_options)
+            low, high = pixels.min(), pixels.max()
             if low == high:
                 # Nothing to classify; typically a file a generic reader could not decode (PIL opens a DICOM
                 # as an all-white image), which must not get a confident answer.
                 raise CXRImageError(source, f"has no contrast: every pixel is {low} (a blank or misread image)")
-            gray = self._to_uint8(decoded.pixels)
+            gray = self._to_uint8(pixels)
             if self.do_clahe:
                 gray = self.apply_clahe(gray)
-            return self._resize(gray, decoded.pixels.shape[:2])
+            return self._resize(gray, pixels.shape[:2])
 
-        return _typed(source, run)
+        return typed_errors(source, run)
 
     def apply_clahe(self, gray: np.ndarray) -> np.ndarray:
         """CLAHE on a uint8 image, at a working size of at most `clahe_max_size` when set."""
@@ -896,50 +640,6 @@ class CXRImageProcessor(BaseImageProcessor):
     def overlay_heatmap(self, *args: Any, **kwargs: Any) -> np.ndarray:
         """See the module-level `overlay_heatmap`."""
         return overlay_heatmap(*args, **kwargs)
-
-
-PREDICTED_BOX_COLOR = (0, 255, 0)
-GROUND_TRUTH_BOX_COLOR = (255, 40, 40)
-
-
-def overlay_heatmap(
-    image: np.ndarray,
-    heatmap: np.ndarray,
-    boxes: Optional[np.ndarray] = None,
-    gt_boxes: Optional[np.ndarray] = None,
-    alpha: float = 0.4,
-) -> np.ndarray:
-    """Blend a jet-coloured heatmap on a radiograph and draw boxes: predicted green, ground truth red.
-
-    Args:
-        image: H x W (any numeric dtype, min-max scaled for display) or H x W x 3 uint8.
-        heatmap: any size, values in [0, 1]; resized to the image.
-        boxes, gt_boxes: (K, 4) xyxy in image pixels.
-    Returns:
-        H x W x 3 uint8 RGB.
-    """
-    image = np.asarray(image)
-    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 1):
-        gray = (normalize_scoremap(image.reshape(image.shape[:2])) * 255).astype(np.uint8)
-        rgb = np.repeat(gray[..., None], 3, axis=2)
-    elif image.ndim == 3 and image.shape[-1] in (3, 4):
-        rgb = np.ascontiguousarray(image[..., :3]).astype(np.uint8)
-    else:
-        raise ValueError(f"overlay_heatmap: image must be H x W or H x W x 3, got {image.shape}")
-    height, width = rgb.shape[:2]
-    heat = np.asarray(heatmap, dtype=np.float32)
-    if heat.shape != (height, width):
-        heat = cv2.resize(heat, (width, height), interpolation=cv2.INTER_CUBIC)
-    colored = cv2.applyColorMap((np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    colored = cv2.cvtColor(colored, cv2.COLOR_BGR2RGB)
-    out = cv2.addWeighted(rgb, 1 - alpha, colored, alpha, 0)
-    thickness = max(1, round(max(height, width) / 300))
-    for group, color in ((gt_boxes, GROUND_TRUTH_BOX_COLOR), (boxes, PREDICTED_BOX_COLOR)):
-        if group is None:
-            continue
-        for x0, y0, x1, y1 in np.asarray(group, dtype=np.int64).reshape(-1, 4):
-            cv2.rectangle(out, (int(x0), int(y0)), (int(x1), int(y1)), color, thickness)
-    return out
 
 
 CXRImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -571,7 +571,7 @@ def score_attention(directory: str | os.PathLike, split: PreparedSplit, random_s
     """Validation MaxBoxAccV2 (best threshold on these boxes: nothing has been calibrated before fine-tuning)
     of the pretrained CLS attention F0, last layer (`cxr`) and summed over layers (`paper`), beside the
     random map's (mean over `random_seeds` draws)."""
-    from localization import upsample_scoremap
+    from wsol_boxes import upsample_scoremap
     from wsol_data import EVALUATION_FRAME
     from wsol_metrics import LocalizationScores
 

@@ -21,12 +21,11 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from configuration_deit_scm import BACKBONE_PRESETS, SCM_VARIANTS, DeiTSCMConfig
 from cxr_data import CLASS_NAMES
@@ -35,31 +34,26 @@ from wsol_checkpoints import (
     TrainState,
     clear_run_outputs,
     foreign_outputs,
-    load_checkpoint,
     load_model_folder,
-    resolve_checkpoint,
-    run_settings,
-    save_checkpoint,
-    set_aside_later_checkpoints,
 )
 from wsol_data import (
+    DataSettings,
     PixelNormalizer,
-    PreparedSplit,
-    augment_batch,
+    RunInputError,
     build_processor,
-    make_loader,
     prepare_all,
 )
-from wsol_evaluation import final_evaluation, validation_metrics
+from wsol_evaluation import EvaluationSettings, final_evaluation
 from wsol_outputs import (
-    expand_predict_files,
+    CardSettings,
     predict_files,
     push_to_hub,
     save_model,
     write_run_outputs,
 )
-from wsol_recipes import RECIPE_CHOICES, apply_recipe, resolve_recipe
+from wsol_recipes import RECIPE_CHOICES, RECIPES, Recipe, recipe_fills, resolve_recipe
 from wsol_reporting import environment
+from wsol_training import TrainingSettings, build_components, resume_and_train
 
 logger = logging.getLogger("run_wsol")
 
@@ -104,9 +98,78 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for add in (_data_arguments, _model_arguments, _optimization_arguments, _run_arguments):
         add(parser)
     args = parser.parse_args(argv)
+    refuse_inapplicable_flags(args, parser)
     apply_recipe(args)
     validate_args(args, parser)
     return args
+
+
+DEFAULT_IMAGE_SIZE = 96
+# Flags that shape a new model: a saved model (--model_name_or_path) brings its own config and processor.
+NEW_MODEL_FLAGS = ("image_size", "label_smoothing", "drop_path_rate")
+
+
+def refuse_inapplicable_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """A flag the run would drop without a word is an error; the image size defaults for a new model."""
+    given = [f"--{name}" for name in NEW_MODEL_FLAGS if getattr(args, name) is not None]
+    if args.model_name_or_path and given:
+        parser.error(
+            f"{', '.join(given)} cannot apply with --model_name_or_path: the saved model's config and processor "
+            "fix them (config fields go in --config_overrides)"
+        )
+    if args.image_size is None and not args.model_name_or_path:
+        args.image_size = DEFAULT_IMAGE_SIZE
+
+
+PREDICT_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def expand_predict_files(paths: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Files as given; a folder stands for its images (DICOM/PNG/JPEG/TIFF by suffix, sorted, not recursive)."""
+    files: list[str] = []
+    for path in paths:
+        entry = Path(path)
+        if entry.is_dir():
+            found = sorted(str(p) for p in entry.iterdir() if p.is_file() and p.suffix.lower() in PREDICT_SUFFIXES)
+            if not found:
+                parser.error(f"--predict_files: the folder {path} holds no {'/'.join(PREDICT_SUFFIXES)} files")
+            files += found
+        elif entry.is_file():
+            files.append(path)
+        else:
+            parser.error(f"--predict_files: {path} does not exist")
+    return files
+
+
+def _settings(cls: type, args: argparse.Namespace, **given: Any) -> Any:
+    """A module's settings dataclass from the flags of the same names (`given` for the others)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in given}, **given)
+
+
+def data_settings(args: argparse.Namespace) -> DataSettings:
+    return _settings(DataSettings, args, report_dir=args.output_dir)
+
+
+def evaluation_settings(args: argparse.Namespace) -> EvaluationSettings:
+    return _settings(EvaluationSettings, args, batch_size=args.per_device_eval_batch_size)
+
+
+def card_settings(args: argparse.Namespace) -> CardSettings:
+    return _settings(CardSettings, args)
+
+
+def training_settings(args: argparse.Namespace) -> TrainingSettings:
+    return _settings(TrainingSettings, args, lr_step_epochs=tuple(args.lr_step_epochs),
+                     scm_warmup_fraction=RECIPES[args.recipe].scm_warmup_fraction)  # fmt: skip
+
+
+def apply_recipe(args: argparse.Namespace) -> Recipe:
+    """Fill every flag left at None from the recipe (`auto` resolved); record the recipe's name."""
+    pretrained = bool(args.backbone_weights or args.model_name_or_path)
+    recipe = resolve_recipe(args.recipe, args.scm_variant, pretrained)
+    vars(args).update(recipe_fills(recipe, vars(args)))
+    args.recipe = recipe.name
+    return recipe
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +199,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--scm_variant", choices=sorted(SCM_VARIANTS), default="cxr")
     model.add_argument("--config_overrides", help='e.g. "hidden_size=64,num_hidden_layers=4"')
     model.add_argument("--backbone_weights", help="timm/transformers DeiT checkpoint, or timm:<name>")
-    model.add_argument("--image_size", type=_positive_int, default=96)
+    model.add_argument("--image_size", type=_positive_int, help=f"default {DEFAULT_IMAGE_SIZE}; a saved model's own")
     model.add_argument("--torch_compile", action="store_true")
 
 
@@ -359,7 +422,7 @@ def config_settings(args: argparse.Namespace) -> dict[str, Any]:
         "image_size": args.image_size,
         "drop_path_rate": args.drop_path_rate,
         "label_smoothing": smoothing,
-        **resolve_recipe(args).config,
+        **RECIPES[args.recipe].config,
         **parse_overrides(args.config_overrides),
     }
 
@@ -387,173 +450,6 @@ def build_model(args: argparse.Namespace, train_labels: torch.Tensor) -> DeiTSCM
 def build_optimizer(args: argparse.Namespace, model: DeiTSCMForImageClassification) -> torch.optim.Optimizer:
     groups = model.parameter_groups(args.learning_rate, args.scm_learning_rate, args.weight_decay)
     return torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups])
-
-
-# ================================================================================================
-# Training
-# ================================================================================================
-
-
-@dataclass
-class Components:
-    accelerator: Any
-    model: Any
-    optimizer: Any
-    scheduler: Any
-    train_loader: Any
-    normalizer: PixelNormalizer
-    steps_per_epoch: int
-    max_steps: int
-    scm_warmup_epochs: int  # epochs before the SCM blocks run; the schedule re-warms at that epoch
-    # The best epoch's weights (CPU), which early stopping restores at the end; every checkpoint carries
-    # them, so a resumed run restores the same ones.
-    best_weights: Optional[dict[str, torch.Tensor]] = None
-
-
-def build_components(args, accelerator, model, train_split: PreparedSplit, normalizer: PixelNormalizer) -> Components:
-    from transformers import get_scheduler
-
-    loader = make_loader(train_split, args.per_device_train_batch_size, shuffle=True, num_workers=args.num_workers)
-    optimizer = build_optimizer(args, model)
-    updates_per_epoch = math.ceil(len(loader) / max(accelerator.num_processes, 1) / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    if args.lr_scheduler_type == "step":
-        # The official SCM schedule: x0.1 at each of --lr_step_epochs. Accelerate steps a prepared
-        # scheduler once per process for every optimizer step.
-        per_epoch = updates_per_epoch * accelerator.num_processes
-        milestones = sorted(args.lr_step_epochs)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.1 ** sum(step // per_epoch >= m for m in milestones)
-        )
-    else:
-        scheduler = get_scheduler(
-            args.lr_scheduler_type,
-            optimizer=optimizer,
-            num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-            num_training_steps=max_steps * accelerator.num_processes,
-        )
-    switch = scm_warmup_epochs(args, math.ceil(max_steps / updates_per_epoch))
-    if switch > 0:  # the SCM blocks switch on mid-training: re-warm from there
-        rewarm_learning_rate(
-            scheduler,
-            switch * updates_per_epoch * accelerator.num_processes,
-            updates_per_epoch * accelerator.num_processes,
-        )
-    if args.torch_compile:
-        model = torch.compile(model)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    normalizer = normalizer.to(accelerator.device)
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    return Components(accelerator, model, optimizer, scheduler, loader, normalizer, steps_per_epoch, max_steps, switch)
-
-
-def rewarm_learning_rate(scheduler: torch.optim.lr_scheduler.LambdaLR, start: int, length: int) -> None:
-    """Multiply the schedule by a linear ramp from 0 over `length` scheduler steps from `start` on.
-
-    When the SCM blocks switch on mid-training, the logits jump (S grows by up to (1 + F')^blocks where the
-    diffused attention peaks) and the loss with them; AdamW's second moments still hold the small
-    gradients of before and turn the new large ones into steps several times the learning rate, which
-    threw one phantom run from validation macro F1 0.90 to 0.25 for the rest of training. The SCM phase
-    therefore starts like a fine-tuning run: fresh AdamW moments (`train_one_epoch`) and this warmup.
-    """
-
-    def ramp(step: int) -> float:
-        return 1.0 if step < start else min(1.0, (step - start + 1) / length)
-
-    # ramp(0) = 1 (start > 0), so the learning rate the scheduler already set for step 0 stands.
-    scheduler.lr_lambdas = [lambda step, f=f: f(step) * ramp(step) for f in scheduler.lr_lambdas]
-
-
-def scm_warmup_epochs(args: argparse.Namespace, epochs: int) -> int:
-    """The SCM paper trains from an ImageNet-pretrained DeiT, whose attention is meaningful from the first
-    step. From scratch, diffusing random attention slows learning (on the phantoms: validation loss 0.84
-    against 0.75 after 40 epochs), so the `scratch` recipe runs its first half without the blocks."""
-    if args.scm_warmup_epochs is not None:
-        return args.scm_warmup_epochs
-    return int(epochs * resolve_recipe(args).scm_warmup_fraction)
-
-
-def train(args, parts: Components, state: TrainState, validation: PreparedSplit, output_dir: Path) -> TrainState:
-    """Epoch loop with per-epoch validation, checkpoints, early stopping; restores the best weights."""
-    accelerator = parts.accelerator
-    epochs = math.ceil(parts.max_steps / parts.steps_per_epoch)
-    state.scm_warmup_epochs = parts.scm_warmup_epochs
-    progress = tqdm(
-        total=parts.max_steps, initial=state.global_step, desc="training", disable=not accelerator.is_local_main_process
-    )
-    # An epoch whose steps are done but whose validation is not (a run stopped after a step checkpoint)
-    # is finished first: its history entry and the early-stopping decision must not be lost.
-    while state.epoch < epochs and (state.global_step < parts.max_steps or state.step_in_epoch > 0):
-        train_one_epoch(args, parts, state, progress, output_dir)
-        metrics = validation_metrics(args, parts, validation)
-        metrics.update(epoch=state.epoch, step=state.global_step)
-        state.history.append(metrics)
-        logger.info("epoch %d: %s", state.epoch, {k: round(v, 4) for k, v in metrics.items()})
-        if accelerator.trackers:
-            accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.global_step)
-        score = -metrics["loss"] if args.metric_for_best_model == "loss" else metrics[args.metric_for_best_model]
-        if state.best_metric is None or score > state.best_metric:
-            state.best_metric, state.best_epoch, state.epochs_without_improvement = score, state.epoch, 0
-            if args.early_stopping_patience:
-                parts.best_weights = {
-                    k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(parts.model).state_dict().items()
-                }
-        else:
-            state.epochs_without_improvement += 1
-        state.epoch += 1
-        state.step_in_epoch = 0
-        if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, output_dir, state, parts.best_weights, args.checkpoints_total_limit)
-        if args.early_stopping_patience and state.epochs_without_improvement >= args.early_stopping_patience:
-            logger.info("early stopping after epoch %d (best: epoch %d)", state.epoch - 1, state.best_epoch)
-            break
-    progress.close()
-    if parts.best_weights is not None and args.early_stopping_patience:
-        accelerator.unwrap_model(parts.model).load_state_dict(parts.best_weights)
-        logger.info("restored the best weights (epoch %d)", state.best_epoch)
-    return state
-
-
-def train_one_epoch(args, parts: Components, state: TrainState, progress: Any, output_dir: Path) -> None:
-    accelerator, model = parts.accelerator, parts.model
-    if state.global_step >= parts.max_steps:
-        return
-    model.train()
-    loader = parts.train_loader
-    loader.set_epoch(state.epoch)
-    batches_done = state.step_in_epoch * args.gradient_accumulation_steps
-    if batches_done:
-        loader = accelerator.skip_first_batches(loader, batches_done)
-    if state.epoch == state.scm_warmup_epochs > 0 and state.step_in_epoch == 0:
-        # The SCM phase starts with fresh AdamW moments (see `rewarm_learning_rate`).
-        parts.optimizer.optimizer.state.clear()
-    for pixels, labels, _ in loader:
-        with accelerator.accumulate(model):
-            # Every random draw of a step (augmentation, stochastic depth) derives from (seed, step,
-            # process), so a resumed run repeats them exactly whatever else used the generator before.
-            step_seed = args.seed * 1_000_003 + state.global_step * 7919 + accelerator.process_index
-            torch.manual_seed(step_seed)
-            if args.augment:
-                pixels = augment_batch(pixels, torch.Generator().manual_seed(step_seed))
-            run_scm = state.epoch >= state.scm_warmup_epochs
-            loss = model(parts.normalizer(pixels), labels=labels, run_scm=run_scm).loss
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            parts.optimizer.step()
-            parts.scheduler.step()
-            parts.optimizer.zero_grad()
-        if accelerator.sync_gradients:
-            state.global_step += 1
-            state.step_in_epoch += 1
-            state.train_losses.append(float(accelerator.gather(loss.detach().reshape(1)).mean()))
-            progress.update(1)
-            progress.set_postfix(loss=f"{state.train_losses[-1]:.3f}")
-            checkpoint_every = args.checkpointing_steps
-            if checkpoint_every and checkpoint_every.isdigit() and state.global_step % int(checkpoint_every) == 0:
-                save_checkpoint(accelerator, output_dir, state, parts.best_weights, args.checkpoints_total_limit)
-            if state.global_step >= parts.max_steps:
-                break
 
 
 # ================================================================================================
@@ -610,32 +506,33 @@ def start_run(args: argparse.Namespace) -> tuple[Any, Path]:
     return accelerator, output_dir
 
 
-def resume_and_train(args, parts: Components, validation: PreparedSplit, output_dir: Path) -> TrainState:
-    """Train from scratch or from the checkpoint `--resume_from_checkpoint` names (with its best weights)."""
-    state = TrainState()
-    checkpoint = resolve_checkpoint(args)
-    if checkpoint is not None:
-        state, parts.best_weights = load_checkpoint(parts.accelerator, checkpoint, vars(args))
-        logger.info("resumed from %s at step %d", checkpoint, state.global_step)
-        if parts.accelerator.is_main_process:
-            set_aside_later_checkpoints(output_dir, state.global_step)
-        parts.accelerator.wait_for_everyone()
-    state.settings = run_settings(vars(args))
-    return train(args, parts, state, validation, output_dir)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Parse, run, and turn a refused input (`RunInputError`) into one line and exit status 2."""
     args = parse_args(argv)
+    try:
+        return run(args)
+    except RunInputError as error:
+        sys.stderr.write(f"run_wsol.py: error: {error}\n")
+        raise SystemExit(2) from None
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train, evaluate, predict and publish as the parsed flags say; returns what all_results.json holds."""
     accelerator, output_dir = start_run(args)
-    processor = build_processor(args)
+    processor = build_processor(args.model_name_or_path, args.image_size)
     results: dict[str, Any] = {"args": dict(vars(args)), "num_processes": accelerator.num_processes}
-    splits = prepare_all(args, processor, accelerator) if (args.do_train or args.do_eval) else {}
+    splits = prepare_all(data_settings(args), processor, accelerator) if (args.do_train or args.do_eval) else {}
     model = build_model(args, splits["train"].labels if splits else torch.zeros(0, dtype=torch.long))
+    # The configuration trained, resolved once from preset, variant, recipe, flags and overrides, in full.
+    results["model_config"] = model.config.to_dict()
+    logger.info("recipe %s; model configuration: %s", args.recipe, json.dumps(model.config.to_dict(), default=str))
     normalizer = PixelNormalizer(processor)
-    parts = build_components(args, accelerator, model, splits["train"], normalizer) if splits else None
+    training = training_settings(args)
+    parts = build_components(training, accelerator, model, splits["train"], normalizer) if splits else None
     state, predictions = TrainState(), {}
     if args.do_train:
-        state = resume_and_train(args, parts, splits["validation"], output_dir)
+        state = resume_and_train(training, evaluation_settings(args), parts, splits["validation"], output_dir,
+                                 args.resume_from_checkpoint, vars(args))  # fmt: skip
         if accelerator.is_main_process:
             # The trained model is on disk before anything after training can fail.
             save_model(accelerator, parts.model, processor, output_dir)
@@ -647,7 +544,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             "history": state.history,
         }
     if args.do_eval:
-        evaluation = final_evaluation(args, parts, splits)
+        evaluation = final_evaluation(evaluation_settings(args), parts, splits)
         results.update(evaluation.results)
         predictions = evaluation.predictions
         processor.localization_threshold, processor.localization_map = evaluation.threshold, evaluation.map_output
@@ -655,14 +552,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         accelerator.unwrap_model(parts.model).config.calibration_temperature = evaluation.temperature
     results["environment"] = environment()
     if accelerator.is_main_process and (args.do_train or args.do_eval):
-        write_run_outputs(args, accelerator, parts.model, processor, results, state, splits, predictions)
+        write_run_outputs(card_settings(args), args.do_eval, accelerator, parts.model, processor, results, state,
+                          splits, predictions)  # fmt: skip
     if args.do_predict and accelerator.is_main_process:
         model_for_prediction = accelerator.unwrap_model(parts.model) if parts else model
-        results["predictions"] = predict_files(args, model_for_prediction, processor, output_dir)
+        results["predictions"] = predict_files(args.predict_files, model_for_prediction, processor, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if args.push_to_hub and accelerator.is_main_process:
-        push_to_hub(args, output_dir)
+        push_to_hub(args.hub_model_id, args.hub_space_id, output_dir)
     return results
 
 

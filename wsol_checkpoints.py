@@ -4,7 +4,6 @@ and the run folder: what a run wrote there, the only thing `--overwrite_output_d
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import hashlib
 import json
@@ -17,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from wsol_data import cli_error
+from wsol_data import refuse
 
 logger = logging.getLogger("run_wsol")
 
@@ -30,8 +29,8 @@ ABANDONED_PREFIX = "abandoned_"
 # removes. Anything else there (a user's notes, data, a model being fine-tuned) is never touched.
 RUN_OUTPUT_PATTERNS = (
     "all_results.json", "README.md", "config.json", "preprocessor_config.json", "model.safetensors",
-    "configuration_deit_scm.py", "modeling_deit_scm.py", "image_processing_cxr.py", "localization.py",
-    "metrics_plots", "heatmap_comparisons", "localization_samples", "checkpoints",
+    "configuration_deit_scm.py", "modeling_deit_scm.py", "image_processing_cxr.py", "cxr_decoding.py",
+    "localization.py", "pipeline_cxr.py", "metrics_plots", "heatmap_comparisons", "localization_samples", "checkpoints",
     "predictions", "problem_images_*.csv", "run_wsol",
 )  # fmt: skip
 # Inside the folders above, what a run writes; a user's file kept there survives an overwrite.
@@ -84,7 +83,7 @@ def check_resumed_settings(recorded: dict[str, Any], current: dict[str, Any], ch
     changed = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
     if changed:
         details = ", ".join(f"--{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
-        cli_error(
+        refuse(
             f"--resume_from_checkpoint {checkpoint}: the checkpoint was trained with other settings ({details}); "
             "resume with the same flags, or start a new run"
         )
@@ -243,13 +242,13 @@ def clear_run_outputs(output_dir: Path, keep: list[Path]) -> list[Path]:
         inside = [entry for entry in entries if resolved == entry.resolve() or entry.resolve() in resolved.parents]
         if resolved == root or inside:
             where = inside[0] if inside else output_dir
-            cli_error(
+            refuse(
                 f"--overwrite_output_dir would delete {where}, which holds {path} that this run reads; "
                 "nothing was deleted: choose another --output_dir"
             )
     foreign = foreign_outputs(output_dir)
     if foreign:
-        cli_error(
+        refuse(
             f"--overwrite_output_dir would delete {', '.join(str(p) for p in foreign)}, which no run wrote; "
             "nothing was deleted: choose another --output_dir"
         )
@@ -331,32 +330,35 @@ def holds_finished_run(output_dir: Path) -> bool:
     return any((output_dir / name).exists() for name in ("all_results.json", "model.safetensors", "config.json"))
 
 
-def resolve_checkpoint(args: argparse.Namespace) -> Optional[Path]:
-    if not args.resume_from_checkpoint:
+def resolve_checkpoint(resume_from_checkpoint: Optional[str], output_dir: Path) -> Optional[Path]:
+    """The checkpoint to resume: None for a fresh start; for "latest", the newest undamaged one in
+    `output_dir` (falling back past damaged ones with a line saying so); else the named one, refused in one
+    line when incomplete or damaged."""
+    if not resume_from_checkpoint:
         return None
-    if args.resume_from_checkpoint == "latest":
-        output_dir = Path(args.output_dir)
+    output_dir = Path(output_dir)
+    if resume_from_checkpoint == "latest":
         done = completed_checkpoints(output_dir)
         if not done:
             if holds_finished_run(output_dir):
-                cli_error(
+                refuse(
                     f"--resume_from_checkpoint latest: {output_dir} holds a finished run and no checkpoint to resume; "
                     "training would start over it (use --overwrite_output_dir to replace it, or another --output_dir)"
                 )
-            logger.warning("no complete checkpoint in %s; starting from scratch", args.output_dir)
+            logger.warning("no complete checkpoint in %s; starting from scratch", output_dir)
             return None
         for candidate in reversed(done):
             damage = checkpoint_damage(candidate)
             if damage is None:
                 return candidate
             logger.warning("checkpoint %s is damaged (%s); falling back to the one before it", candidate.name, damage)
-        cli_error(f"every checkpoint in {output_dir / 'checkpoints'} is damaged; nothing to resume from")
-    path = Path(args.resume_from_checkpoint)
+        refuse(f"every checkpoint in {output_dir / 'checkpoints'} is damaged; nothing to resume from")
+    path = Path(resume_from_checkpoint)
     if not (path / COMPLETE_MARKER).is_file():
-        cli_error(f"{path} is not a complete checkpoint")
+        refuse(f"{path} is not a complete checkpoint")
     damage = checkpoint_damage(path)
     if damage is not None:
-        cli_error(f"checkpoint {path} is damaged: {damage}; resume from another one (or 'latest')")
+        refuse(f"checkpoint {path} is damaged: {damage}; resume from another one (or 'latest')")
     return path
 
 
@@ -368,22 +370,22 @@ def load_model_folder(source: str, model_class: Any, overrides: dict[str, Any]) 
     folder = Path(source)
     if folder.is_dir() and not (folder / "model.safetensors").is_file():
         pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
-        cli_error(
+        refuse(
             f"--model_name_or_path {folder} has no model.safetensors"
             + (f" (only {', '.join(pickles)}: pickle files are never loaded)" if pickles else "")
         )
     if folder.is_dir() and not (folder / "config.json").is_file():
-        cli_error(f"--model_name_or_path {folder} has no config.json")
+        refuse(f"--model_name_or_path {folder} has no config.json")
     try:
         model, info = model_class.from_pretrained(
             source, use_safetensors=True, output_loading_info=True, **overrides
         )
     except Exception as error:  # transformers, safetensors and JSON errors alike: the user's folder is wrong
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        cli_error(f"--model_name_or_path {source} cannot be loaded: {type(error).__name__}: {first_line}")
+        refuse(f"--model_name_or_path {source} cannot be loaded: {type(error).__name__}: {first_line}")
     missing = sorted(info.get("missing_keys", ())) + sorted(info.get("mismatched_keys", ()))
     if missing:
         shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        cli_error(f"--model_name_or_path {source}: model.safetensors lacks {shown}; they would stay random")
+        refuse(f"--model_name_or_path {source}: model.safetensors lacks {shown}; they would stay random")
     return model
 

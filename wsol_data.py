@@ -4,13 +4,11 @@ then reads arrays."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Optional
@@ -30,11 +28,14 @@ logger = logging.getLogger("run_wsol")
 EVALUATION_FRAME = (224, 224)
 
 
-def cli_error(message: str) -> NoReturn:
-    """A mistake in what the user gave (flags, data folder): one line on stderr and exit status 2, as
-    argparse does, instead of a traceback."""
-    sys.stderr.write(f"run_wsol.py: error: {message}\n")
-    raise SystemExit(2)
+class RunInputError(ValueError):
+    """A mistake in what the user gave a run (flags, data folder, model folder, checkpoint). `run_wsol.py`
+    prints it in one line and exits with status 2, as argparse does; a library caller catches it."""
+
+
+def refuse(message: str) -> NoReturn:
+    """Raise `RunInputError(message)`: the one way the run's modules reject an input."""
+    raise RunInputError(message)
 
 
 @dataclass
@@ -54,39 +55,55 @@ class PreparedSplit:
         return len(self.labels)
 
 
-def load_raw_splits(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DataSettings:
+    """Where a run's images come from and how they are prepared (`run_wsol.py`'s data flags, resolved)."""
+
+    dataset: str = "phantoms"  # phantoms | nih
+    data_dir: Optional[str] = None  # the NIH ChestX-ray14 folder
+    view: str = "all"  # NIH view position kept: all | PA | AP
+    num_phantoms: int = 1200
+    phantom_size: int = 256
+    seed: int = 0  # the phantoms' series and the NIH patient split
+    report_dir: Optional[str] = None  # where the problem-image lists go (the run's output folder)
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    cache_dir: Optional[str] = None  # the preprocessed cache; default under HF_DATASETS_CACHE
+    preprocessing_num_workers: int = 1
+
+
+def load_raw_splits(settings: DataSettings) -> dict[str, Any]:
     """The source splits: train / validation / test (classification) and, for localization,
     loc_validation (calibration of the heatmap threshold) and loc_test."""
-    if args.dataset == "phantoms":
+    if settings.dataset == "phantoms":
         phantoms = load_dataset_module("phantoms")
-        count = args.num_phantoms
+        count = settings.num_phantoms
         splits = phantoms.build_phantom_dataset(
             num_train=count,
             num_validation=max(count // 6, 12),
             num_test=max(count // 4, 12),
-            size=args.phantom_size,
-            seed=args.seed,
+            size=settings.phantom_size,
+            seed=settings.seed,
         )
         splits = dict(splits)
         splits["loc_validation"], splits["loc_test"] = splits["validation"], splits["test"]
         return splits
     nih = load_dataset_module("nih")
-    reports = Path(args.output_dir)
+    reports = Path(settings.report_dir) if settings.report_dir else None
     try:
-        splits = dict(
-            nih.build_dataset_dict(args.data_dir, "three_class", report_dir=reports, view=args.view, seed=args.seed)
-        )
-        boxed = nih.build_dataset_dict(args.data_dir, "bbox", report_dir=reports)["test"]
+        splits = dict(nih.build_dataset_dict(settings.data_dir, "three_class", report_dir=reports,
+                                             view=settings.view, seed=settings.seed))  # fmt: skip
+        boxed = nih.build_dataset_dict(settings.data_dir, "bbox", report_dir=reports)["test"]
     except nih.NIHMetadataError as error:
-        cli_error(f"NIH metadata in {args.data_dir}: {error}")
+        refuse(f"NIH metadata in {settings.data_dir}: {error}")
     empty = [name for name, split in {**splits, "bbox": boxed}.items() if len(split) == 0]
     if empty:
-        cli_error(
-            f"no usable images for the {', '.join(empty)} split(s) in {args.data_dir} (looked for the metadata's PNG "
-            "files in that folder and its subfolders, e.g. images_001/images/)"
+        refuse(
+            f"no usable images for the {', '.join(empty)} split(s) in {settings.data_dir} (looked for the "
+            "metadata's PNG files in that folder and its subfolders, e.g. images_001/images/)"
         )
     # The box set is the localization data; half of its patients calibrate the threshold, half test it.
-    halves = np.array([patient_bucket(pid, args.seed) < 0.5 for pid in boxed["patient_id"]])
+    halves = np.array([patient_bucket(pid, settings.seed) < 0.5 for pid in boxed["patient_id"]])
     splits["loc_validation"] = boxed.select(np.flatnonzero(halves))
     splits["loc_test"] = boxed.select(np.flatnonzero(~halves))
     return splits
@@ -259,7 +276,7 @@ def prepare_split(
         logger.warning("%s: dropped %d image(s) that could not be preprocessed, e.g. %s: %s; list: %s",
                        name, len(failed), problems[0][0], problems[0][1], where)  # fmt: skip
         if len(failed) == len(dataset):
-            cli_error(f"no image of the {name} split could be read (first: {problems[0]})")
+            refuse(f"no image of the {name} split could be read (first: {problems[0]})")
         keep = [i for i in range(len(dataset)) if not errors[i]]
         dataset, processed = dataset.select(keep), processed.select(keep)
     pixels = torch.from_numpy(_uint8_pixels(processed))
@@ -368,33 +385,32 @@ class DevicePrefetcher:
             yield current
 
 
-def build_processor(args: argparse.Namespace) -> CXRImageProcessor:
+def build_processor(model_name_or_path: Optional[str], image_size: int) -> CXRImageProcessor:
     """The saved model's processor (its preprocessing, released map and threshold) when one is loaded,
-    else a new one at --image_size. A local model folder without `preprocessor_config.json` is refused:
+    else a new one at `image_size`. A local model folder without `preprocessor_config.json` is refused:
     other preprocessing, threshold and map would be used without a word."""
-    if args.model_name_or_path and Path(args.model_name_or_path).is_dir():
-        if not Path(args.model_name_or_path, "preprocessor_config.json").is_file():
-            cli_error(
-                f"--model_name_or_path {args.model_name_or_path} has no preprocessor_config.json: the model's "
+    if model_name_or_path and Path(model_name_or_path).is_dir():
+        if not Path(model_name_or_path, "preprocessor_config.json").is_file():
+            refuse(
+                f"--model_name_or_path {model_name_or_path} has no preprocessor_config.json: the model's "
                 "preprocessing, released map and threshold are unknown (save the processor beside the model)"
             )
-        return CXRImageProcessor.from_pretrained(args.model_name_or_path)
-    if args.model_name_or_path:  # a Hub id
-        return CXRImageProcessor.from_pretrained(args.model_name_or_path)
-    return CXRImageProcessor(size={"height": args.image_size, "width": args.image_size})
+        return CXRImageProcessor.from_pretrained(model_name_or_path)
+    if model_name_or_path:  # a Hub id
+        return CXRImageProcessor.from_pretrained(model_name_or_path)
+    return CXRImageProcessor(size={"height": image_size, "width": image_size})
 
 
-def prepare_all(args, processor: CXRImageProcessor, accelerator: Any) -> dict[str, PreparedSplit]:
+def prepare_all(settings: DataSettings, processor: CXRImageProcessor, accelerator: Any) -> dict[str, PreparedSplit]:
     """Every split preprocessed once (the main process builds the cache, the others read it); a split
     serving twice (phantom validation = loc_validation) is shared."""
     import datasets as hf_datasets
 
-    raw = load_raw_splits(args)
-    limits = {"train": args.max_train_samples}
+    raw = load_raw_splits(settings)
+    limits = {"train": settings.max_train_samples}
     # Outside the output folder: --overwrite_output_dir must not throw away a cache that still matches.
-    cache_dir = (
-        Path(args.cache_dir) if args.cache_dir else Path(hf_datasets.config.HF_DATASETS_CACHE) / "deit_scm_preprocessed"
-    )
+    default_cache = Path(hf_datasets.config.HF_DATASETS_CACHE) / "deit_scm_preprocessed"
+    cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache
     if not accelerator.is_local_main_process:
         hf_datasets.disable_progress_bars()
     prepared: dict[str, PreparedSplit] = {}
@@ -402,9 +418,10 @@ def prepare_all(args, processor: CXRImageProcessor, accelerator: Any) -> dict[st
     with accelerator.main_process_first():
         for name, dataset in raw.items():
             if id(dataset) not in done:
-                limit = limits.get(name, args.max_eval_samples)
+                limit = limits.get(name, settings.max_eval_samples)
                 done[id(dataset)] = prepare_split(
-                    name, dataset, processor, limit, cache_dir, args.preprocessing_num_workers, Path(args.output_dir)
+                    name, dataset, processor, limit, cache_dir, settings.preprocessing_num_workers,
+                    Path(settings.report_dir) if settings.report_dir else None,
                 )
             prepared[name] = done[id(dataset)]
     return prepared

@@ -13,8 +13,9 @@ import torch
 from tqdm.auto import tqdm
 
 from cxr_data import CLASS_NAMES
-from localization import FINE_THRESHOLDS, scoremap_to_boxes, upsample_scoremap
+from localization import scoremap_to_boxes
 from modeling_deit_scm import select_class_maps
+from wsol_boxes import FINE_THRESHOLDS, upsample_scoremap
 from wsol_data import EVALUATION_FRAME, PreparedSplit, make_loader
 from wsol_metrics import EvaluationSplit, LocalizationScores, classification_metrics, cxr_protocol, localization_table
 from wsol_reporting import calibration_report, classification_intervals, operating_points, resample_weights, softmax
@@ -44,11 +45,21 @@ class Predictions:
     loss: float  # the model's loss (`outputs.loss`), averaged over the split
 
 
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """How evaluation runs (`run_wsol.py`'s evaluation flags, resolved)."""
+
+    batch_size: int = 64  # per device
+    num_workers: int = 0  # loader workers
+    dataset: str = "phantoms"  # the prior-box baseline: the training boxes (phantoms) or validation's (NIH)
+    seed: int = 0  # the random-map baseline and the bootstrap
+
+
 @torch.no_grad()
-def predict_split(args, parts: EvaluationParts, split: PreparedSplit) -> Predictions:
+def predict_split(settings: EvaluationSettings, parts: EvaluationParts, split: PreparedSplit) -> Predictions:
     accelerator = parts.accelerator
     loader = accelerator.prepare(
-        make_loader(split, args.per_device_eval_batch_size, shuffle=False, num_workers=args.num_workers)
+        make_loader(split, settings.batch_size, shuffle=False, num_workers=settings.num_workers)
     )
     model = parts.model
     model.eval()
@@ -109,8 +120,10 @@ def classification_scores(predictions: Predictions) -> dict[str, Any]:
     return classification_metrics(predictions.labels, probabilities, CLASS_NAMES)
 
 
-def validation_metrics(args, parts: EvaluationParts, validation: PreparedSplit) -> dict[str, float]:
-    predictions = predict_split(args, parts, validation)
+def validation_metrics(
+    settings: EvaluationSettings, parts: EvaluationParts, validation: PreparedSplit
+) -> dict[str, float]:
+    predictions = predict_split(settings, parts, validation)
     scores = classification_scores(predictions)
     metrics = {"loss": predictions.loss, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
     boxed = evaluation_split(validation, predictions)
@@ -160,14 +173,16 @@ class Evaluation:
         return MAP_OUTPUTS[self.localization_map]
 
 
-def final_evaluation(args, parts: EvaluationParts, splits: dict[str, PreparedSplit]) -> Evaluation:
+def final_evaluation(
+    settings: EvaluationSettings, parts: EvaluationParts, splits: dict[str, PreparedSplit]
+) -> Evaluation:
     """Classification on validation and test; localization (with baselines) on the box splits."""
     # A split serving twice (phantom validation = loc_validation) is predicted once.
     by_split: dict[int, Predictions] = {}
     predictions = {}
     for name in ("validation", "test", "loc_validation", "loc_test"):
         if id(splits[name]) not in by_split:
-            by_split[id(splits[name])] = predict_split(args, parts, splits[name])
+            by_split[id(splits[name])] = predict_split(settings, parts, splits[name])
         predictions[name] = by_split[id(splits[name])]
     results: dict[str, Any] = {"classification": {}}
     for name in ("validation", "test"):
@@ -176,7 +191,7 @@ def final_evaluation(args, parts: EvaluationParts, splits: dict[str, PreparedSpl
         results["classification"][name]["num_samples"] = int(len(predictions[name].labels))
     val_boxed = evaluation_split(splits["loc_validation"], predictions["loc_validation"])
     test_boxed = evaluation_split(splits["loc_test"], predictions["loc_test"])
-    prior = mean_prior_box(splits["train"]) if args.dataset == "phantoms" else mean_prior_box(splits["loc_validation"])
+    prior = mean_prior_box(splits["train" if settings.dataset == "phantoms" else "loc_validation"])
     frame_maps: dict[str, list[np.ndarray]] = {}
     loc_test = splits["loc_test"]
     boxed_patients = [
@@ -185,13 +200,13 @@ def final_evaluation(args, parts: EvaluationParts, splits: dict[str, PreparedSpl
         if len(loc_test.frame_boxes[index])
     ]
     table = localization_table(
-        val_boxed, test_boxed, prior, seed=args.seed, thresholds=FINE_THRESHOLDS, upsampled_test_maps=frame_maps,
-        resample_weights=resample_weights(boxed_patients, seed=args.seed),
+        val_boxed, test_boxed, prior, seed=settings.seed, thresholds=FINE_THRESHOLDS, upsampled_test_maps=frame_maps,
+        resample_weights=resample_weights(boxed_patients, seed=settings.seed),
     )  # fmt: skip
     chosen = choose_localization_map(table)
     test_patients = patients(splits["test"], predictions["test"])
     results["classification"]["test"]["ci95"] = classification_intervals(
-        predictions["test"].labels, softmax(predictions["test"].logits), test_patients, seed=args.seed
+        predictions["test"].labels, softmax(predictions["test"].logits), test_patients, seed=settings.seed
     )
     calibration = calibration_report(
         predictions["validation"].logits, predictions["validation"].labels,
@@ -201,7 +216,7 @@ def final_evaluation(args, parts: EvaluationParts, splits: dict[str, PreparedSpl
     results["operating_points"] = operating_points(
         predictions["validation"].labels, softmax(predictions["validation"].logits, calibration["temperature"]),
         predictions["test"].labels, softmax(predictions["test"].logits, calibration["temperature"]), CLASS_NAMES,
-        test_patients, seed=args.seed,
+        test_patients, seed=settings.seed,
     )  # fmt: skip
     threshold = table[chosen]["calibrated_on_validation"]["threshold"]
     test_maps = frame_maps[chosen]

@@ -15,17 +15,13 @@ from typing import Optional
 
 import numpy as np
 
-from localization import (
+from localization import LocalizationInputError, check_scoremap, check_thresholds, quantize_scoremap, scoremap_to_boxes
+from wsol_boxes import (
     DEFAULT_THRESHOLDS,
-    LocalizationInputError,
     ThresholdBoxes,
     boxes_over_thresholds,
     check_boxes,
     check_frame_size,
-    check_scoremap,
-    check_thresholds,
-    quantize_scoremap,
-    scoremap_to_boxes,
     upsample_scoremap,
 )
 from wsol_reporting import percentile_interval

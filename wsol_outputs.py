@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -10,8 +9,9 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -130,13 +130,26 @@ def write_overlays(
     return written
 
 
-def _card_metadata(args: argparse.Namespace, results: dict[str, Any], released: str) -> Any:
+@dataclass(frozen=True)
+class CardSettings:
+    """What the model card and the Hub upload say about a run (`run_wsol.py`'s flags, resolved)."""
+
+    output_dir: str
+    dataset: str = "phantoms"
+    preset: str = "deit-micro"
+    scm_variant: str = "cxr"
+    hub_model_id: Optional[str] = None
+    hub_space_id: Optional[str] = None  # a demo Space pushed beside the model, linked from the card
+    push_to_hub: bool = False
+
+
+def _card_metadata(card: CardSettings, results: dict[str, Any], released: str) -> Any:
     """The card's YAML: `ModelCardData` with a model-index of classification and localization results."""
     from huggingface_hub import EvalResult, ModelCardData
 
     test = results["classification"]["test"]
     row = results["localization"]["methods"][released]
-    dataset_name, dataset_type = DATASET_NAMES[args.dataset]
+    dataset_name, dataset_type = DATASET_NAMES[card.dataset]
     common = {"dataset_type": dataset_type, "dataset_name": dataset_name, "dataset_split": "test"}
     classification = {"task_type": "image-classification", "task_name": "Three-class chest X-ray classification"}
     localization = {"task_type": "object-detection", "task_name": "Weakly supervised localization (heatmap boxes)"}
@@ -158,7 +171,7 @@ def _card_metadata(args: argparse.Namespace, results: dict[str, Any], released: 
         tags=["medical", "chest-x-ray", "weakly-supervised-object-localization", "deit", "scm", "custom_code"],
         datasets=[dataset_type],
         metrics=["accuracy", "f1", "roc_auc", "maxboxacc"],
-        model_name=f"deit-scm-{args.preset}-{args.scm_variant}",
+        model_name=f"deit-scm-{card.preset}-{card.scm_variant}",
         eval_results=[
             EvalResult(**task, **common, metric_type=kind, metric_value=round(float(value), 4), metric_name=name)
             for task, kind, value, name in metrics
@@ -242,21 +255,21 @@ heatmap, boxes = result["heatmap"], result["boxes"]  # original pixels
 ```"""
 
 
-def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
+def model_card(card: CardSettings, results: dict[str, Any]) -> str:
     """A Hub model card (`huggingface_hub.ModelCard`): metadata with a model-index from the results, the
     results tables, the demo and a usage snippet."""
     from huggingface_hub import ModelCard
 
     test = results["classification"]["test"]
     released = results["localization"].get("localization_map", "scm")
-    dataset_name, _ = DATASET_NAMES[args.dataset]
+    dataset_name, _ = DATASET_NAMES[card.dataset]
     threshold = results["localization"]["heatmap_threshold_from_validation"]
     body = [
-        f"{MODEL_CARD_TITLE}{args.preset}, `{args.scm_variant}` SCM) — {dataset_name}",
+        f"{MODEL_CARD_TITLE}{card.preset}, `{card.scm_variant}` SCM) — {dataset_name}",
         "",
         "DeiT with the Semantic/Spatial Calibration Module (Bai et al., ECCV 2022): classifies a chest radiograph as "
         "Atelectasis / Other pathologies / No pathologies and localizes the finding from image labels only.",
-        "" if args.dataset == "nih" else "**Trained on synthetic phantoms: a demonstration, not a medical device.**",
+        "" if card.dataset == "nih" else "**Trained on synthetic phantoms: a demonstration, not a medical device.**",
         "",
         "## Results (test split)",
         "",
@@ -272,7 +285,7 @@ def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
         "",
         "## Try it",
         "",
-        *try_it_lines(args),
+        *try_it_lines(card),
         "",
         "## Usage",
         "",
@@ -282,19 +295,19 @@ def model_card(args: argparse.Namespace, results: dict[str, Any]) -> str:
         f"at a threshold of {threshold:.2f} of the maximum: the map that localized best on the validation boxes, "
         "and its threshold there, both stored in the processor (`localization_map`, `localization_threshold`).",
     ]
-    metadata = _card_metadata(args, results, released)
+    metadata = _card_metadata(card, results, released)
     return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(body) + "\n"))
 
 
-def try_it_lines(args: argparse.Namespace) -> list[str]:
+def try_it_lines(card: CardSettings) -> list[str]:
     """The card's pointer to the demo: the Space when one is pushed, else the local command."""
-    if args.push_to_hub and args.hub_space_id:
-        return [f"A demo page: [{args.hub_space_id}](https://huggingface.co/spaces/{args.hub_space_id})."]
+    if card.push_to_hub and card.hub_space_id:
+        return [f"A demo page: [{card.hub_space_id}](https://huggingface.co/spaces/{card.hub_space_id})."]
     return [
         "Run the demo page (Gradio, offline) from a clone of the project's repository:",
         "",
         "```bash",
-        f"python demo/app.py --model {args.hub_model_id or args.output_dir}",
+        f"python demo/app.py --model {card.hub_model_id or card.output_dir}",
         "```",
     ]
 
@@ -308,7 +321,7 @@ def save_model(accelerator, model, processor: CXRImageProcessor, output_dir: Pat
     processor.save_pretrained(str(output_dir))
 
 
-def push_to_hub(args: argparse.Namespace, output_dir: Path) -> None:
+def push_to_hub(hub_model_id: str, hub_space_id: Optional[str], output_dir: Path) -> None:
     """Upload the output folder (checkpoints excluded). Offline, fail at once with a clear message."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise SystemExit(
@@ -319,18 +332,18 @@ def push_to_hub(args: argparse.Namespace, output_dir: Path) -> None:
 
     api = HfApi()
     try:
-        api.create_repo(args.hub_model_id, exist_ok=True)
+        api.create_repo(hub_model_id, exist_ok=True)
         api.upload_folder(
-            repo_id=args.hub_model_id, folder_path=str(output_dir), ignore_patterns=["checkpoints/*", "*.tmp"]
+            repo_id=hub_model_id, folder_path=str(output_dir), ignore_patterns=["checkpoints/*", "*.tmp"]
         )
-        if args.hub_space_id:
+        if hub_space_id:
             sys.path.insert(0, str(Path(__file__).resolve().parent / "demo"))
             from push_space import push_space
 
-            logger.info("demo Space: %s", push_space(args.hub_model_id, args.hub_space_id))
+            logger.info("demo Space: %s", push_space(hub_model_id, hub_space_id))
     except Exception as error:  # network and auth errors of every kind end the same way
         raise SystemExit(
-            f"run_wsol.py: error: push to {args.hub_model_id} failed ({type(error).__name__}: {error}); "
+            f"run_wsol.py: error: push to {hub_model_id} failed ({type(error).__name__}: {error}); "
             f"everything is saved in {output_dir}"
         ) from error
 
@@ -386,13 +399,15 @@ def _predict_chunk(model, processor: CXRImageProcessor, files: Sequence[str], fo
     return [rows[i] for i in range(len(files))]
 
 
-def predict_files(args, model, processor: CXRImageProcessor, output_dir: Path) -> list[dict[str, Any]]:
+def predict_files(
+    files: Sequence[str], model: Any, processor: CXRImageProcessor, output_dir: Path
+) -> list[dict[str, Any]]:
     """Predict PNG/JPEG/DICOM files: a row per file, appended to predictions/predictions.jsonl as each
     few files finish (a crash keeps what was done), then predictions.json with every row; an overlay per
     file in predictions/. A file that cannot be read is a row with its error, never an abort."""
     folder = output_dir / "predictions"
     folder.mkdir(parents=True, exist_ok=True)
-    files = list(args.predict_files)
+    files = list(files)
     model.eval()
     records: list[dict[str, Any]] = []
     stream = folder / "predictions.jsonl"
@@ -446,7 +461,8 @@ def write_results(output_dir: Path, results: dict[str, Any]) -> None:
 
 
 def write_run_outputs(
-    args: argparse.Namespace,
+    card: CardSettings,
+    evaluated: bool,
     accelerator: Any,
     model: Any,
     processor: CXRImageProcessor,
@@ -457,34 +473,14 @@ def write_run_outputs(
 ) -> None:
     """Everything a run leaves in `--output_dir`, the model first (a full disk or a crash while plotting
     must not lose it), then the results, plots and overlays, and the card last."""
-    output_dir = Path(args.output_dir)
+    output_dir = Path(card.output_dir)
     save_model(accelerator, model, processor, output_dir)
     write_results(output_dir, results)
-    if args.do_eval:
+    if evaluated:
         write_plots(output_dir, state, results)
         test, temperature = predictions["test"], results["calibration"]["temperature"]
         curves = {"softmax": softmax(test.logits), f"scaled, T = {temperature:.2f}": softmax(test.logits, temperature)}
         reliability_diagram(curves, test.labels, str(output_dir / "metrics_plots" / "reliability.png"))
         results["overlays"] = write_overlays(output_dir, splits["loc_test"], predictions["loc_test"], processor)
         write_results(output_dir, results)
-    (output_dir / "README.md").write_text(model_card(args, results if args.do_eval else _empty_results()))
-
-
-PREDICT_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
-
-
-def expand_predict_files(paths: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
-    """Files as given; a folder stands for its images (DICOM/PNG/JPEG/TIFF by suffix, sorted, not recursive)."""
-    files: list[str] = []
-    for path in paths:
-        entry = Path(path)
-        if entry.is_dir():
-            found = sorted(str(p) for p in entry.iterdir() if p.is_file() and p.suffix.lower() in PREDICT_SUFFIXES)
-            if not found:
-                parser.error(f"--predict_files: the folder {path} holds no {'/'.join(PREDICT_SUFFIXES)} files")
-            files += found
-        elif entry.is_file():
-            files.append(path)
-        else:
-            parser.error(f"--predict_files: {path} does not exist")
-    return files
+    (output_dir / "README.md").write_text(model_card(card, results if evaluated else _empty_results()))

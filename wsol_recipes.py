@@ -24,7 +24,7 @@ scales the whole recipe.
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -125,24 +125,21 @@ RECIPE_FLAGS = tuple(
 )
 
 
-def resolve_recipe(args: argparse.Namespace) -> Recipe:
-    """The recipe `args.recipe` names, `auto` resolved (scratch unless something pretrained is loaded)."""
-    if args.recipe != "auto":
-        return RECIPES[args.recipe]
-    pretrained = bool(getattr(args, "backbone_weights", None) or getattr(args, "model_name_or_path", None))
-    return RECIPES[args.scm_variant] if pretrained else RECIPES["scratch"]
+def resolve_recipe(recipe: str, scm_variant: str, pretrained: bool) -> Recipe:
+    """The recipe `recipe` names, `auto` resolved: the SCM variant's own recipe when something pretrained
+    is loaded (`pretrained`), else `scratch`."""
+    if recipe != "auto":
+        return RECIPES[recipe]
+    return RECIPES[scm_variant] if pretrained else RECIPES["scratch"]
 
 
-def apply_recipe(args: argparse.Namespace) -> Recipe:
-    """Fill every flag left at None from the recipe; record the recipe's name in `args.recipe`."""
-    recipe = resolve_recipe(args)
-    if args.learning_rate is not None and args.scm_learning_rate is None:
-        args.scm_learning_rate = args.learning_rate * recipe.scm_learning_rate / recipe.learning_rate
-    for name in RECIPE_FLAGS:
-        if getattr(args, name, None) is None:
-            setattr(args, name, getattr(recipe, name))
-    args.recipe = recipe.name
-    return recipe
+def recipe_fills(recipe: Recipe, flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The flag values the recipe supplies: every `RECIPE_FLAGS` entry left at None in `flags`, and the SCM
+    learning rate at the recipe's ratio when only `learning_rate` is given."""
+    fills = {name: getattr(recipe, name) for name in RECIPE_FLAGS if flags.get(name) is None}
+    if flags.get("learning_rate") is not None and flags.get("scm_learning_rate") is None:
+        fills["scm_learning_rate"] = flags["learning_rate"] * recipe.scm_learning_rate / recipe.learning_rate
+    return fills
 
 
-__all__ = ["Recipe", "RECIPES", "RECIPE_CHOICES", "RECIPE_FLAGS", "apply_recipe", "resolve_recipe"]
+__all__ = ["Recipe", "RECIPES", "RECIPE_CHOICES", "RECIPE_FLAGS", "recipe_fills", "resolve_recipe"]

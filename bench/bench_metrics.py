@@ -15,7 +15,7 @@ import time
 import cv2
 import numpy as np
 
-from localization import DEFAULT_THRESHOLDS
+from wsol_boxes import DEFAULT_THRESHOLDS
 from wsol_metrics import IOU_THRESHOLDS_V2, LocalizationScores
 
 

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 import wsol_reporting as reporting
-from localization import FINE_THRESHOLDS
+from wsol_boxes import FINE_THRESHOLDS
 from wsol_metrics import LocalizationScores, localization_intervals
 
 

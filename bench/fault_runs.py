@@ -9,12 +9,13 @@ The outcomes are `fault_campaign.py`'s. `data_lost` is counted beside them: a ca
 protects (a user's notes, the model being fine-tuned, a finished run, the files being predicted) is gone or
 changed afterwards, whatever the outcome. A case may also carry a check of its result (the right arrays, a
 row per predicted file, a line saying a damaged checkpoint was skipped): a result that fails it is
-silent_wrong. Every case trains or predicts with a tiny model on the CPU (about 5 minutes in all).
+silent_wrong. Every case runs `run_wsol.py` in its own process as a user would (the log is what a check
+reads), training or predicting with a tiny model on the CPU (about 10 minutes in all).
 
     python bench/fault_runs.py [--categories runs_overwrite resume_changed_flags ...]
 
-The file imports only entry points that predate issue 22 (`run_wsol.main`, `wsol_data.prepare_split`, the
-NIH readers, `demo.app.Predictor`), so it also runs on an older checkout for the "before" column.
+Besides the command line, the file uses only entry points that predate issue 22 (`wsol_data.prepare_split`,
+the NIH readers, `demo.app.Predictor`), so it also runs on an older checkout for the "before" column.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import io
 import json
 import logging
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -139,9 +141,7 @@ class Workshop:
 
     @staticmethod
     def train(output: Path, *extra: str) -> Path:
-        import run_wsol
-
-        run_wsol.main([*TINY, "--output_dir", str(output), "--do_eval", "false", *extra])
+        run_cli(*TINY, "--output_dir", str(output), "--do_eval", "false", *extra)
         return output
 
     @property
@@ -180,13 +180,26 @@ class Workshop:
         return path
 
 
+class RunFailed(RuntimeError):
+    """`run_wsol.py` ended with a traceback (an exit status other than 0 and 2)."""
+
+
+def run_cli(*argv: str, timeout: float = 900) -> None:
+    """`python run_wsol.py ARGV` as a user runs it, in its own process: exit status 2 is re-raised as
+    `SystemExit(2)` (the one-line refusal), any other failure as `RunFailed` with the last stderr line.
+    Its stderr (the log) goes to this process's stderr, where a case's check reads it."""
+    done = subprocess.run([sys.executable, str(ROOT / "run_wsol.py"), *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)  # fmt: skip
+    sys.stderr.write(done.stderr)
+    if done.returncode == 2:
+        raise SystemExit(2)
+    if done.returncode:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise RunFailed(lines[-1][:300])
+
+
 def _main(*argv: str) -> Callable[[], Any]:
-    def call() -> Any:
-        import run_wsol
-
-        return run_wsol.main(list(argv))
-
-    return call
+    return lambda: run_cli(*argv)
 
 
 def _checkpoints(run: Path) -> list[Path]:
@@ -231,7 +244,8 @@ def overwrite_cases(shop: Workshop) -> Iterator[Case]:
 
     model = shop.model_copy("in-place")
     yield Case("fine-tune in place (--model_name_or_path = --output_dir), --overwrite_output_dir",
-               _main(*train, "--model_name_or_path", str(model), "--output_dir", str(model),
+               _main(*TINY[:4], "--max_train_steps", "1", "--do_eval", "false", "--model_name_or_path", str(model),
+                     "--output_dir", str(model),
                      "--overwrite_output_dir"), protected=[model])  # fmt: skip
 
     out = shop.fresh("predict-inside")

@@ -34,11 +34,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import run_wsol
 import wsol_data
 import wsol_evaluation
-from localization import DEFAULT_THRESHOLDS, upsample_scoremap
 from modeling_deit_scm import DeiTSCMForImageClassification
+from wsol_boxes import DEFAULT_THRESHOLDS, upsample_scoremap
 from wsol_metrics import LocalizationScores, calibrated_report
 
 
@@ -81,22 +80,21 @@ def boxed_scores(boxed, seed: int, thresholds, offsets: tuple[int, ...] = ()) ->
 
 
 def score_run(run: Path, thresholds, offsets: tuple[int, ...] = ()) -> dict:
+    from accelerate import Accelerator
+
     saved = json.loads((run / "all_results.json").read_text())["args"]
-    argv = ["--model_name_or_path", str(run), "--do_train", "false", "--output_dir", "/tmp/map_choice_unused"]
-    argv += ["--seed", str(saved["seed"]), "--num_phantoms", str(saved["num_phantoms"])]
-    argv += ["--phantom_size", str(saved["phantom_size"])]
-    if saved.get("cache_dir"):
-        argv += ["--cache_dir", saved["cache_dir"]]
-    args = run_wsol.parse_args(argv)
-    processor = wsol_data.build_processor(args)
-    accelerator = run_wsol.make_accelerator(args)
-    splits = wsol_data.prepare_all(args, processor, accelerator)
+    data = wsol_data.DataSettings(seed=saved["seed"], num_phantoms=saved["num_phantoms"],
+                                  phantom_size=saved["phantom_size"], cache_dir=saved.get("cache_dir"))  # fmt: skip
+    evaluation = wsol_evaluation.EvaluationSettings(batch_size=saved["per_device_eval_batch_size"], seed=saved["seed"])
+    processor = wsol_data.build_processor(str(run), saved["image_size"])
+    accelerator = Accelerator(cpu=True)
+    splits = wsol_data.prepare_all(data, processor, accelerator)
     model = DeiTSCMForImageClassification.from_pretrained(run).eval()
     # The run's own prediction and boxed-image selection (wsol_evaluation), as the final evaluation does it.
     parts = SimpleNamespace(accelerator=accelerator, model=model, normalizer=wsol_data.PixelNormalizer(processor))
     scores = {}
     for name, seed in (("loc_validation", saved["seed"]), ("loc_test", saved["seed"] + 1)):
-        predictions = wsol_evaluation.predict_split(args, parts, splits[name])
+        predictions = wsol_evaluation.predict_split(evaluation, parts, splits[name])
         boxed = wsol_evaluation.evaluation_split(splits[name], predictions)
         scores[name] = boxed_scores(boxed, seed, thresholds, offsets)
     validation, test = scores["loc_validation"], scores["loc_test"]

@@ -597,12 +597,17 @@ def test_round_trip_through_auto_image_processor_with_remote_code(tmp_path):
     processor.save_pretrained(saved)
     config = json.loads((saved / "preprocessor_config.json").read_text())
     assert config["auto_map"] == {"AutoImageProcessor": "image_processing_cxr.CXRImageProcessor"}
-    assert {"image_processing_cxr.py", "localization.py"} <= set(os.listdir(saved))
+    assert {"image_processing_cxr.py", "cxr_decoding.py", "localization.py"} <= set(os.listdir(saved))
     image = np.random.default_rng(0).integers(0, 4096, (90, 70)).astype(np.uint16)
     np.save(tmp_path / "image.npy", image)
     expected = processor(image)["pixel_values"]
     torch.save(expected, tmp_path / "expected.pt")
+    from pydicom.data import get_testdata_file
+
+    radiograph = get_testdata_file("RG1_UNCR.dcm")
+    torch.save(processor(radiograph)["pixel_values"], tmp_path / "expected_dicom.pt")
     script = f"""
+import sys
 import numpy as np, torch
 from transformers import AutoImageProcessor
 processor = AutoImageProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True)
@@ -611,6 +616,11 @@ assert "transformers_modules" in type(processor).__module__
 assert processor.resize_mode == "pad" and processor.localization_threshold == 0.37
 out = processor(np.load({str(tmp_path / "image.npy")!r}))["pixel_values"]
 assert torch.equal(out, torch.load({str(tmp_path / "expected.pt")!r}))
+# DICOM decoding is the remote copy of cxr_decoding.py, imported relatively beside the processor.
+dicom = processor({radiograph!r})["pixel_values"]
+assert torch.equal(dicom, torch.load({str(tmp_path / "expected_dicom.pt")!r}))
+assert any(name.startswith("transformers_modules") and name.endswith("cxr_decoding") for name in sys.modules)
+assert "cxr_decoding" not in sys.modules
 print("REMOTE_OK")
 """
     result = run_outside_repo(script, elsewhere)

@@ -12,16 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from localization import (
-    DEFAULT_THRESHOLDS,
-    FINE_THRESHOLDS,
     LocalizationInputError,
     boxes_at_threshold,
-    boxes_over_thresholds,
     normalize_scoremap,
     quantize_scoremap,
     scoremap_to_boxes,
-    upsample_scoremap,
 )
+from wsol_boxes import DEFAULT_THRESHOLDS, FINE_THRESHOLDS, boxes_over_thresholds, upsample_scoremap
 from wsol_metrics import (
     EvaluationSplit,
     LocalizationScores,

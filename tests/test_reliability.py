@@ -3,7 +3,6 @@ may prune, what a failing prediction file may lose (tiny model, CPU)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -13,9 +12,11 @@ import pytest
 from PIL import Image
 from tiny_run import TINY, train_tiny
 
+import cxr_decoding
 import image_processing_cxr
 import run_wsol
 import wsol_checkpoints
+import wsol_data
 import wsol_outputs
 from cxr_data import load_dataset_module
 
@@ -56,7 +57,7 @@ def test_overwrite_refuses_to_delete_the_model_it_fine_tunes(trained, tmp_path, 
         (folder / name).write_bytes((trained / name).read_bytes())
     before = _tree(folder)
     with pytest.raises(SystemExit) as raised:
-        run_wsol.main([*TINY[:6], "--model_name_or_path", str(folder), "--output_dir", str(folder),
+        run_wsol.main([*TINY[:4], "--model_name_or_path", str(folder), "--output_dir", str(folder),
                        "--overwrite_output_dir", "--max_train_steps", "1", "--do_eval", "false"])  # fmt: skip
     assert raised.value.code == 2
     assert "nothing was deleted" in capsys.readouterr().err
@@ -69,7 +70,7 @@ def test_overwrite_refuses_to_delete_files_it_predicts(trained, tmp_path):
     (output / "all_results.json").write_text("{}")
     image = output / "predictions" / "patient.png"
     Image.fromarray(np.full((64, 64), 90, np.uint8)).save(image)
-    with pytest.raises(SystemExit):
+    with pytest.raises(wsol_data.RunInputError, match="nothing was deleted"):
         wsol_checkpoints.clear_run_outputs(output, [image])
     assert image.is_file() and (output / "all_results.json").is_file()
     # Without inputs inside, exactly the run's entries go.
@@ -120,13 +121,10 @@ def test_resume_latest_refuses_a_finished_run_without_checkpoints(trained, tmp_p
     folder.mkdir()
     for name in ("config.json", "model.safetensors"):
         (folder / name).write_bytes((trained / name).read_bytes())
-    args = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(folder))
-    with pytest.raises(SystemExit) as raised:
-        wsol_checkpoints.resolve_checkpoint(args)
-    assert raised.value.code == 2 and "finished run" in capsys.readouterr().err
+    with pytest.raises(wsol_data.RunInputError, match="finished run"):
+        wsol_checkpoints.resolve_checkpoint("latest", folder)
     # An empty folder is a first start: nothing to protect, training starts from scratch.
-    fresh = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(tmp_path / "new"))
-    assert wsol_checkpoints.resolve_checkpoint(fresh) is None
+    assert wsol_checkpoints.resolve_checkpoint("latest", tmp_path / "new") is None
 
 
 # --- 4. resuming from an older checkpoint keeps the new timeline ------------------------------------------
@@ -143,8 +141,7 @@ def test_resume_from_an_older_checkpoint_with_a_limit(tmp_path):
     assert [c.name for c in wsol_checkpoints.completed_checkpoints(output)] == ["step_4", "step_6"]
     # The abandoned timeline's step_6 is kept aside, never "latest".
     assert (output / "checkpoints" / "abandoned_step_6" / wsol_checkpoints.COMPLETE_MARKER).is_file()
-    latest = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(output))
-    assert wsol_checkpoints.resolve_checkpoint(latest).name == "step_6"
+    assert wsol_checkpoints.resolve_checkpoint("latest", output).name == "step_6"
 
 
 def test_a_damaged_checkpoint_is_never_resumed(tmp_path, capsys, caplog):
@@ -159,18 +156,14 @@ def test_a_damaged_checkpoint_is_never_resumed(tmp_path, capsys, caplog):
     data[len(data) // 2] ^= 0x10  # one flipped bit in the weights
     weights.write_bytes(bytes(data))
     assert "model.safetensors does not match" in wsol_checkpoints.checkpoint_damage(step_4)
-    latest = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(output))
     with caplog.at_level("WARNING"):
-        assert wsol_checkpoints.resolve_checkpoint(latest) == step_2
+        assert wsol_checkpoints.resolve_checkpoint("latest", output) == step_2
     assert "step_4 is damaged" in caplog.text and "falling back" in caplog.text
-    named = argparse.Namespace(resume_from_checkpoint=str(step_4), output_dir=str(output))
-    with pytest.raises(SystemExit) as raised:
-        wsol_checkpoints.resolve_checkpoint(named)
-    assert raised.value.code == 2 and "is damaged" in capsys.readouterr().err
+    with pytest.raises(wsol_data.RunInputError, match="is damaged"):
+        wsol_checkpoints.resolve_checkpoint(str(step_4), output)
     (step_2 / "train_state.json").unlink()
-    with pytest.raises(SystemExit):
-        wsol_checkpoints.resolve_checkpoint(latest)
-    assert "every checkpoint" in capsys.readouterr().err
+    with pytest.raises(wsol_data.RunInputError, match="every checkpoint"):
+        wsol_checkpoints.resolve_checkpoint("latest", output)
 
 
 def test_resume_with_changed_flags_is_refused(tmp_path, capsys):
@@ -242,7 +235,7 @@ def test_prediction_reads_each_file_once(trained, tmp_path, monkeypatch):
         opened.append(str(path))
         return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(image_processing_cxr, "open", counting_open, raising=False)
+    monkeypatch.setattr(cxr_decoding, "open", counting_open, raising=False)
     records = _predict(trained, tmp_path / "out", [image])
     assert opened.count(str(image)) == 1
     # The single read gives the processor path's answer.
@@ -580,4 +573,14 @@ def test_damaged_caches_and_nih_folders_in_the_campaign():
     rows = _campaign("fault_runs").run_categories(["cache_corruption", "nih_folders"])
     for row in rows:
         assert row["other_exception"] == row["silent_wrong"] == row["data_lost"] == 0, row
+
+
+def test_flags_a_saved_model_fixes_are_refused_with_it(trained, tmp_path, capsys):
+    """--image_size, --label_smoothing and --drop_path_rate were dropped without a word with a model folder."""
+    for flags in (["--image_size", "128"], ["--label_smoothing", "0.3"], ["--drop_path_rate", "0.2"]):
+        with pytest.raises(SystemExit) as raised:
+            run_wsol.parse_args(["--model_name_or_path", str(trained), "--output_dir", str(tmp_path / "x"), *flags])
+        assert raised.value.code == 2 and f"{flags[0]} cannot apply" in capsys.readouterr().err
+    args = run_wsol.parse_args(["--output_dir", str(tmp_path / "x")])
+    assert args.image_size == run_wsol.DEFAULT_IMAGE_SIZE  # a new model still gets the default size
 

@@ -22,6 +22,7 @@ import wsol_checkpoints
 import wsol_data
 import wsol_evaluation
 import wsol_outputs
+import wsol_training
 from cxr_data import CLASS_NAMES
 from image_processing_cxr import CXRImageProcessor
 
@@ -213,7 +214,8 @@ def test_model_card_try_it_points_to_the_demo(smoke_run, tmp_path):
     args = run_wsol.parse_args(
         ["--push_to_hub", "--hub_model_id", "o/m", "--hub_space_id", "o/m-demo", "--output_dir", str(tmp_path / "x")]
     )
-    assert wsol_outputs.try_it_lines(args) == ["A demo page: [o/m-demo](https://huggingface.co/spaces/o/m-demo)."]
+    card = run_wsol.card_settings(args)
+    assert wsol_outputs.try_it_lines(card) == ["A demo page: [o/m-demo](https://huggingface.co/spaces/o/m-demo)."]
 
 
 def test_push_offline_fails_fast_after_saving(tmp_path, monkeypatch):
@@ -257,8 +259,7 @@ def test_latest_never_picks_a_half_written_checkpoint(tmp_path):
         (folder / name).mkdir(parents=True)
         if complete:
             (folder / name / wsol_checkpoints.COMPLETE_MARKER).write_text("ok")
-    args = run_wsol.parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
-    assert wsol_checkpoints.resolve_checkpoint(args).name == "step_6"
+    assert wsol_checkpoints.resolve_checkpoint("latest", tmp_path).name == "step_6"
 
 
 def test_two_processes_gather_every_eval_sample_once(tmp_path):
@@ -386,9 +387,7 @@ def test_nih_run_with_stand_in_images(tmp_path):
     assert results["localization"]["images_validation"] + results["localization"]["images_test"] == len(boxed_images)
     assert results["classification"]["test"]["num_samples"] > 0
     splits = wsol_data.prepare_all(
-        run_wsol.parse_args(
-            ["--dataset", "nih", "--data_dir", str(data_dir), "--image_size", "64", "--output_dir", str(tmp_path / "x")]
-        ),
+        wsol_data.DataSettings(dataset="nih", data_dir=str(data_dir), report_dir=str(tmp_path / "x")),
         CXRImageProcessor(size={"height": 64, "width": 64}),
         _MainProcess(),
     )
@@ -468,7 +467,7 @@ def test_scm_warmup_epochs_train_the_blocks_only_afterwards(tmp_path, warmup, tr
 
 def _groups(args) -> dict[str, float]:
     model = run_wsol.build_model(args, torch.zeros(0, dtype=torch.long))
-    optimizer = run_wsol.build_optimizer(args, model)
+    optimizer = wsol_training.build_optimizer(run_wsol.training_settings(args), model)
     names = [g["name"] for g in model.parameter_groups()]
     return {name: group["lr"] for name, group in zip(names, optimizer.param_groups)}
 
@@ -517,7 +516,7 @@ def test_the_scratch_recipe_builds_a_token_centred_conv_stem(tmp_path):
     assert paper.config.patch_embedding == "patch" and paper.head.kernel_size == (3, 3)
 
 
-def _components(args) -> run_wsol.Components:
+def _components(args) -> wsol_training.Components:
     """Model, optimizer and scheduler for 16 blank 64x64 training images (2 steps of 8 per epoch)."""
     from accelerate import Accelerator
 
@@ -532,7 +531,8 @@ def _components(args) -> run_wsol.Components:
         ["a"] * 16,
         None,
     )
-    return run_wsol.build_components(args, Accelerator(cpu=True), model, split, torch.nn.Identity())
+    settings = run_wsol.training_settings(args)
+    return wsol_training.build_components(settings, Accelerator(cpu=True), model, split, torch.nn.Identity())
 
 
 def _learning_rates(parts, steps: int) -> list[float]:
@@ -587,7 +587,7 @@ def test_evaluation_loss_is_the_models_loss(tmp_path):
         ["a"] * count,
         None,
     )
-    predictions = wsol_evaluation.predict_split(args, parts, split)
+    predictions = wsol_evaluation.predict_split(run_wsol.evaluation_settings(args), parts, split)
     model = parts.model.eval()
     with torch.no_grad():
         logits = model(split.pixels.unsqueeze(1).float()).logits

@@ -13,7 +13,8 @@ import evaluate
 import numpy as np
 
 import datasets
-from localization import DEFAULT_THRESHOLDS, normalize_scoremap
+from localization import normalize_scoremap
+from wsol_boxes import DEFAULT_THRESHOLDS
 from wsol_metrics import LocalizationScores
 
 _CITATION = """\
