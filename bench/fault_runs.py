@@ -255,21 +255,12 @@ def overwrite_cases(shop: Workshop) -> Iterator[Case]:
                      "--output_dir", str(out), "--overwrite_output_dir", "--predict_files", str(scan)),
                protected=[scan])  # fmt: skip
 
-    out = shop.fresh("finished")
-    shutil.copytree(shop.trained, out)
-    yield Case("a finished run, trained again without --overwrite_output_dir",
-               _main(*train, "--output_dir", str(out)), protected=[out / "model.safetensors"])  # fmt: skip
+    yield from _foreign_folder_cases(shop, train)
+    yield from _finished_run_cases(shop, train)
 
-    out = shop.model_copy("finished-no-checkpoints")
-    yield Case("--resume_from_checkpoint latest in a finished run without checkpoints",
-               _main(*train, "--output_dir", str(out), "--resume_from_checkpoint", "latest"),
-               must_fail=True, protected=[out])  # fmt: skip
 
-    out = shop.fresh("a-file")
-    out.write_text("a report, not a folder")
-    yield Case("--output_dir names a file", _main(*train, "--output_dir", str(out), "--overwrite_output_dir"),
-               must_fail=True, protected=[out])  # fmt: skip
-
+def _foreign_folder_cases(shop: Workshop, train: list[str]) -> Iterator[Case]:
+    """Folders that are not a run's: a project, a repository with files of our names, a symlinked folder."""
     out = shop.fresh("project")
     (out / "src").mkdir(parents=True)
     (out / "pyproject.toml").write_text("[project]\nname = 'mine'\n")
@@ -297,6 +288,24 @@ def overwrite_cases(shop: Workshop) -> Iterator[Case]:
     yield Case("--output_dir a symlink to a user's folder, --overwrite_output_dir",
                _main(*train, "--output_dir", str(link), "--overwrite_output_dir"),
                protected=[target / "notes.txt"])  # fmt: skip
+
+
+def _finished_run_cases(shop: Workshop, train: list[str]) -> Iterator[Case]:
+    """A finished run, a file where a folder should be, and a resume from an older checkpoint."""
+    out = shop.fresh("finished")
+    shutil.copytree(shop.trained, out)
+    yield Case("a finished run, trained again without --overwrite_output_dir",
+               _main(*train, "--output_dir", str(out)), protected=[out / "model.safetensors"])  # fmt: skip
+
+    out = shop.model_copy("finished-no-checkpoints")
+    yield Case("--resume_from_checkpoint latest in a finished run without checkpoints",
+               _main(*train, "--output_dir", str(out), "--resume_from_checkpoint", "latest"),
+               must_fail=True, protected=[out])  # fmt: skip
+
+    out = shop.fresh("a-file")
+    out.write_text("a report, not a folder")
+    yield Case("--output_dir names a file", _main(*train, "--output_dir", str(out), "--overwrite_output_dir"),
+               must_fail=True, protected=[out])  # fmt: skip
 
     run = shop.run_copy("older-checkpoint")
     step_2 = _checkpoints(run)[0]
@@ -398,15 +407,23 @@ def cache_cases(shop: Workshop) -> Iterator[Case]:
         (arrow,) = cache.glob("train-*.arrow")
         return cache, arrow
 
-    cache, arrow = built("cache-flip")
-    _flip_bit(arrow)
-    yield Case("flipped bit in the cache", prepared(cache), check=equal_to_truth)
-    cache, arrow = built("cache-truncated")
-    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
-    yield Case("truncated cache", prepared(cache), check=equal_to_truth)
-    cache, arrow = built("cache-zeros")
-    arrow.write_bytes(bytes(arrow.stat().st_size))
-    yield Case("cache overwritten with zeros", prepared(cache), check=equal_to_truth)
+    def other_settings(arrow: Path) -> None:  # another setting's arrays under this setting's name
+        other_cache = shop.fresh("cache-other")
+        other = CXRImageProcessor(size={"height": 32, "width": 32}, do_clahe=False)
+        wsol_data.prepare_split("train", dataset(), other, None, other_cache)
+        shutil.copy2(next(other_cache.glob("train-*.arrow")), arrow)
+
+    damages: dict[str, Callable[[Path], Any]] = {
+        "flipped bit in the cache": _flip_bit,
+        "truncated cache": lambda arrow: _truncate(arrow, arrow.stat().st_size // 2),
+        "cache overwritten with zeros": lambda arrow: arrow.write_bytes(bytes(arrow.stat().st_size)),
+        "bytes appended to the cache": lambda arrow: arrow.write_bytes(arrow.read_bytes() + bytes(64)),
+        "another setting's cache copied over this one": other_settings,
+    }
+    for name, damage in damages.items():
+        cache, arrow = built("cache")
+        damage(arrow)
+        yield Case(name, prepared(cache), check=equal_to_truth)
     cache, arrow = built("cache-image-replaced")
 
     def replace_then_prepare() -> Any:
@@ -414,17 +431,6 @@ def cache_cases(shop: Workshop) -> Iterator[Case]:
         return prepared(cache)()
 
     yield Case("an image replaced on disk under its name", replace_then_prepare, check=equal_to_truth)
-    cache, arrow = built("cache-other-settings")
-    other = CXRImageProcessor(size={"height": 32, "width": 32}, do_clahe=False)
-    other_cache = shop.fresh("cache-other")
-    wsol_data.prepare_split("train", dataset(), other, None, other_cache)
-    (other_arrow,) = other_cache.glob("train-*.arrow")
-    shutil.copy2(other_arrow, arrow)  # another setting's arrays under this setting's name
-    yield Case("another setting's cache copied over this one", prepared(cache), check=equal_to_truth)
-    cache, arrow = built("cache-appended")
-    with open(arrow, "ab") as handle:
-        handle.write(b"\x00" * 64)
-    yield Case("bytes appended to the cache", prepared(cache), check=equal_to_truth)
 
 
 def saved_model_cases(shop: Workshop) -> Iterator[Case]:
