@@ -1,5 +1,5 @@
 """What the two datasets in `datasets/` share: the sample contract, the features, balancing by age and
-sex, patient-wise splits, and loading the dataset modules by path.
+sex, patient-wise splits. The dataset modules import this file; `cxr_datasets.py` loads them by path.
 
 Every sample, whatever its source, is a dict with
     image (PIL or encoded), label (0 Atelectasis, 1 Other_pathologies, 2 No_pathologies),
@@ -8,18 +8,15 @@ Every sample, whatever its source, is a dict with
 so training and evaluation never branch on where the data came from.
 
 `datasets/` holds no `__init__.py` (it would shadow the `datasets` library when run from the root);
-`load_dataset_module` imports a dataset's module from its file instead.
+`cxr_datasets.load_dataset_module` imports a dataset's module from its file instead.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Optional
 
 import numpy as np
@@ -29,18 +26,11 @@ from configuration_deit_scm import DEFAULT_ID2LABEL
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent
 # The classes are the model's (its config's default id2label): defined once, there.
 CLASS_NAMES = list(DEFAULT_ID2LABEL.values())
 SPLITS = ("train", "validation", "test")
 AGE_BINS = (0, 20, 40, 60, 80, 121)
 AGE_BIN_NAMES = ("0-19", "20-39", "40-59", "60-79", "80+")
-DATASET_MODULES = {
-    "nih": ROOT / "datasets" / "nih_cxr14" / "nih_cxr14.py",
-    "phantoms": ROOT / "datasets" / "cxr_phantoms" / "cxr_phantoms.py",
-}
-
-
 def write_problem_list(
     problems: Sequence[tuple[str, str]], report_dir: Optional[Path], name: str, id_column: str = "image_id"
 ) -> str:
@@ -52,20 +42,6 @@ def write_problem_list(
     report.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(list(problems), columns=[id_column, "problem"]).to_csv(report, index=False)
     return str(report)
-
-
-def load_dataset_module(name: str) -> ModuleType:
-    """Import `datasets/<folder>/<module>.py` by path (there is no package to import it from)."""
-    if name not in DATASET_MODULES:
-        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASET_MODULES)}")
-    module_name = f"cxr_dataset_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, DATASET_MODULES[name])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def sample_features():  # -> datasets.Features
@@ -183,7 +159,6 @@ __all__ = [
     "CLASS_NAMES",
     "SPLITS",
     "AGE_BIN_NAMES",
-    "load_dataset_module",
     "sample_features",
     "records_to_dataset",
     "age_bin",

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cxr_data import load_dataset_module
+from cxr_datasets import load_dataset_module
 from image_processing_cxr import CXRImageProcessor
 from wsol_data import PixelNormalizer, PreparedSplit, augment_batch, prepare_split
 

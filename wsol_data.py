@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxr_data import load_dataset_module, patient_bucket, write_problem_list
+from cxr_data import patient_bucket, write_problem_list
+from cxr_datasets import load_dataset_module
 from image_processing_cxr import CXRImageError, CXRImageProcessor
 
 logger = logging.getLogger("run_wsol")

@@ -25,7 +25,7 @@ from timing import timed
 
 import wsol_data
 from configuration_deit_scm import DeiTSCMConfig
-from cxr_data import load_dataset_module
+from cxr_datasets import load_dataset_module
 from image_processing_cxr import CXRImageProcessor
 from modeling_deit_scm import DeiTSCMForImageClassification
 

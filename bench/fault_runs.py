@@ -536,7 +536,7 @@ def nih_cases(shop: Workshop) -> Iterator[Case]:
     """NIH metadata, box lists and image folders that cannot be right are refused when read, naming them."""
     import pandas as pd
 
-    from cxr_data import load_dataset_module
+    from cxr_datasets import load_dataset_module
 
     nih = load_dataset_module("nih")
     shared = ROOT.parent / "shared" / "data" / "nih"
@@ -630,7 +630,7 @@ CATEGORIES: dict[str, Callable[[Workshop], Iterable[Case]]] = {
 
 def typed_errors(category: str) -> tuple[type, ...]:
     if category == "nih_folders":
-        from cxr_data import load_dataset_module
+        from cxr_datasets import load_dataset_module
 
         return (load_dataset_module("nih").NIHMetadataError,)
     return ()

@@ -191,7 +191,7 @@ def example_files(folder: Path, count: int = 2) -> list[str]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     paths = []
     try:
-        from cxr_data import load_dataset_module
+        from cxr_datasets import load_dataset_module
 
         phantoms = load_dataset_module("phantoms")
         folder.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,13 @@ import pytest
 from PIL import Image
 
 import cxr_data
+import cxr_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 NIH = ROOT / "tests" / "fixtures" / "nih"  # copied from ../shared/data/nih, see its README
 METADATA, BOXES = NIH / "Data_Entry_2017_sample.csv", NIH / "BBox_List_2017.csv"
-nih = cxr_data.load_dataset_module("nih")
-phantoms = cxr_data.load_dataset_module("phantoms")
+nih = cxr_datasets.load_dataset_module("nih")
+phantoms = cxr_datasets.load_dataset_module("phantoms")
 
 
 # ----------------------------------------------------------------------------- the datasets folder

@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    from cxr_data import load_dataset_module
+    from cxr_datasets import load_dataset_module
 
     folder = tmp_path_factory.mktemp("files")
     phantom = load_dataset_module("phantoms").generate_phantom(3, seed=11, label=0, size=1024)

@@ -15,7 +15,7 @@ from remote_code import run_outside_repo
 from tiny_run import train_tiny
 
 import export_onnx
-from cxr_data import load_dataset_module
+from cxr_datasets import load_dataset_module
 from image_processing_cxr import CXRImageProcessor
 from modeling_deit_scm import DeiTSCMForImageClassification
 

@@ -18,7 +18,7 @@ import run_wsol
 import wsol_checkpoints
 import wsol_data
 import wsol_outputs
-from cxr_data import load_dataset_module
+from cxr_datasets import load_dataset_module
 
 
 @pytest.fixture(scope="module")

@@ -327,7 +327,7 @@ def test_bad_nih_metadata_is_one_line(tmp_path, capsys):
 
 
 def test_preprocessing_cache_is_keyed_by_content_and_settings(tmp_path):
-    from cxr_data import load_dataset_module
+    from cxr_datasets import load_dataset_module
     from image_processing_cxr import CXRImageProcessor
 
     dataset = load_dataset_module("phantoms").build_phantom_dataset(

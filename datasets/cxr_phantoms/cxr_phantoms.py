@@ -12,7 +12,7 @@ distractors (ECG electrodes, wires, a side marker), brighter than any lesion, so
 blob" does not localize.
 
 Python:
-    module = cxr_data.load_dataset_module("phantoms")
+    module = cxr_datasets.load_dataset_module("phantoms")
     dataset_dict = module.build_phantom_dataset(num_train=1200, num_validation=200, num_test=300)
 
 CLI:

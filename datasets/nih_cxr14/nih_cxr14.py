@@ -16,7 +16,7 @@ Configurations:
                  three-class label (Atelectasis when any finding is Atelectasis).
 
 Python:
-    module = cxr_data.load_dataset_module("nih")
+    module = cxr_datasets.load_dataset_module("nih")
     manifest, summary = module.build_manifest("Data_Entry_2017_v2020.csv", "BBox_List_2017.csv")
     dataset_dict = module.build_dataset_dict("/data/nih", config="three_class")
 
