@@ -29,8 +29,9 @@ ABANDONED_PREFIX = "abandoned_"
 # removes. Anything else there (a user's notes, data, a model being fine-tuned) is never touched.
 RUN_OUTPUT_PATTERNS = (
     "all_results.json", "README.md", "config.json", "preprocessor_config.json", "model.safetensors",
-    "configuration_deit_scm.py", "modeling_deit_scm.py", "image_processing_cxr.py", "cxr_decoding.py",
-    "localization.py", "pipeline_cxr.py", "metrics_plots", "heatmap_comparisons", "localization_samples", "checkpoints",
+    "configuration_deit_scm.py", "modeling_deit_scm.py", "scm_diffusion.py", "image_processing_cxr.py",
+    "cxr_decoding.py", "localization.py", "pipeline_cxr.py",
+    "metrics_plots", "heatmap_comparisons", "localization_samples", "checkpoints",
     "predictions", "problem_images_*.csv", "run_wsol",
 )  # fmt: skip
 # Inside the folders above, what a run writes; a user's file kept there survives an overwrite.

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from timing import timed
 
 from configuration_deit_scm import BACKBONE_PRESETS, DeiTSCMConfig
-from modeling_deit_scm import DeiTSCMForImageClassification, resolve_solver
+from modeling_deit_scm import DeiTSCMForImageClassification
+from scm_diffusion import resolve_solver
 
 logger = logging.getLogger("bench_model")
 

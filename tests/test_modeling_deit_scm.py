@@ -15,15 +15,12 @@ from configuration_deit_scm import BACKBONE_PRESETS, SCM_SOLVERS, DeiTSCMConfig
 from modeling_deit_scm import (
     DeiTSCMForImageClassification,
     DeiTSCMModel,
-    GridOperator,
     interpolate_position_embeddings,
-    resolve_solver,
     select_class_maps,
     token_distances,
 )
-from modeling_deit_scm import (
-    grid_laplacian as model_grid_laplacian,
-)
+from scm_diffusion import GridOperator, resolve_solver
+from scm_diffusion import grid_laplacian as model_grid_laplacian
 
 
 def tiny_config(**overrides) -> DeiTSCMConfig:
@@ -748,7 +745,7 @@ def test_save_pretrained_writes_safetensors_and_auto_map(tmp_path):
     model.save_pretrained(tmp_path)
     files = sorted(os.listdir(tmp_path))
     assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
-    assert {"configuration_deit_scm.py", "modeling_deit_scm.py"} <= set(files)
+    assert {"configuration_deit_scm.py", "modeling_deit_scm.py", "scm_diffusion.py"} <= set(files)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_deit_scm.DeiTSCMConfig",
