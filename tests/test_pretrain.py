@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import cxr_datasets
+import pretrain_objectives
 import run_pretrain
 from convert_deit_weights import load_backbone_weights
 from modeling_deit_scm import DeiTSCMModel
@@ -81,7 +82,7 @@ def test_trained_checkpoint_converted_gives_timms_patch_tokens(supervised):
     model.blocks[-1].attn.register_forward_pre_hook(lambda module, args: captured.update(x=args[0]))
     with torch.no_grad():
         model.forward_features(pixels)
-        row = run_pretrain.cls_attention_row(model.blocks[-1].attn, captured["x"])[:, 1:]
+        row = pretrain_objectives.cls_attention_row(model.blocks[-1].attn, captured["x"])[:, 1:]
     torch.testing.assert_close(ours.cls_attention.flatten(1), row, atol=1e-6, rtol=1e-5)
     # The weights did move away from the initialization: this is a trained backbone.
     fresh = run_pretrain.create_backbone(json.loads((supervised / run_pretrain.CONFIG_FILE).read_text())["timm_kwargs"])
@@ -133,7 +134,7 @@ def test_patch_cam_and_guidance_terms_follow_their_formulas():
         block.attn.attn_drop.register_forward_hook(lambda module, inputs, output: attention.append(inputs[0]))
     pixels = torch.randn(4, 3, 32, 32)
     targets = torch.tensor([[1.0, 0, 1], [0, 0, 0], [0, 1, 0], [1, 1, 1]])
-    objective = run_pretrain.SupervisedObjective(backbone, patch_cam_weight=1.0, guidance_weight=0.5, lse_r=5.0)
+    objective = pretrain_objectives.SupervisedObjective(backbone, patch_cam_weight=1.0, guidance_weight=0.5, lse_r=5.0)
     objective.eval()
     loss = objective(pixels, targets)
     (head_gradient,) = torch.autograd.grad(loss, backbone.head.weight)
