@@ -85,7 +85,8 @@ def test_overwrite_refuses_to_delete_files_it_predicts(trained, tmp_path):
 
 def test_an_inverted_box_is_refused_when_the_box_list_is_read(tmp_path):
     nih = load_dataset_module("nih")
-    source = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih" / "BBox_List_2017.csv"
+    # The published list, as the fixture copies it (no file outside the checkout is needed).
+    source = Path(__file__).resolve().parent / "fixtures" / "nih" / "BBox_List_2017.csv"
     lines = source.read_text().splitlines()
     fields = lines[5].split(",")
     fields[4] = str(-abs(float(fields[4])))  # negative width: an inverted box
@@ -99,7 +100,7 @@ def test_an_inverted_box_is_refused_when_the_box_list_is_read(tmp_path):
     broken.write_text("\n".join(lines) + "\n")
     with pytest.raises(nih.NIHMetadataError, match="leaves the 1024x1024 image"):
         nih.read_boxes(broken)
-    assert len(nih.read_boxes(source)) == 984  # the real list passes
+    assert len(nih.read_boxes(source)) == 984  # the published list passes
 
 
 def test_the_trained_model_is_on_disk_when_evaluation_fails(tmp_path, monkeypatch):
