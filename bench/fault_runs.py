@@ -524,10 +524,9 @@ def nih_cases(shop: Workshop) -> Iterator[Case]:
     from cxr_datasets import load_dataset_module
 
     nih = load_dataset_module("nih")
-    shared = ROOT.parent / "shared" / "data" / "nih"
-    metadata = pd.read_csv(ROOT / "tests" / "fixtures" / "nih" / "Data_Entry_2017_sample.csv").head(30)
-    boxes = pd.read_csv(shared / "BBox_List_2017.csv" if shared.is_dir() else
-                        ROOT / "tests" / "fixtures" / "nih" / "BBox_List_2017.csv").head(20)  # fmt: skip
+    fixtures = ROOT / "tests" / "fixtures" / "nih"  # real NIH metadata rows and the published box list
+    metadata = pd.read_csv(fixtures / "Data_Entry_2017_sample.csv").head(30)
+    boxes = pd.read_csv(fixtures / "BBox_List_2017.csv").head(20)
 
     def table(stem: str, frame: pd.DataFrame) -> Path:
         path = shop.fresh(stem).with_suffix(".csv")
