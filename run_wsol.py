@@ -447,11 +447,6 @@ def build_model(args: argparse.Namespace, train_labels: torch.Tensor) -> DeiTSCM
     return model
 
 
-def build_optimizer(args: argparse.Namespace, model: DeiTSCMForImageClassification) -> torch.optim.Optimizer:
-    groups = model.parameter_groups(args.learning_rate, args.scm_learning_rate, args.weight_decay)
-    return torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups])
-
-
 # ================================================================================================
 # Main
 # ================================================================================================

@@ -267,15 +267,14 @@ def clear_run_outputs(output_dir: Path, keep: list[Path]) -> list[Path]:
 
 
 def load_checkpoint(
-    accelerator: Any, checkpoint: Path, flags: Optional[dict[str, Any]] = None
+    accelerator: Any, checkpoint: Path, flags: dict[str, Any]
 ) -> tuple[TrainState, Optional[dict[str, torch.Tensor]]]:
     """What `save_checkpoint` wrote: Accelerate's state restored into `accelerator`, the run's `TrainState`,
-    and the best-epoch weights (present when early stopping is on, else None). With `flags` (the current
-    run's), the recorded settings are checked first: a changed model shape is refused in one line, not
+    and the best-epoch weights (present when early stopping is on, else None). The recorded settings are
+    checked against `flags` (the current run's) first: a changed model shape is refused in one line, not
     by a size mismatch deep in `load_state`."""
     state = TrainState(**json.loads((checkpoint / "train_state.json").read_text()))
-    if flags is not None:
-        check_resumed_settings(state.settings, flags, checkpoint)
+    check_resumed_settings(state.settings, flags, checkpoint)
     accelerator.load_state(str(checkpoint))
     best = checkpoint / BEST_WEIGHTS_FILE
     if not best.is_file():
