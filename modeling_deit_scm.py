@@ -19,7 +19,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -221,6 +221,37 @@ class DeiTSCMEmbeddings(nn.Module):
         return self.dropout(tokens + position), grid
 
 
+class ClsQuery(NamedTuple):
+    """What the CLS->token attention row of one layer is computed from (the fused path never forms it)."""
+
+    query: torch.Tensor  # (batch, heads, 1, head_dim): the CLS token's query
+    keys: torch.Tensor  # (batch, heads, N + 1, head_dim)
+    bias: Optional[torch.Tensor]  # (heads, 1, N + 1) locality bias of the CLS row, or None
+    scale: float
+
+
+ClsAttention = Union[torch.Tensor, ClsQuery]
+
+
+def cls_attention_rows(queries: list[ClsQuery]) -> torch.Tensor:
+    """Sum over layers of softmax(q_cls K^T * scale + bias) averaged over heads: (batch, N + 1).
+
+    Several layers are stacked and computed in one batch: a handful of operations instead of a dozen per
+    layer (on a GPU each is a kernel launch, and twelve layers' rows cost more launches than the SCM blocks).
+    """
+    if len(queries) == 1:
+        query, keys, bias, scale = queries[0]
+        scores = (_wide(query) * scale) @ _wide(keys).transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+        return scores.softmax(dim=-1).mean(dim=1)[:, 0]
+    query = _wide(torch.stack([q.query for q in queries])) * queries[0].scale  # (L, B, H, 1, d)
+    scores = query @ _wide(torch.stack([q.keys for q in queries])).transpose(-2, -1)
+    if queries[0].bias is not None:
+        scores = scores + torch.stack([q.bias for q in queries]).unsqueeze(1).to(scores.dtype)
+    return scores.softmax(dim=-1).mean(dim=2).sum(dim=0)[:, 0]
+
+
 class DeiTSCMAttention(nn.Module):
     """Multi-head self-attention that also returns the CLS query's attention row.
 
@@ -256,7 +287,10 @@ class DeiTSCMAttention(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, need_cls_attention: bool = False, distances: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, Optional[ClsAttention]]:
+        """The attended tokens and, when asked, the CLS row: computed (eager path) or as the `ClsQuery` that
+        `cls_attention_rows` turns into it (fused path), so that an encoder can take all its layers' rows
+        in one batch."""
         batch, tokens, dim = hidden.shape
         qkv = self.qkv(hidden).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -267,10 +301,7 @@ class DeiTSCMAttention(nn.Module):
             mask = bias.to(q.dtype) if bias is not None else None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
             if need_cls_attention:
-                scores = (_wide(q[:, :, :1]) * self.scale) @ _wide(k).transpose(-2, -1)
-                if bias is not None:
-                    scores = scores + bias[:, :1].to(scores.dtype)
-                cls_attention = scores.softmax(dim=-1).mean(dim=1)[:, 0]
+                cls_attention = ClsQuery(q[:, :, :1], k, bias[:, :1] if bias is not None else None, self.scale)
         else:
             scores = _wide((q * self.scale) @ k.transpose(-2, -1))
             probs = (scores + bias.to(scores.dtype) if bias is not None else scores).softmax(dim=-1)
@@ -322,7 +353,7 @@ class DeiTSCMLayer(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, need_cls_attention: bool = False, distances: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, Optional[ClsAttention]]:
         attended, cls_attention = self.attention(self.layernorm_before(hidden), need_cls_attention, distances)
         hidden = hidden + self.drop_path(attended)
         hidden = hidden + self.drop_path(self.mlp(self.layernorm_after(hidden)))
@@ -359,14 +390,20 @@ class DeiTSCMEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
         """`grid` (rows, columns) of the patch tokens: needed only with `attention_locality`."""
         all_hidden = (hidden,) if output_hidden_states else None
-        cls_attention = None
+        rows: list[torch.Tensor] = []
+        queries: list[ClsQuery] = []
         distances = token_distances(grid, hidden.device) if self.local and grid is not None else None
         for index, layer in enumerate(self.layer):
             hidden, row = layer(hidden, need_cls_attention=index in self.attention_layers, distances=distances)
-            if row is not None:
-                cls_attention = row if cls_attention is None else cls_attention + row
+            if isinstance(row, ClsQuery):
+                queries.append(row)
+            elif row is not None:
+                rows.append(row)
             if output_hidden_states:
                 all_hidden = all_hidden + (hidden,)
+        if queries:
+            rows.append(cls_attention_rows(queries))
+        cls_attention = rows[0] if len(rows) == 1 else torch.stack(rows).sum(dim=0)
         return hidden, cls_attention, all_hidden
 
 

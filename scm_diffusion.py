@@ -35,9 +35,53 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
 def minmax_normalize(maps: torch.Tensor, start_dim: int = 1) -> torch.Tensor:
     """(x - min) / (max - min) over the dimensions from `start_dim` on; constant maps become 0."""
     flat = maps.flatten(start_dim)
+    if torch.is_grad_enabled() and flat.requires_grad:
+        return _MinMax.apply(flat).view_as(maps)
     low = flat.amin(dim=-1, keepdim=True)
     high = flat.amax(dim=-1, keepdim=True)
     return ((flat - low) / (high - low).clamp_min(_MINMAX_EPS)).view_as(maps)
+
+
+def _minmax_forward(flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(normalized, span, clamped span, index of the min, index of the max) of (batch, M) rows."""
+    low, low_index = flat.min(dim=-1, keepdim=True)
+    high, high_index = flat.max(dim=-1, keepdim=True)
+    span = high - low
+    spread = span.clamp_min(_MINMAX_EPS)
+    return (flat - low) / spread, span, spread, low_index, high_index
+
+
+def _minmax_backward(
+    grad: torch.Tensor,
+    normalized: torch.Tensor,
+    span: torch.Tensor,
+    spread: torch.Tensor,
+    low_index: torch.Tensor,
+    high_index: torch.Tensor,
+) -> torch.Tensor:
+    """The gradient of D = (a - min a) / max(max a - min a, eps) with respect to a: grad / spread, and at the
+    min and max entries the gradient of min and max (the span's only where it was not clamped). Where
+    min or max ties, it goes to one of the tied entries (as `torch.max(dim)`'s), not shared among them (as
+    `amax`'s): either is a subgradient."""
+    scaled = grad / spread
+    total = scaled.sum(dim=1, keepdim=True)
+    weighted = torch.bmm(scaled.unsqueeze(1), normalized.unsqueeze(2)).squeeze(2) * (span > _MINMAX_EPS)
+    return scaled.scatter_add(1, low_index, weighted - total).scatter_add(1, high_index, -weighted)
+
+
+class _MinMax(torch.autograd.Function):
+    """`minmax_normalize` of (batch, M) rows with a backward of ten operations (autograd's takes about
+    twenty-five: a GPU launches each)."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: torch.Tensor) -> torch.Tensor:
+        normalized, *saved = _minmax_forward(flat)
+        ctx.save_for_backward(normalized, *saved)
+        return normalized
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return _minmax_backward(grad, *ctx.saved_tensors)
 
 
 def grid_offsets(connectivity: int) -> list[tuple[int, int]]:
@@ -133,56 +177,114 @@ def grid_laplacian(
     return torch.diag(adjacency.sum(dim=1)) - adjacency
 
 
-def dense_operator(semantic: torch.Tensor, lam: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
-    """L = lap * (lambda * E - 1) as a (batch, N, N) matrix, E = cos(S_i, S_j) from one batched product."""
-    unit = F.normalize(semantic.flatten(2), dim=1, eps=_MINMAX_EPS)  # (B, C, N)
-    similarity = torch.bmm(unit.transpose(1, 2), unit)
-    return laplacian * (lam * similarity - 1.0)
+class _DenseDiffusion(torch.autograd.Function):
+    """One SCM block on the dense operator, forward and backward written by hand (the GPU path).
 
-
-class _DenseNewtonSchulz(torch.autograd.Function):
-    """v^T X_k for the official iteration X0 = alpha * L^T (no gradient), X <- 2X - X M with M = L X, and its
-    backward written by hand: per iteration, with G the gradient of X_{j+1} and A = X_j^T G,
-        dL += -A X_j^T,   dX_j = 2G - G M_j^T - L^T A,
-    four batched products (autograd's own graph dispatches about twelve operations per iteration)."""
+    Autograd would dispatch about 120 operations for a block of four iterations, most of them tiny
+    element-wise ones; by hand it takes about 65. The quantities (flat semantic s (B, C, N), attention v
+    (B, N)): U = s / max(|s|, eps), E = U^T U, K = -L = lap - lambda lap * E (the operator's negative, so
+    that each step is one fused product), X0 = alpha L (no gradient, as the official code), X <- 2X + X (K X),
+    y = X^T v, z = y / (beta max(max v, eps)), a = z - tanh z, D = (a - min a) / max(max a - min a, eps),
+    s' = s (1 + D), v' = v + D. The max of v and the min-max of a take their gradients as
+    `_minmax_backward` says.
+    """
 
     @staticmethod
-    def forward(ctx: Any, operator: torch.Tensor, vectors: torch.Tensor, iterations: int, alpha: float) -> torch.Tensor:
-        iterate = alpha * operator.detach().transpose(-2, -1)
+    def forward(
+        ctx: Any,
+        semantic: torch.Tensor,
+        attention: torch.Tensor,
+        lam: torch.Tensor,
+        beta: torch.Tensor,
+        laplacian: torch.Tensor,
+        iterations: int,
+        alpha: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = torch.linalg.vector_norm(semantic, dim=1, keepdim=True)  # (B, 1, N)
+        clamped = norm.clamp_min(_MINMAX_EPS)
+        unit = semantic / clamped
+        similarity = torch.bmm(unit.transpose(1, 2), unit)
+        scaled = lam * laplacian
+        negative = torch.addcmul(laplacian, scaled, similarity, value=-1.0)  # K = -L
+        iterate = negative * -alpha
         iterates, products = [], []
         for _ in range(iterations):
-            product = torch.bmm(operator, iterate)
+            product = torch.bmm(negative, iterate)  # K X = -L X
             iterates.append(iterate)
             products.append(product)
-            iterate = torch.baddbmm(iterate, iterate, product, beta=2.0, alpha=-1.0)
-        ctx.save_for_backward(operator, vectors, iterate, *iterates, *products)
-        ctx.iterations = iterations
-        return torch.bmm(vectors.unsqueeze(1), iterate).squeeze(1)
+            iterate = torch.baddbmm(iterate, iterate, product, beta=2.0)
+        diffused = torch.bmm(attention.unsqueeze(1), iterate).squeeze(1)
+        peak, peak_index = attention.max(dim=1, keepdim=True)
+        peak = peak.clamp_min(_MINMAX_EPS)
+        threshold = peak * beta
+        scaled_diffused = diffused / threshold
+        tanh = torch.tanh(scaled_diffused)
+        shrunk = scaled_diffused - tanh
+        normalized, span, spread, low_index, high_index = _minmax_forward(shrunk)
+        ctx.save_for_backward(
+            semantic, attention, beta, laplacian, scaled, norm, clamped, unit, similarity, negative, iterate,
+            peak, peak_index, threshold, scaled_diffused, tanh, low_index, high_index, span, spread, normalized,
+            *iterates, *products,
+        )  # fmt: skip
+        ctx.iterations, ctx.lam_shape = iterations, lam.shape
+        return torch.addcmul(semantic, semantic, normalized.unsqueeze(1)), attention + normalized
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        operator, vectors, last, *saved = ctx.saved_tensors
+    def backward(ctx: Any, grad_semantic: torch.Tensor, grad_attention: torch.Tensor) -> tuple[Any, ...]:
+        (semantic, attention, beta, laplacian, scaled, norm, clamped, unit, similarity, negative, last, peak,
+         peak_index, threshold, scaled_diffused, tanh, low_index, high_index, span, spread, normalized,
+         *saved) = ctx.saved_tensors  # fmt: skip
         iterates, products = saved[: ctx.iterations], saved[ctx.iterations :]
-        grad_vectors = torch.bmm(last, grad.unsqueeze(-1)).squeeze(-1) if ctx.needs_input_grad[1] else None
-        if not ctx.needs_input_grad[0]:
-            return None, grad_vectors, None, None
-        grad_iterate = vectors.unsqueeze(-1) * grad.unsqueeze(1)  # d(v^T X)/dX = v g^T
-        grad_operator = torch.zeros_like(operator)
-        for iterate, product in zip(reversed(iterates), reversed(products)):
-            inner = torch.bmm(iterate.transpose(-2, -1), grad_iterate)
-            grad_operator = torch.baddbmm(grad_operator, inner, iterate.transpose(-2, -1), alpha=-1.0)
-            grad_iterate = torch.baddbmm(grad_iterate, grad_iterate, product.transpose(-2, -1), beta=2.0, alpha=-1.0)
-            grad_iterate = torch.baddbmm(grad_iterate, operator.transpose(-2, -1), inner, alpha=-1.0)
-        return grad_operator, grad_vectors, None, None
+        # s' = s (1 + D), v' = v + D
+        grad_input = torch.addcmul(grad_semantic, grad_semantic, normalized.unsqueeze(1))
+        grad_normalized = (grad_semantic * semantic).sum(dim=1) + grad_attention
+        grad_shrunk = _minmax_backward(grad_normalized, normalized, span, spread, low_index, high_index)
+        # a = z - tanh z;  z = y / threshold, threshold = beta * max(peak, eps)
+        grad_diffused = grad_shrunk * tanh.square() / threshold
+        # Row and whole-tensor dot products as one product each (bmm, vdot): one launch, not two.
+        grad_threshold = -torch.bmm(grad_diffused.unsqueeze(1), scaled_diffused.unsqueeze(2)).squeeze(2)
+        grad_beta = torch.vdot(grad_threshold.flatten(), peak.flatten()).view_as(beta)
+        grad_peak = grad_threshold * beta * (peak > _MINMAX_EPS)
+        # y = X_k^T v, X_k by the iteration from a start without gradient
+        grad_vectors = torch.baddbmm(grad_attention.unsqueeze(-1), last, grad_diffused.unsqueeze(-1)).squeeze(-1)
+        grad_vectors = grad_vectors.scatter_add(1, peak_index, grad_peak)
+        grad_negative = _negative_operator_gradient(negative, iterates, products, attention, grad_diffused)
+        # K = lap - lambda lap * E, E = U^T U, U = s / max(|s|, eps)
+        weighted_lap = grad_negative * laplacian
+        grad_lam = torch.vdot(weighted_lap.flatten(), similarity.flatten()).neg().view(ctx.lam_shape)
+        # dE = -lambda lap * dK; the sign is carried to the last line.
+        grad_similarity = grad_negative * scaled
+        grad_unit = torch.bmm(unit, grad_similarity + grad_similarity.transpose(1, 2))
+        radial = (grad_unit * unit).sum(dim=1, keepdim=True) * (norm > _MINMAX_EPS)
+        grad_input = grad_input - torch.addcmul(grad_unit, unit, radial, value=-1.0) / clamped
+        return grad_input, grad_vectors, grad_lam, grad_beta, None, None, None
 
 
-def newton_schulz_dense(operator: torch.Tensor, vectors: torch.Tensor, iterations: int, alpha: float) -> torch.Tensor:
-    """X_k^T v by the official iteration on a dense L: X0 = alpha * L^T built without gradient, then
-    X <- 2X - X (L X), two batched matrix products per iteration and four in the backward (the GPU path:
-    a handful of large kernels per block instead of thousands of small stencil ones)."""
-    if iterations == 0:
-        return torch.bmm(vectors.unsqueeze(1), alpha * operator.detach().transpose(-2, -1)).squeeze(1)
-    return _DenseNewtonSchulz.apply(operator, vectors, iterations, alpha)
+def _negative_operator_gradient(
+    negative: torch.Tensor,
+    iterates: list[torch.Tensor],
+    products: list[torch.Tensor],
+    vectors: torch.Tensor,
+    grad: torch.Tensor,
+) -> torch.Tensor:
+    """The gradient of y = X_k^T v with respect to K = -L, through X <- 2X + X (K X) (X0 held constant).
+
+    With G the gradient of X_{j+1} and A = X_j^T G: G_j = 2G + G (K X_j)^T + K^T A and dK += A X_j^T. The
+    A X_j^T terms are summed at the end as one product of concatenated blocks (a k-fold shorter launch
+    sequence for long iterations)."""
+    grad_iterate = vectors.unsqueeze(-1) * grad.unsqueeze(1)  # d(v^T X)/dX = v g^T
+    inners = []
+    for iterate, product in zip(reversed(iterates), reversed(products)):
+        inner = torch.bmm(iterate.transpose(1, 2), grad_iterate)
+        inners.append(inner)
+        grad_iterate = torch.baddbmm(grad_iterate, grad_iterate, product.transpose(1, 2), beta=2.0)
+        grad_iterate = torch.baddbmm(grad_iterate, negative.transpose(1, 2), inner)
+    if not inners:
+        return torch.zeros_like(negative)
+    if len(inners) == 1:
+        return torch.bmm(inners[0], iterates[0].transpose(1, 2))
+    ordered = list(reversed(iterates))
+    return torch.bmm(torch.cat(inners, dim=2), torch.cat([x.transpose(1, 2) for x in ordered], dim=1))
 
 
 # Up to this many Newton-Schulz iterations the polynomial is summed term by term (2^k - 1
@@ -271,9 +373,11 @@ class DeiTSCMDiffusionBlock(nn.Module):
         if solver == "dense":
             if laplacian is None:
                 laplacian = grid_laplacian(height, width, self.connectivity, semantic.device, semantic.dtype)
-            operator = dense_operator(semantic, self.lam, laplacian)
-            diffused = newton_schulz_dense(operator, attention, self.iterations, self.alpha)
-        elif solver == "newton_schulz":
+            flat, attention = _DenseDiffusion.apply(
+                semantic.flatten(2), attention, self.lam, self.beta, laplacian, self.iterations, self.alpha
+            )
+            return flat.view_as(semantic), attention
+        if solver == "newton_schulz":
             inverse = newton_schulz_inverse(
                 GridOperator(semantic, self.lam, self.connectivity), self.iterations, self.alpha
             )
@@ -301,17 +405,28 @@ class DeiTSCMSpatialCalibration(nn.Module):
                 for i in range(config.scm_num_blocks)
             ]
         )
+        self._laplacians: dict[tuple, torch.Tensor] = {}
+
+    def laplacian(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The grid's dense lap, built once per grid, device and dtype (about fifteen operations saved per
+        step); under torch.compile it is built in the graph, which makes it a constant."""
+        connectivity = self.blocks[0].connectivity
+        if torch.compiler.is_compiling():
+            return grid_laplacian(height, width, connectivity, device, dtype)
+        key = (height, width, str(device), dtype)
+        if key not in self._laplacians:
+            self._laplacians[key] = grid_laplacian(height, width, connectivity, device, dtype)
+        return self._laplacians[key]
 
     def forward(self, semantic: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """semantic (B, C, h, w), attention (B, N) in [0, 1] -> calibrated (semantic, attention)."""
         # Newton-Schulz needs fp32: in bf16 the iteration does not converge to the inverse.
         with torch.autocast(device_type=semantic.device.type, enabled=False):
-            dtype = torch.promote_types(semantic.dtype, torch.float32)
-            semantic, attention = semantic.to(dtype), attention.to(dtype)
+            semantic = _wide(semantic)
+            attention, dtype = attention.to(semantic.dtype), semantic.dtype
             laplacian = None
             if self.blocks and resolve_solver(self.blocks[0].solver, semantic.device) == "dense":
-                height, width = semantic.shape[-2:]
-                laplacian = grid_laplacian(height, width, self.blocks[0].connectivity, semantic.device, dtype)
+                laplacian = self.laplacian(*semantic.shape[-2:], semantic.device, dtype)
             for block in self.blocks:
                 semantic, attention = block(semantic, attention, laplacian)
         return semantic, attention

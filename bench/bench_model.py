@@ -202,6 +202,8 @@ def count_operations(model: torch.nn.Module, pixels: torch.Tensor, labels: torch
             return func(*args, **(kwargs or {}))
 
     model.train()
+    with torch.no_grad():
+        model(pixels)  # once before counting: what is built on the first call only (the grid's Laplacian)
     with Counter() as train:
         F.cross_entropy(logits_of(model(pixels)).float(), labels).backward()
     model.eval()

@@ -19,7 +19,7 @@ from modeling_deit_scm import (
     select_class_maps,
     token_distances,
 )
-from scm_diffusion import GridOperator, resolve_solver
+from scm_diffusion import DeiTSCMSpatialCalibration, GridOperator, minmax_normalize, resolve_solver
 from scm_diffusion import grid_laplacian as model_grid_laplacian
 
 
@@ -244,6 +244,47 @@ def reference_scm(semantic, attention, lambdas, betas, iterations, connectivity=
         semantic = semantic + semantic * diffused.view(batch, 1, height, width)
         attention = attention + diffused
     return semantic, attention
+
+
+def test_minmax_gradient_equals_autograds():
+    """The hand-written min-max backward (used in training) equals autograd's through amin/amax in
+    float64, clamped rows (constant maps) included."""
+    torch.manual_seed(0)
+    maps = torch.rand(4, 3, 5, dtype=torch.float64)
+    maps[3] = 0.25  # constant: the span is clamped and the map becomes 0
+    maps.requires_grad_(True)
+    weights = torch.randn(4, 3, 5, dtype=torch.float64)
+    ours = minmax_normalize(maps)
+    flat = maps.flatten(1)
+    low, high = flat.amin(dim=-1, keepdim=True), flat.amax(dim=-1, keepdim=True)
+    expected = ((flat - low) / (high - low).clamp_min(1e-12)).view_as(maps)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), maps)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), maps)
+    torch.testing.assert_close(grad_ours[:3], grad_expected[:3], atol=1e-12, rtol=1e-10)
+    # A constant map: D = (a - min) / eps. Autograd spreads the min's gradient over the tied entries, ours
+    # gives it to one; both are g / eps elsewhere and sum to zero (the map does not move as a whole).
+    for grad in (grad_ours[3], grad_expected[3]):
+        assert grad.abs().max() > 1e10 and grad.sum().abs() < 1e-12 * grad.abs().max() * grad.numel()
+    differs = (grad_ours[3] - grad_expected[3]).abs() > 1e-3 * grad_ours[3].abs().max()
+    assert differs.sum() == grad_ours[3].numel()  # every entry shares the min's gradient in autograd's
+    untouched = grad_ours[3].flatten() == (weights[3] / 1e-12).flatten()
+    assert untouched.sum() == grad_ours[3].numel() - 1  # ours: all but the one chosen entry
+
+
+def test_dense_path_builds_the_laplacian_per_grid():
+    """The dense path caches the grid's Laplacian: a second grid size gets its own, not the first one's."""
+    config = tiny_config(scm_solver="dense", **_variant_fields("cxr"))
+    torch.manual_seed(2)
+    cached = DeiTSCMSpatialCalibration(config).double()
+    for height, width in ((5, 4), (3, 6), (5, 4)):
+        semantic = torch.randn(2, 3, height, width, dtype=torch.float64)
+        attention = torch.rand(2, height * width, dtype=torch.float64)
+        fresh = DeiTSCMSpatialCalibration(config).double()
+        fresh.load_state_dict(cached.state_dict())
+        for got, want in zip(cached(semantic, attention), fresh(semantic, attention)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(cached._laplacians) == 2
 
 
 class TestSCM:

@@ -38,6 +38,19 @@ def test_dense_solver_dispatches_far_fewer_operations(bench_model):
         assert counts["dense"]["train"] > timm_ops["train"]  # the SCM blocks are counted at all
 
 
+def test_gpu_path_keeps_cxr_within_twice_timms_operations(bench_model):
+    """Issue 24's CPU-measurable goal, kept: at DeiT-S dimensions a `cxr` training step on the dense path
+    dispatches at most twice timm's operations, and inference (paper's twelve CLS rows batched) at most
+    1.2 times."""
+    settings = argparse.Namespace(preset="deit-small", image_size=224, device="cpu", solver="dense")
+    pixels, labels = torch.randn(2, 3, 224, 224), torch.tensor([0, 2])
+    timm_ops = bench_model.count_operations(bench_model.build_model("timm", settings), pixels, labels)
+    cxr = bench_model.count_operations(bench_model.build_model("cxr", settings), pixels, labels)
+    paper = bench_model.count_operations(bench_model.build_model("paper", settings), pixels, labels)
+    assert cxr["train"] <= 2 * timm_ops["train"]
+    assert max(cxr["infer"], paper["infer"]) <= 1.2 * timm_ops["infer"]
+
+
 def test_prefetcher_passes_batches_through_on_the_cpu():
     pixels = torch.arange(40, dtype=torch.uint8).view(10, 2, 2)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(pixels, torch.arange(10)), batch_size=4)
