@@ -3,7 +3,7 @@
     python export_onnx.py --model outputs/wsol --output outputs/wsol/model.onnx
 
 The graph is the inference path (the SCM blocks do not run at inference): `pixel_values` (batch, 3, H, W)
--> `logits` (batch, C), `probabilities` (batch, C; temperature-scaled), `localization_maps` (batch, C,
+-> `logits` (batch, C), `probabilities` (batch, C; temperature-scaled), `coupled_maps` (batch, C,
 h, w; F0 * S0), `semantic_maps` (batch, C, h, w; S0) and `attention_maps` (batch, h, w; F0). The batch
 axis is dynamic. torch.onnx's TorchDynamo exporter writes it (opset `OPSET`); `optimum` was not used: its
 exporters need a model-type config of their own for every architecture, which a custom remote-code model
@@ -27,7 +27,7 @@ import torch
 logger = logging.getLogger("export_onnx")
 
 OPSET = 18
-OUTPUT_NAMES = ("logits", "probabilities", "localization_maps", "semantic_maps", "attention_maps")
+OUTPUT_NAMES = ("logits", "probabilities", "coupled_maps", "semantic_maps", "attention_maps")
 
 
 class InferenceGraph(torch.nn.Module):

@@ -37,11 +37,11 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 try:  # as remote code, beside this file; else from the checkout
     from .cxr_decoding import CXRImageError, DecodeOptions, ImageLike, decode, typed_errors
     from .localization import LocalizationInputError, boxes_with_scores, check_thresholds
-    from .localization import normalize_scoremap, overlay_heatmap
+    from .localization import LEGACY_MAP_NAMES, MAP_LABELS, map_output, normalize_scoremap, overlay_heatmap
 except ImportError:
     from cxr_decoding import CXRImageError, DecodeOptions, ImageLike, decode, typed_errors
     from localization import LocalizationInputError, boxes_with_scores, check_thresholds
-    from localization import normalize_scoremap, overlay_heatmap
+    from localization import LEGACY_MAP_NAMES, MAP_LABELS, map_output, normalize_scoremap, overlay_heatmap
 # isort: on
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 # The model outputs post_process_localization can localize with (see `localization_map`).
-LOCALIZATION_MAPS = ("localization_maps", "semantic_maps", "attention_maps")
+LOCALIZATION_MAPS = tuple(map_output(name) for name in MAP_LABELS)
 
 
 
@@ -182,10 +182,11 @@ class CXRImageProcessor(BaseImageProcessor):
             its header says, before anything is decoded) is refused with `CXRImageError`: a PNG header
             claiming 30000 x 30000 pixels would otherwise allocate gigabytes. Full-field digital
             radiographs are 10-30 megapixels.
-        localization_map (`str`, defaults to `"localization_maps"`): which model output
-            `post_process_localization` localizes with: `"localization_maps"` (F0 * S0, the paper's
+        localization_map (`str`, defaults to `"coupled_maps"`): which model output
+            `post_process_localization` localizes with: `"coupled_maps"` (F0 * S0, the paper's
             inference map), `"semantic_maps"` (S0, plain CAM) or `"attention_maps"` (F0). `run_wsol.py`
-            stores the one that localized best on the validation boxes.
+            stores the one that localized best on the validation boxes. The name saved by earlier
+            versions, `"localization_maps"`, is read as `"coupled_maps"`.
         localization_threshold (`float`, defaults to 0.5): tau for `post_process_localization`;
             training writes the value calibrated on the validation split here.
     """
@@ -219,7 +220,7 @@ class CXRImageProcessor(BaseImageProcessor):
         strict: bool = False,
         max_image_pixels: int = 100_000_000,
         localization_threshold: float = 0.5,
-        localization_map: str = "localization_maps",
+        localization_map: str = "coupled_maps",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -250,7 +251,9 @@ class CXRImageProcessor(BaseImageProcessor):
         self.strict = strict
         self.max_image_pixels = max_image_pixels
         self.localization_threshold = localization_threshold
-        self.localization_map = localization_map
+        if localization_map in LEGACY_MAP_NAMES:  # a configuration saved before the maps were renamed
+            logger.info("localization_map %r is now called %r", localization_map, LEGACY_MAP_NAMES[localization_map])
+        self.localization_map = LEGACY_MAP_NAMES.get(localization_map, localization_map)
         self._check_settings()
 
     def _check_settings(self) -> None:
@@ -599,6 +602,7 @@ class CXRImageProcessor(BaseImageProcessor):
         """
         # ModelOutput is a dict too, so both the model's output and a plain dict index alike.
         key = self.localization_map if localization_map is None else localization_map
+        key = LEGACY_MAP_NAMES.get(key, key)
         if key not in LOCALIZATION_MAPS:
             raise ValueError(f"localization_map must be one of {LOCALIZATION_MAPS}, got {key!r}")
         maps, logits = outputs[key], outputs["logits"]

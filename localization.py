@@ -21,7 +21,7 @@ This file is uploaded with the model as remote code, so it imports only numpy an
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -29,6 +29,34 @@ try:
     import cv2
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("localization needs OpenCV: pip install opencv-python-headless") from error
+
+# The three maps, one name each from model output to results, plots, card, demo and bench (TS-CAM's terms,
+# Gao et al., ICCV 2021: the semantic-agnostic attention F0, the semantic-aware map S0, their coupling).
+# Model output `<name>_maps`; results key `<name>`. "coupled", not "scm": at inference the SCM blocks do not
+# run, and F0 * S0 is TS-CAM's map as much as SCM's.
+MAP_LABELS = {
+    "coupled": "F₀⊙S₀ (coupled map)",
+    "semantic": "S₀ (semantic map, CAM)",
+    "attention": "F₀ (attention map)",
+}
+# Names written before the vocabulary was settled: read (old results, old processor configs), never written.
+LEGACY_MAP_NAMES = {"scm": "coupled", "localization_maps": "coupled_maps"}
+
+
+def current_map_names(value: Any) -> Any:
+    """`value` (results JSON, nested dicts and lists) with the legacy map names, as keys or string values,
+    replaced by the current ones: how results written by earlier versions are read."""
+    if isinstance(value, dict):
+        return {LEGACY_MAP_NAMES.get(k, k): current_map_names(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [current_map_names(v) for v in value]
+    return LEGACY_MAP_NAMES.get(value, value) if isinstance(value, str) else value
+
+
+def map_output(name: str) -> str:
+    """The model output holding map `name` ("coupled" -> "coupled_maps")."""
+    return f"{name}_maps"
+
 
 # OpenCV 3 returns (image, contours, hierarchy); 4 and later (contours, hierarchy).
 _CONTOUR_INDEX = 1 if cv2.__version__.split(".")[0] == "3" else 0

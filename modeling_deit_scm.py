@@ -37,6 +37,7 @@ try:  # as remote code, beside this file; else from the checkout
         DeiTSCMSpatialCalibration,
         _wide,
         minmax_normalize,
+        resolve_solver,
     )
 except ImportError:
     from configuration_deit_scm import DeiTSCMConfig, _pair
@@ -46,6 +47,7 @@ except ImportError:
         DeiTSCMSpatialCalibration,
         _wide,
         minmax_normalize,
+        resolve_solver,
     )
 
 # --------------------------------------------------------------------------------------------------
@@ -81,7 +83,7 @@ class DeiTSCMImageClassifierOutput(ModelOutput):
             cross-entropy, when `labels` are given.
         logits (`torch.FloatTensor` of shape `(batch, num_labels)`): the semantic maps pooled
             (`config.scm_pooling`): after the SCM blocks when they ran (training), S0 otherwise.
-        localization_maps (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`): F0 * S0, the
+        coupled_maps (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`): F0 * S0, the
             map the paper localizes with at inference.
         attention_maps (`torch.FloatTensor` of shape `(batch, h, w)`): F0, the min-max normalized
             CLS->patch attention.
@@ -98,7 +100,7 @@ class DeiTSCMImageClassifierOutput(ModelOutput):
 
     loss: Optional[torch.FloatTensor] = None
     logits: Optional[torch.FloatTensor] = None
-    localization_maps: Optional[torch.FloatTensor] = None
+    coupled_maps: Optional[torch.FloatTensor] = None
     attention_maps: Optional[torch.FloatTensor] = None
     semantic_maps: Optional[torch.FloatTensor] = None
     calibrated_attention_maps: Optional[torch.FloatTensor] = None
@@ -572,7 +574,8 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
         )
         patches = hidden[:, 1:].transpose(1, 2).reshape(hidden.shape[0], -1, height, width)
         semantic = self.head(patches)
-        attention = minmax_normalize(_wide(cls_attention[:, 1:]))
+        gpu_path = resolve_solver(self.config.scm_solver, pixel_values.device) == "dense"
+        attention = minmax_normalize(_wide(cls_attention[:, 1:]), short_backward=gpu_path)
         calibrated = None
         if self.training if run_scm is None else run_scm:
             final_semantic, calibrated = self.scm(semantic, attention)
@@ -590,7 +593,7 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
         output = DeiTSCMImageClassifierOutput(
             loss=loss,
             logits=logits,
-            localization_maps=attention * semantic,
+            coupled_maps=attention * semantic,
             attention_maps=attention[:, 0],
             semantic_maps=semantic,
             calibrated_attention_maps=calibrated,
@@ -640,8 +643,11 @@ def select_class_maps(
 ) -> torch.Tensor:
     """Pick one class's map per image: `maps` (B, C, h, w) -> (B, h, w).
 
-    Uses `labels` when given (ground-truth-known localization), else the argmax of `logits`.
+    Uses `labels` when given (ground-truth-known localization), else the argmax of `logits`. A map with
+    no class axis (B, h, w), as F0 (`attention_maps`), is every class's and is returned as it is.
     """
+    if maps.ndim == 3:
+        return maps
     if labels is None:
         if logits is None:
             raise ValueError("select_class_maps needs labels or logits")

@@ -38,7 +38,7 @@ class ChestXrayLocalizationPipeline(Pipeline):
     inclusive xyxy, original pixels) and `box_scores`.
 
     Call options: `threshold` (a fraction of the heatmap's maximum; default: the one calibrated on the
-    validation boxes and stored in the processor), `localization_map` (`"localization_maps"` F0*S0,
+    validation boxes and stored in the processor), `localization_map` (`"coupled_maps"` F0*S0,
     `"semantic_maps"` S0 or `"attention_maps"` F0; default: the released one), `multi_contour` (a box
     per region above the threshold, default True; False keeps the largest region's box only),
     `return_maps` (also return `maps`: every map at the model's grid, {output name: (C, h, w)}, with the
@@ -104,7 +104,7 @@ class ChestXrayLocalizationPipeline(Pipeline):
                 name: outputs[name][0].detach().float().cpu().expand(classes, -1, -1).numpy()
                 if outputs[name].ndim == 3
                 else outputs[name][0].detach().float().cpu().numpy()
-                for name in ("localization_maps", "semantic_maps", "attention_maps")
+                for name in ("coupled_maps", "semantic_maps", "attention_maps")
             }
             extra["logits"] = outputs["logits"][0].detach().float().cpu().numpy()
             extra["geometry"] = np.asarray(model_outputs["geometry"][0])

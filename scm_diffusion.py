@@ -32,10 +32,13 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
-def minmax_normalize(maps: torch.Tensor, start_dim: int = 1) -> torch.Tensor:
-    """(x - min) / (max - min) over the dimensions from `start_dim` on; constant maps become 0."""
+def minmax_normalize(maps: torch.Tensor, start_dim: int = 1, short_backward: bool = False) -> torch.Tensor:
+    """(x - min) / (max - min) over the dimensions from `start_dim` on; constant maps become 0.
+
+    `short_backward`: the hand-written backward of `_MinMax` (the GPU path's; the same gradient up to
+    rounding, ties aside), else autograd's, whose rounding the CPU path's recorded runs were made with."""
     flat = maps.flatten(start_dim)
-    if torch.is_grad_enabled() and flat.requires_grad:
+    if short_backward and torch.is_grad_enabled() and flat.requires_grad:
         return _MinMax.apply(flat).view_as(maps)
     low = flat.amin(dim=-1, keepdim=True)
     high = flat.amax(dim=-1, keepdim=True)

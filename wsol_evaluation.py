@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cxr_data import CLASS_NAMES
-from localization import scoremap_to_boxes
+from localization import MAP_LABELS, map_output, scoremap_to_boxes
 from modeling_deit_scm import select_class_maps
 from wsol_boxes import FINE_THRESHOLDS, upsample_scoremap
 from wsol_data import EVALUATION_FRAME, PreparedSplit, make_loader
@@ -39,9 +39,7 @@ class Predictions:
     logits: np.ndarray  # (N, C)
     labels: np.ndarray  # (N,)
     indices: np.ndarray  # (N,) positions in the split
-    attention: np.ndarray  # (N, h, w) F0
-    semantic: np.ndarray  # (N, h, w) S0 of the ground-truth class
-    scm: np.ndarray  # (N, h, w) F0 * S0 of the ground-truth class
+    maps: dict[str, np.ndarray]  # `MAP_LABELS` name -> (N, h, w): F0, and S0 and F0 * S0 of the true class
     loss: float  # the model's loss (`outputs.loss`), averaged over the split
 
 
@@ -64,7 +62,7 @@ def predict_split(settings: EvaluationSettings, parts: EvaluationParts, split: P
     model = parts.model
     model.eval()
     collected: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("logits", "labels", "indices", "attention", "semantic", "scm", "loss")
+        k: [] for k in ("logits", "labels", "indices", "loss", *MAP_LABELS)
     }
     for pixels, labels, indices in tqdm(
         loader, desc=f"evaluating {split.name}", disable=not accelerator.is_local_main_process, leave=False
@@ -77,10 +75,8 @@ def predict_split(settings: EvaluationSettings, parts: EvaluationParts, split: P
             "logits": outputs.logits.float(),
             "labels": labels,
             "indices": indices,
-            "attention": outputs.attention_maps.float(),
-            "semantic": select_class_maps(outputs.semantic_maps.float(), labels=labels),
-            "scm": select_class_maps(outputs.localization_maps.float(), labels=labels),
             "loss": per_sample_loss,
+            **{name: select_class_maps(outputs[map_output(name)].float(), labels=labels) for name in MAP_LABELS},
         }
         for key, value in accelerator.gather_for_metrics(batch).items():
             collected[key].append(value.cpu())
@@ -89,9 +85,7 @@ def predict_split(settings: EvaluationSettings, parts: EvaluationParts, split: P
         merged["logits"],
         merged["labels"],
         merged["indices"],
-        merged["attention"],
-        merged["semantic"],
-        merged["scm"],
+        {name: merged[name] for name in MAP_LABELS},
         float(merged["loss"].mean()),
     )
 
@@ -103,11 +97,7 @@ def evaluation_split(split: PreparedSplit, predictions: Predictions) -> Evaluati
     correct = predictions.logits[keep].argmax(1) == predictions.labels[keep]
     frame = EVALUATION_FRAME
     return EvaluationSplit(
-        maps={
-            "attention": predictions.attention[keep],
-            "semantic": predictions.semantic[keep],
-            "scm": predictions.scm[keep],
-        },
+        maps={name: values[keep] for name, values in predictions.maps.items()},
         gt_boxes=[split.frame_boxes[i] for i in order],
         frame_size=frame,
         correct_class=correct,
@@ -128,7 +118,7 @@ def validation_metrics(
     metrics = {"loss": predictions.loss, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
     boxed = evaluation_split(validation, predictions)
     if boxed.gt_boxes:
-        maps = [upsample_scoremap(m, boxed.frame_size) for m in boxed.maps["scm"]]
+        maps = [upsample_scoremap(m, boxed.frame_size) for m in boxed.maps["coupled"]]
         metrics["max_box_acc"] = LocalizationScores.from_maps(maps, boxed.gt_boxes).oracle()["MaxBoxAcc"]
     return metrics
 
@@ -145,15 +135,11 @@ def mean_prior_box(split: PreparedSplit) -> Optional[np.ndarray]:
     return np.concatenate(boxes).mean(axis=0) if boxes else None
 
 
-# The model's maps by their name in the results, and the output each one is.
-MAP_OUTPUTS = {"scm": "localization_maps", "semantic": "semantic_maps", "attention": "attention_maps"}
-
-
 def choose_localization_map(table: dict[str, dict]) -> str:
     """The map the released model localizes with: the best MaxBoxAccV2 on the validation boxes (at the
     thresholds calibrated there), F0*S0 -- the paper's -- on ties. Test never enters the choice."""
-    scores = {name: table[name]["validation"]["MaxBoxAccV2"] for name in MAP_OUTPUTS if name in table}
-    return max(scores, key=lambda name: (scores[name], name == "scm"))
+    scores = {name: table[name]["validation"]["MaxBoxAccV2"] for name in MAP_LABELS if name in table}
+    return max(scores, key=lambda name: (scores[name], name == "coupled"))
 
 
 @dataclass
@@ -163,14 +149,14 @@ class Evaluation:
 
     results: dict[str, Any]
     predictions: dict[str, Predictions]
-    localization_map: str  # "scm", "semantic" or "attention": the map chosen on the validation boxes
+    localization_map: str  # "coupled", "semantic" or "attention" (`MAP_LABELS`): the map chosen on the validation boxes
     threshold: float  # its threshold, calibrated on the validation boxes
     temperature: float  # temperature scaling of the class probabilities, fitted on validation
 
     @property
     def map_output(self) -> str:
         """The model output the released map is (what the processor's `localization_map` names)."""
-        return MAP_OUTPUTS[self.localization_map]
+        return map_output(self.localization_map)
 
 
 def final_evaluation(
@@ -226,7 +212,7 @@ def final_evaluation(
         "images_validation": len(val_boxed.gt_boxes),
         "images_test": len(test_boxed.gt_boxes),
         "localization_map": chosen,
-        "localization_map_output": MAP_OUTPUTS[chosen],
+        "localization_map_output": map_output(chosen),
         "heatmap_threshold_from_validation": threshold,
         "threshold_step": float(FINE_THRESHOLDS[1] - FINE_THRESHOLDS[0]),
         "note": "calibrated_on_validation: thresholds chosen on the validation boxes, applied to test; "

@@ -509,7 +509,7 @@ class EvaluationSplit:
     """One split's inputs to the localization harness, all in the evaluation frame (H, W).
 
     maps: {name: (N, h, w) score maps of the class being localized}, e.g. "attention" (F0),
-    "semantic" (S0, CAM-like), "scm" (F0 * S0). gt_boxes: per image (K, 4). correct_class: (N,) bool.
+    "semantic" (S0, CAM-like), "coupled" (F0 * S0). gt_boxes: per image (K, 4). correct_class: (N,) bool.
     """
 
     maps: dict[str, np.ndarray]

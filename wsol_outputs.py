@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from cxr_data import CLASS_NAMES
 from image_processing_cxr import CXRImageError, CXRImageProcessor, overlay_heatmap
+from localization import MAP_LABELS, map_output
 from wsol_checkpoints import MODEL_CARD_TITLE
 from wsol_data import PreparedSplit
-from wsol_evaluation import MAP_OUTPUTS, Predictions
+from wsol_evaluation import Predictions
 from wsol_metrics import plot_localization_table
 from wsol_reporting import reliability_diagram, softmax
 
@@ -50,7 +51,7 @@ def write_plots(output_dir: Path, state: Any, results: dict[str, Any]) -> None:
         "loss.png": ("loss", "validation loss"),
         "accuracy.png": ("accuracy", "validation accuracy"),
         "macro_f1.png": ("macro_f1", "validation macro F1"),
-        "localization.png": ("max_box_acc", "validation MaxBoxAcc (SCM map, %)"),
+        "localization.png": ("max_box_acc", "validation MaxBoxAcc (coupled map F₀⊙S₀, %)"),
     }
     for filename, (key, title) in curves.items():
         figure, axis = plt.subplots(figsize=(5, 3.2))
@@ -95,8 +96,8 @@ def write_overlays(
     output_dir: Path, split: PreparedSplit, predictions: Predictions, processor: CXRImageProcessor
 ) -> list[str]:
     """heatmap_comparisons/: the released map (the processor's `localization_map`), its predicted and the
-    ground-truth boxes on the original image; localization_samples/: attention vs semantic vs SCM map,
-    boxes on the released one. A fixed sample: the first boxed images."""
+    ground-truth boxes on the original image; localization_samples/: the coupled, semantic and attention
+    maps side by side, boxes on the released one. A fixed sample: the first boxed images."""
     comparisons, samples = output_dir / "heatmap_comparisons", output_dir / "localization_samples"
     comparisons.mkdir(parents=True, exist_ok=True)
     samples.mkdir(parents=True, exist_ok=True)
@@ -109,20 +110,20 @@ def write_overlays(
         geometry = split.geometry[index]
         original_boxes = np.asarray(split.source[index]["boxes"], dtype=np.float64).reshape(-1, 4)
         panels = {}
-        for name in ("attention", "semantic", "scm"):
-            grid = torch.from_numpy(np.asarray(getattr(predictions, name)[row], dtype=np.float32))
+        for name in MAP_LABELS:
+            grid = torch.from_numpy(np.asarray(predictions.maps[name][row], dtype=np.float32))
             # The same post-processing users get: the map of the ground-truth class (the one kept in
             # `predictions`) back in original pixels, and its box at the calibrated threshold.
             post = processor.post_process_localization(
-                {"logits": torch.zeros(1, 1), MAP_OUTPUTS[name]: grid[None, None]},
+                {"logits": torch.zeros(1, 1), map_output(name): grid[None, None]},
                 geometry=np.asarray(geometry)[None],
                 labels=[0],
-                localization_map=MAP_OUTPUTS[name],
+                localization_map=map_output(name),
             )[0]
-            released = MAP_OUTPUTS[name] == processor.localization_map
+            released = map_output(name) == processor.localization_map
             boxes = post["boxes"] if released else None
             panels[name] = overlay_heatmap(image, post["heatmap"], boxes=boxes, gt_boxes=original_boxes)
-        released_name = next(n for n, key in MAP_OUTPUTS.items() if key == processor.localization_map)
+        released_name = next(n for n in MAP_LABELS if map_output(n) == processor.localization_map)
         name = f"{split.image_ids[index]}.png"
         _save_png(comparisons / name, panels[released_name])
         _save_png(samples / name, np.concatenate(list(panels.values()), axis=1))
@@ -218,7 +219,8 @@ def _localization_rows(results: dict[str, Any]) -> list[str]:
         box = row.get("box_measures") or {}
         ci = row.get("ci95") or {}
         lines.append(
-            f"| {name} | {cal['MaxBoxAcc']:.1f}{_interval(ci.get('MaxBoxAcc'))} | {oracle['MaxBoxAcc']:.1f} "
+            f"| {MAP_LABELS.get(name, name)} | {cal['MaxBoxAcc']:.1f}{_interval(ci.get('MaxBoxAcc'))} "
+            f"| {oracle['MaxBoxAcc']:.1f} "
             f"| {cal['MaxBoxAccV2']:.1f}{_interval(ci.get('MaxBoxAccV2'))} "
             f"| {cal['top1_loc']:.1f} | {row['PxAP']:.1f}{_interval(ci.get('PxAP'))} "
             f"| {box.get('mean_iou', float('nan')):.3f} "
@@ -261,7 +263,7 @@ def model_card(card: CardSettings, results: dict[str, Any]) -> str:
     from huggingface_hub import ModelCard
 
     test = results["classification"]["test"]
-    released = results["localization"].get("localization_map", "scm")
+    released = results["localization"].get("localization_map", "coupled")
     dataset_name, _ = DATASET_NAMES[card.dataset]
     threshold = results["localization"]["heatmap_threshold_from_validation"]
     body = [
@@ -291,7 +293,8 @@ def model_card(card: CardSettings, results: dict[str, Any]) -> str:
         "",
         USAGE,
         "",
-        f"`post_process_localization` localizes with the `{released}` map (`{MAP_OUTPUTS.get(released, released)}`) "
+        f"`post_process_localization` localizes with the {MAP_LABELS.get(released, released)} "
+        f"(`{map_output(released)}`) "
         f"at a threshold of {threshold:.2f} of the maximum: the map that localized best on the validation boxes, "
         "and its threshold there, both stored in the processor (`localization_map`, `localization_threshold`).",
     ]
@@ -438,7 +441,7 @@ def _empty_results() -> dict[str, Any]:
         "classification": {
             "test": {"accuracy": nan, "macro_f1": nan, "balanced_accuracy": nan, "macro_roc_auc_ovr": nan}
         },
-        "localization": {"methods": {"scm": row}, "heatmap_threshold_from_validation": nan},
+        "localization": {"methods": {"coupled": row}, "heatmap_threshold_from_validation": nan},
     }
 
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from localization import MAP_LABELS, current_map_names
+
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("ablation")
 
@@ -45,11 +47,9 @@ ARMS: dict[str, list[str]] = {
     # SCM cxr with a learnable distance penalty on the attention logits (local attention from scratch).
     "cxr_local": ["--scm_variant", "cxr", "--config_overrides", "attention_locality=1.0"],
 }
-MAPS = ("scm", "semantic", "attention", "random", "full_image", "train_mean_box")
+MAPS = (*MAP_LABELS, "random", "full_image", "train_mean_box")
 MAP_NAMES = {
-    "scm": "F0⊙S0 (SCM map)",
-    "semantic": "S0 (CAM)",
-    "attention": "F0 (attention)",
+    **MAP_LABELS,
     "random": "random map",
     "full_image": "full-image box",
     "train_mean_box": "mean train box",
@@ -123,7 +123,7 @@ def run_all(jobs: list[tuple[str, str, int]], output_dir: Path, extra: list[str]
 
 def load_run(folder: Path) -> dict:
     """One finished run's all_results.json with its wall time added."""
-    results = json.loads((folder / "all_results.json").read_text())
+    results = current_map_names(json.loads((folder / "all_results.json").read_text()))
     wall = folder / "wall_seconds.txt"
     results["wall_seconds"] = float(wall.read_text()) if wall.is_file() else float("nan")
     return results

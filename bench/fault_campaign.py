@@ -237,7 +237,7 @@ def metric_argument_cases():
     good = [[32, 32, 32, 32, 0, 0, 32, 32]]
 
     def post(out_logits=logits, out_maps=grid, geometry=good, **kwargs):
-        outputs = {"logits": out_logits, "localization_maps": out_maps}
+        outputs = {"logits": out_logits, "coupled_maps": out_maps}
         return processor.post_process_localization(outputs, geometry=geometry, **kwargs)[0]["heatmap"]
 
     bad_post = [

@@ -5,14 +5,14 @@ test phantoms are predicted once and each candidate map is scored with MaxBoxAcc
 thresholds chosen on validation (the test oracle beside it), in the 224x224 frame. Candidates, all
 for the ground-truth class c (GT-known, as wsolevaluation):
 
-    scm             F0 * S0[c]                  the paper's inference map (TS-CAM's product)
-    cam             S0[c]                       plain CAM
+    coupled         F0 * S0[c]                  the paper's inference map (TS-CAM's coupling)
+    semantic        S0[c]                       plain CAM
     attention       F0                          the CLS attention
     relu_product    F0 * relu(S0[c])            the product without S0's negative background
     minmax_product  F0 * minmax(S0[c])          the product with S0 rescaled to [0, 1] per image
     random          uniform noise on the grid   the floor
 
-With `--offset_px D1,D2,...`, S0 is also scored moved D pixels up and left in the 224x224 frame (`cam_up_left_D`):
+With `--offset_px D1,D2,...`, S0 is also scored moved D pixels up and left in the 224x224 frame (`semantic_up_left_D`):
 how far a run's maps sit from where the evaluation puts them (a 3x3 convolutional stem centres each token
 3.5 px up and left of its patch at 96x96, 8.2 px in the frame; `conv_stem_kernel_size`).
 
@@ -46,8 +46,8 @@ def candidate_maps(attention: torch.Tensor, semantic: torch.Tensor, seed: int) -
     low = semantic.flatten(1).min(1).values.view(-1, 1, 1)
     high = semantic.flatten(1).max(1).values.view(-1, 1, 1)
     maps = {
-        "scm": attention * semantic,
-        "cam": semantic,
+        "coupled": attention * semantic,
+        "semantic": semantic,
         "attention": attention,
         "relu_product": attention * semantic.clamp_min(0),
         "minmax_product": attention * (semantic - low) / (high - low).clamp_min(1e-12),
@@ -72,7 +72,7 @@ def boxed_scores(boxed, seed: int, thresholds, offsets: tuple[int, ...] = ()) ->
         for name, grid_maps in candidate_maps(attention, semantic, seed).items()
     }
     for pixels in offsets:
-        frame_maps[f"cam_up_left_{pixels}"] = [moved_up_left(m, pixels) for m in frame_maps["cam"]]
+        frame_maps[f"semantic_up_left_{pixels}"] = [moved_up_left(m, pixels) for m in frame_maps["semantic"]]
     return {
         name: LocalizationScores.from_maps(maps, boxed.gt_boxes, boxed.correct_class, thresholds)
         for name, maps in frame_maps.items()

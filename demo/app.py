@@ -34,11 +34,12 @@ from PIL import Image
 logger = logging.getLogger("demo")
 
 DEFAULT_MODEL = "outputs/wsol"
-# Map shown -> the model output holding it. F0 has no class axis; it is the same for every class.
+# Map shown -> the model output holding it (`localization.MAP_LABELS`, written out: the Space has this file
+# only; a test keeps the two equal). F0 has no class axis; it is the same for every class.
 MAPS = {
-    "F₀⊙S₀ (SCM map)": "localization_maps",
-    "S₀ (semantic, CAM)": "semantic_maps",
-    "F₀ (attention)": "attention_maps",
+    "F₀⊙S₀ (coupled map)": "coupled_maps",
+    "S₀ (semantic map, CAM)": "semantic_maps",
+    "F₀ (attention map)": "attention_maps",
 }
 FILE_TYPES = [".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff"]
 # A page, not a batch service: a radiograph is 5-60 MB; larger files and longer lists are refused by name.
@@ -215,7 +216,7 @@ def example_files(folder: Path, count: int = 2) -> list[str]:
 
 def default_map_label(predictor: Optional[Predictor]) -> str:
     """The toggle starts on the map the model was released with (chosen on validation boxes)."""
-    released = predictor.processor.localization_map if predictor else "localization_maps"
+    released = predictor.processor.localization_map if predictor else "coupled_maps"
     return next((label for label, key in MAPS.items() if key == released), next(iter(MAPS)))
 
 

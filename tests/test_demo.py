@@ -46,6 +46,14 @@ def files(tmp_path_factory) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- functions
 
 
+def test_the_demo_names_the_maps_as_the_package_does():
+    """The Space carries app.py alone, so its map names are written out there: they must be the package's
+    vocabulary (`localization.MAP_LABELS`, outputs `<name>_maps`), in its order."""
+    from localization import MAP_LABELS, map_output
+
+    assert list(app.MAPS.items()) == [(label, map_output(name)) for name, label in MAP_LABELS.items()]
+
+
 def test_predict_render_and_redraw(model_dir, files):
     predictor, status = app.load_predictor(str(model_dir))
     assert predictor is not None and str(model_dir) in status

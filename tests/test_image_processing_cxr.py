@@ -174,7 +174,7 @@ def test_box_survives_the_round_trip_within_one_pixel(mode, shape):
         assert geometry["pad_top"] > 0 or geometry["pad_left"] > 0
     # A fake score map in the model's input space: the brightness itself, with the padding at 0.
     fake = inputs["pixel_values"][:, :1] - inputs["pixel_values"].min()
-    outputs = {"logits": torch.tensor([[0.0, 3.0, 0.0]]), "localization_maps": fake.repeat(1, 3, 1, 1)}
+    outputs = {"logits": torch.tensor([[0.0, 3.0, 0.0]]), "coupled_maps": fake.repeat(1, 3, 1, 1)}
     result = processor.post_process_localization(outputs, geometry=inputs, threshold=0.5)[0]
     assert result["heatmap"].shape == (height, width)
     assert result["label"] == 1 and result["boxes"].shape == (1, 4)
@@ -202,7 +202,7 @@ def test_post_processing_outputs_and_multi_contour():
     grid = torch.zeros(1, 3, 14, 14)
     grid[0, 2, 2:5, 2:5] = 1.0
     grid[0, 2, 9:12, 8:12] = 0.9
-    outputs = {"logits": torch.tensor([[0.1, 0.2, 2.0]]), "localization_maps": grid}
+    outputs = {"logits": torch.tensor([[0.1, 0.2, 2.0]]), "coupled_maps": grid}
     single = processor.post_process_localization(outputs, target_sizes=[(280, 280)], threshold=0.3)[0]
     multi = processor.post_process_localization(
         outputs, target_sizes=[(280, 280)], threshold=0.3, multi_contour=True, id2label={2: "No_pathologies"}
@@ -232,12 +232,12 @@ def test_post_processing_localizes_with_the_configured_map(tmp_path):
     attention[0, 2:5, 9:12] = 1.0  # F0 (no class axis) says top right
     outputs = {
         "logits": torch.tensor([[0.0, 2.0, 0.0]]),
-        "localization_maps": grid,
+        "coupled_maps": grid,
         "semantic_maps": semantic,
         "attention_maps": attention,
     }
     corners = {}
-    for key in ("localization_maps", "semantic_maps", "attention_maps"):
+    for key in ("coupled_maps", "semantic_maps", "attention_maps"):
         processor = CXRImageProcessor(localization_map=key)
         box = processor.post_process_localization(outputs, target_sizes=[(280, 280)], threshold=0.5)[0]["boxes"][0]
         corners[key] = (box[0] > 140, box[1] > 140)
@@ -249,10 +249,19 @@ def test_post_processing_localizes_with_the_configured_map(tmp_path):
         processor.save_pretrained(tmp_path / key)
         assert CXRImageProcessor.from_pretrained(tmp_path / key).localization_map == key
     assert corners == {
-        "localization_maps": (False, False),
+        "coupled_maps": (False, False),
         "semantic_maps": (True, True),
         "attention_maps": (True, False),
     }
+    # A configuration saved before the maps were renamed names F0 * S0 "localization_maps": read, not written.
+    legacy = tmp_path / "legacy"
+    CXRImageProcessor().save_pretrained(legacy)
+    config = json.loads((legacy / "preprocessor_config.json").read_text())
+    (legacy / "preprocessor_config.json").write_text(json.dumps({**config, "localization_map": "localization_maps"}))
+    loaded = CXRImageProcessor.from_pretrained(legacy)
+    assert loaded.localization_map == "coupled_maps"
+    loaded.save_pretrained(legacy)
+    assert json.loads((legacy / "preprocessor_config.json").read_text())["localization_map"] == "coupled_maps"
     with pytest.raises(ValueError, match="localization_map"):
         CXRImageProcessor(localization_map="cam")
     with pytest.raises(ValueError, match="localization_map"):

@@ -214,26 +214,27 @@ def test_harness_table_with_baselines(tmp_path):
     rng = np.random.default_rng(0)
 
     def split(count):
-        maps = {"attention": [], "semantic": [], "scm": []}
+        maps = {"attention": [], "semantic": [], "coupled": []}
         boxes = []
         for _ in range(count):
             cy, cx = rng.integers(3, 11, 2)
             grid = np.zeros((14, 14), np.float32)
             grid[cy - 2 : cy + 2, cx - 2 : cx + 2] = 1
-            maps["scm"].append(grid + rng.normal(0, 0.05, grid.shape).astype(np.float32))
+            maps["coupled"].append(grid + rng.normal(0, 0.05, grid.shape).astype(np.float32))
             maps["attention"].append(rng.random((14, 14)).astype(np.float32))
             maps["semantic"].append(np.roll(grid, 3, axis=1))
             boxes.append(np.array([[(cx - 2) * 8, (cy - 2) * 8, (cx + 2) * 8 - 1, (cy + 2) * 8 - 1]]))
         return EvaluationSplit({k: np.stack(v) for k, v in maps.items()}, boxes, (112, 112), np.ones(count, bool))
 
     table = localization_table(split(12), split(16), prior_box=np.array([30, 30, 80, 80]))
-    assert set(table) == {"attention", "semantic", "scm", "random", "full_image", "train_mean_box"}
+    assert set(table) == {"attention", "semantic", "coupled", "random", "full_image", "train_mean_box"}
     for row in table.values():
         assert {"calibrated_on_validation", "test_oracle_max_over_thresholds", "PxAP"} <= set(row)
         assert row["calibrated_on_validation"]["MaxBoxAcc"] <= row["test_oracle_max_over_thresholds"]["MaxBoxAcc"]
-    assert table["scm"]["calibrated_on_validation"]["MaxBoxAcc"] > 80
+    assert table["coupled"]["calibrated_on_validation"]["MaxBoxAcc"] > 80
     assert (
-        table["scm"]["calibrated_on_validation"]["MaxBoxAcc"] > table["random"]["calibrated_on_validation"]["MaxBoxAcc"]
+        table["coupled"]["calibrated_on_validation"]["MaxBoxAcc"]
+        > table["random"]["calibrated_on_validation"]["MaxBoxAcc"]
     )
     assert table["full_image"]["calibrated_on_validation"]["MaxBoxAcc"] == 0  # the boxes are small
     path = tmp_path / "table.png"
@@ -374,3 +375,24 @@ def test_a_nan_grid_map_is_refused_before_normalization():
     with pytest.raises(LocalizationInputError, match="NaN"):
         upsample_scoremap(grid, (224, 224))
     assert issubclass(LocalizationInputError, ValueError)
+
+
+def test_results_of_earlier_versions_read_with_the_current_map_names():
+    """all_results.json written before the maps were renamed ("scm" for F0 * S0, output "localization_maps")
+    reads with today's names; everything else is left as it was."""
+    from localization import MAP_LABELS, current_map_names
+
+    old = {
+        "localization": {
+            "methods": {"scm": {"PxAP": 7.5}, "semantic": {"PxAP": 6.0}, "random": {"PxAP": 5.0}},
+            "localization_map": "scm",
+            "localization_map_output": "localization_maps",
+        },
+        "history": [{"epoch": 1, "note": "scm phase"}],
+    }
+    new = current_map_names(old)
+    assert set(new["localization"]["methods"]) == {"coupled", "semantic", "random"}
+    assert new["localization"]["methods"]["coupled"] == {"PxAP": 7.5}
+    assert new["localization"]["localization_map"] == "coupled" and "coupled" in MAP_LABELS
+    assert new["localization"]["localization_map_output"] == "coupled_maps"
+    assert new["history"] == old["history"]  # a value that merely contains the old name is not touched

@@ -111,7 +111,7 @@ class TestShapes:
         grid = (size[0] // 8, size[1] // 8)
         assert out.loss.shape == ()
         assert out.logits.shape == (2, 3)
-        assert out.localization_maps.shape == (2, 3, *grid)
+        assert out.coupled_maps.shape == (2, 3, *grid)
         assert out.attention_maps.shape == (2, *grid)
         assert out.semantic_maps.shape == (2, 3, *grid)
         if training:
@@ -170,7 +170,7 @@ class TestAttention:
         eager, eager_base = model(pixels), model.deit(pixels)
         torch.testing.assert_close(fused_base.cls_attention, eager_base.cls_attention, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(fused_base.last_hidden_state, eager_base.last_hidden_state, atol=1e-5, rtol=1e-5)
-        for name in ("logits", "localization_maps", "semantic_maps"):
+        for name in ("logits", "coupled_maps", "semantic_maps"):
             torch.testing.assert_close(getattr(fused, name), getattr(eager, name), atol=1e-5, rtol=1e-5, msg=name)
         # F0 is min-max normalized: a random tiny model's nearly flat attention turns 1e-7 rounding
         # differences of the two kernels into a few 1e-5, and four SCM blocks amplify them to ~1e-4.
@@ -254,7 +254,7 @@ def test_minmax_gradient_equals_autograds():
     maps[3] = 0.25  # constant: the span is clamped and the map becomes 0
     maps.requires_grad_(True)
     weights = torch.randn(4, 3, 5, dtype=torch.float64)
-    ours = minmax_normalize(maps)
+    ours = minmax_normalize(maps, short_backward=True)
     flat = maps.flatten(1)
     low, high = flat.amin(dim=-1, keepdim=True), flat.amax(dim=-1, keepdim=True)
     expected = ((flat - low) / (high - low).clamp_min(1e-12)).view_as(maps)
@@ -456,7 +456,7 @@ class TestTrainEval:
         model = tiny_model().eval()
         out = model(torch.randn(2, 3, 32, 32))
         torch.testing.assert_close(out.logits, out.semantic_maps.mean(dim=(2, 3)))
-        torch.testing.assert_close(out.localization_maps, out.attention_maps[:, None] * out.semantic_maps)
+        torch.testing.assert_close(out.coupled_maps, out.attention_maps[:, None] * out.semantic_maps)
         flat = out.attention_maps.flatten(1)
         torch.testing.assert_close(flat.min(1).values, torch.zeros(2))
         torch.testing.assert_close(flat.max(1).values, torch.ones(2))
@@ -522,6 +522,9 @@ class TestTrainEval:
         torch.testing.assert_close(select_class_maps(maps, logits=logits), torch.stack([maps[0, 1], maps[1, 0]]))
         with pytest.raises(ValueError):
             select_class_maps(maps)
+        # F0 has no class axis: every class's map is the same one.
+        attention = maps[:, 0]
+        assert select_class_maps(attention, labels=torch.tensor([2, 0])) is attention
 
     def test_parameter_groups_cover_each_parameter_once(self):
         model = tiny_model()
@@ -716,7 +719,7 @@ def test_cls_loss_adds_a_weighted_cross_entropy_on_the_cls_token():
     # Logits and maps are the model's without the CLS head: the auxiliary loss only trains.
     reference = plain(pixels)
     torch.testing.assert_close(outputs.logits, reference.logits)
-    torch.testing.assert_close(outputs.localization_maps, reference.localization_maps)
+    torch.testing.assert_close(outputs.coupled_maps, reference.coupled_maps)
     # The CLS query of the last layer gets a gradient from the CLS loss alone.
     model.train()
     model.zero_grad()
@@ -806,7 +809,7 @@ def test_remote_code_in_fresh_interpreter_outside_the_project(tmp_path):
     checkpoint, elsewhere = tmp_path / "checkpoint", tmp_path / "elsewhere"
     elsewhere.mkdir()
     model.save_pretrained(checkpoint)
-    torch.save({"pixels": pixels, "logits": expected.logits, "maps": expected.localization_maps}, tmp_path / "io.pt")
+    torch.save({"pixels": pixels, "logits": expected.logits, "maps": expected.coupled_maps}, tmp_path / "io.pt")
     script = f"""
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
@@ -817,7 +820,7 @@ assert "transformers_modules" in type(model).__module__
 with torch.no_grad():
     out = model(io["pixels"])
 assert torch.equal(out.logits, io["logits"]), (out.logits, io["logits"])
-assert torch.equal(out.localization_maps, io["maps"])
+assert torch.equal(out.coupled_maps, io["maps"])
 config = AutoConfig.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
 assert config.model_type == "deit_scm" and config.class_weights == [1.0, 2.0, 3.0]
 base = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)

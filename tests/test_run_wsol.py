@@ -25,6 +25,7 @@ import wsol_outputs
 import wsol_training
 from cxr_data import CLASS_NAMES
 from image_processing_cxr import CXRImageProcessor
+from localization import map_output
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ def test_smoke_run_writes_every_output(smoke_run):
     test = results["classification"]["test"]
     assert {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "roc_auc_ovr", "confusion_matrix"} <= set(test)
     methods = results["localization"]["methods"]
-    assert set(methods) == {"attention", "semantic", "scm", "random", "full_image", "train_mean_box"}
+    assert set(methods) == {"attention", "semantic", "coupled", "random", "full_image", "train_mean_box"}
     for row in methods.values():
         assert set(row) == {
             "calibrated_on_validation", "test_oracle_max_over_thresholds", "validation", "PxAP", "box_measures", "ci95",
@@ -77,10 +78,10 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert processor_config["localization_threshold"] == pytest.approx(threshold)
     # The released map is the validation-best one, and its own calibrated threshold goes with it.
     chosen = localization["localization_map"]
-    validation_v2 = {m: methods[m]["validation"]["MaxBoxAccV2"] for m in ("scm", "semantic", "attention")}
+    validation_v2 = {m: methods[m]["validation"]["MaxBoxAccV2"] for m in ("coupled", "semantic", "attention")}
     assert validation_v2[chosen] == max(validation_v2.values())
     assert threshold == methods[chosen]["calibrated_on_validation"]["threshold"]
-    assert processor_config["localization_map"] == wsol_evaluation.MAP_OUTPUTS[chosen]
+    assert processor_config["localization_map"] == map_output(chosen)
 
 
 def _table(validation_v2: dict[str, float]) -> dict[str, dict]:
@@ -89,11 +90,15 @@ def _table(validation_v2: dict[str, float]) -> dict[str, dict]:
 
 def test_released_map_is_chosen_on_validation_only():
     # Test numbers are not in the table the choice reads; baselines never win even when they score higher.
-    table = _table({"scm": 3.0, "semantic": 14.0, "attention": 9.0, "random": 20.0})
+    table = _table({"coupled": 3.0, "semantic": 14.0, "attention": 9.0, "random": 20.0})
     assert wsol_evaluation.choose_localization_map(table) == "semantic"
-    assert wsol_evaluation.choose_localization_map(_table({"scm": 7.0, "semantic": 7.0, "attention": 7.0})) == "scm"
     assert (
-        wsol_evaluation.choose_localization_map(_table({"scm": 2.0, "semantic": 1.0, "attention": 5.5})) == "attention"
+        wsol_evaluation.choose_localization_map(_table({"coupled": 7.0, "semantic": 7.0, "attention": 7.0}))
+        == "coupled"
+    )
+    assert (
+        wsol_evaluation.choose_localization_map(_table({"coupled": 2.0, "semantic": 1.0, "attention": 5.5}))
+        == "attention"
     )
 
 
