@@ -261,28 +261,19 @@ class DeiTSCMConfig(PretrainedConfig):
             )
         if image_hw[0] % patch_hw[0] or image_hw[1] % patch_hw[1]:
             raise ValueError(f"image_size {image_hw} must be divisible by patch_size {patch_hw}")
-        if self.scm_attention_layers not in _ATTENTION_LAYER_CHOICES:
-            raise ValueError(
-                f"scm_attention_layers must be one of {_ATTENTION_LAYER_CHOICES}, got {self.scm_attention_layers!r}"
-            )
-        if self.scm_connectivity not in _CONNECTIVITY_CHOICES:
-            raise ValueError(f"scm_connectivity must be one of {_CONNECTIVITY_CHOICES}, got {self.scm_connectivity!r}")
-        if self.scm_solver not in _SOLVER_CHOICES:
-            raise ValueError(f"scm_solver must be one of {_SOLVER_CHOICES}, got {self.scm_solver!r}")
-        if self.scm_pooling not in _POOLING_CHOICES:
-            raise ValueError(f"scm_pooling must be one of {_POOLING_CHOICES}, got {self.scm_pooling!r}")
+        for name, choices in (
+            ("scm_attention_layers", _ATTENTION_LAYER_CHOICES), ("scm_connectivity", _CONNECTIVITY_CHOICES),
+            ("scm_solver", _SOLVER_CHOICES), ("scm_pooling", _POOLING_CHOICES),
+            ("patch_embedding", _PATCH_EMBEDDING_CHOICES), ("conv_stem_kernel_size", _CONV_STEM_KERNELS),
+        ):  # fmt: skip
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         # Beyond 1e3 r * S overflows float32 for class scores of ordinary size: NaN logits, not an error.
         if not (isinstance(self.scm_lse_r, (int, float)) and 0.0 < float(self.scm_lse_r) <= 1e3):
             raise ValueError(f"scm_lse_r must be a number in (0, 1000], got {self.scm_lse_r!r}")
         eps = self.layer_norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < float(eps) < 1.0:
             raise ValueError(f"layer_norm_eps must be a number in (0, 1), got {eps!r} (<= 0 gives NaN)")
-        if self.patch_embedding not in _PATCH_EMBEDDING_CHOICES:
-            raise ValueError(f"patch_embedding must be one of {_PATCH_EMBEDDING_CHOICES}, got {self.patch_embedding!r}")
-        if self.conv_stem_kernel_size not in _CONV_STEM_KERNELS:
-            raise ValueError(
-                f"conv_stem_kernel_size must be one of {_CONV_STEM_KERNELS}, got {self.conv_stem_kernel_size!r}"
-            )
         if self.patch_embedding == "conv_stem":
             for side in patch_hw:
                 if side < 2 or side & (side - 1):

@@ -257,7 +257,6 @@ def _check_deflated_size(data: bytes, source: str, options: DecodeOptions) -> No
 def _from_dicom(data: bytes, source: str, options: DecodeOptions) -> np.ndarray:
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as error:
         raise CXRImageError(source, "reading DICOM needs pydicom: pip install pydicom") from error
     _check_deflated_size(data, source, options)
@@ -284,15 +283,28 @@ def _from_dicom(data: bytes, source: str, options: DecodeOptions) -> np.ndarray:
             raise CXRImageError(source, f"multi-frame DICOM ({frames} frames)")
         pixels = pixels[0]
     if photometric.startswith(("RGB", "YBR")):
-        if pixels.ndim != 3 or pixels.shape[-1] != 3:
-            raise CXRImageError(
-                source, f"{photometric} DICOM whose pixel data has shape {pixels.shape} (SamplesPerPixel?)"
-            )
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
+        return _dicom_colour(pixels, photometric, source)
+    return _dicom_grayscale(pixels, dataset, photometric, source, options)
 
-            pixels = convert_color_space(pixels, photometric, "RGB")
-        return luminance(pixels)
+
+def _dicom_colour(pixels: np.ndarray, photometric: str, source: str) -> np.ndarray:
+    """An RGB or YBR DICOM's pixels as luminance."""
+    if pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise CXRImageError(source, f"{photometric} DICOM whose pixel data has shape {pixels.shape} (SamplesPerPixel?)")
+    if photometric.startswith("YBR"):
+        from pydicom.pixels import convert_color_space
+
+        pixels = convert_color_space(pixels, photometric, "RGB")
+    return luminance(pixels)
+
+
+def _dicom_grayscale(
+    pixels: np.ndarray, dataset: Any, photometric: str, source: str, options: DecodeOptions
+) -> np.ndarray:
+    """A MONOCHROME DICOM's stored values through its modality and VOI LUTs (or percentile window), inverted
+    for MONOCHROME1."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     pixels = apply_modality_lut(pixels, dataset)
     if options.dicom_voi == "on":
         pixels = apply_voi_lut(pixels, dataset)

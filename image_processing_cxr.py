@@ -21,7 +21,7 @@ import math
 import os
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -38,10 +38,12 @@ try:  # as remote code, beside this file; else from the checkout
     from .cxr_decoding import CXRImageError, DecodeOptions, ImageLike, decode, typed_errors
     from .localization import LocalizationInputError, boxes_with_scores, check_thresholds
     from .localization import LEGACY_MAP_NAMES, MAP_LABELS, map_output, normalize_scoremap, overlay_heatmap
+    from .localization import GEOMETRY_FIELDS, Geometry
 except ImportError:
     from cxr_decoding import CXRImageError, DecodeOptions, ImageLike, decode, typed_errors
     from localization import LocalizationInputError, boxes_with_scores, check_thresholds
     from localization import LEGACY_MAP_NAMES, MAP_LABELS, map_output, normalize_scoremap, overlay_heatmap
+    from localization import GEOMETRY_FIELDS, Geometry
 # isort: on
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,6 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 # The model outputs post_process_localization can localize with (see `localization_map`).
 LOCALIZATION_MAPS = tuple(map_output(name) for name in MAP_LABELS)
-
 
 
 def _finite(value: Any) -> bool:
@@ -63,47 +64,6 @@ def _finite(value: Any) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-# Geometry columns carried per image in the BatchFeature, so post-processing can invert the resize.
-class Geometry(NamedTuple):
-    """How one image became the model input: its original size, the size of the resized content, the
-    padding before it, and the input size. The processor returns one row of these 8 integers per image
-    (`geometry` in its output); post-processing inverts it."""
-
-    original_height: int
-    original_width: int
-    content_height: int
-    content_width: int
-    pad_top: int
-    pad_left: int
-    height: int
-    width: int
-
-    @classmethod
-    def of(cls, row: Sequence[Any]) -> Geometry:
-        """A geometry row (list, array or tensor of 8 numbers) as a `Geometry`."""
-        values = row.tolist() if hasattr(row, "tolist") else list(row)
-        if len(values) < 8:
-            raise ValueError(f"a geometry row has 8 values ({', '.join(cls._fields)}), got {len(values)}")
-        if not all(_is_int(v) or (_finite(v) and float(v).is_integer()) for v in values[:8]):
-            raise LocalizationInputError(f"a geometry row holds integers, got {values[:8]}")
-        geometry = cls(*(int(v) for v in values[:8]))
-        sizes_ok = min(geometry.original_height, geometry.original_width, geometry.content_height,
-                       geometry.content_width, geometry.height, geometry.width) >= 1  # fmt: skip
-        fits = (min(geometry.pad_top, geometry.pad_left) >= 0
-                and geometry.pad_top + geometry.content_height <= geometry.height
-                and geometry.pad_left + geometry.content_width <= geometry.width)  # fmt: skip
-        if not (sizes_ok and fits):
-            raise LocalizationInputError(
-                f"a geometry row needs sizes >= 1 and the content inside the input, got {geometry}"
-            )
-        return geometry
-
-
-GEOMETRY_FIELDS = Geometry._fields
-
-
 
 
 class CXRImageProcessorKwargs(ImagesKwargs, total=False):
@@ -224,39 +184,29 @@ class CXRImageProcessor(BaseImageProcessor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.do_normalize_intensity = do_normalize_intensity
-        self.intensity_normalization = intensity_normalization
+        self.do_normalize_intensity, self.intensity_normalization = do_normalize_intensity, intensity_normalization
         self.intensity_percentiles = list(intensity_percentiles)
-        self.do_clahe = do_clahe
-        self.clahe_clip_limit = clahe_clip_limit
+        self.do_clahe, self.clahe_clip_limit, self.clahe_max_size = do_clahe, clahe_clip_limit, clahe_max_size
         self.clahe_tile_grid_size = list(clahe_tile_grid_size)
-        self.clahe_max_size = clahe_max_size
-        self.do_resize = do_resize
-        # An int means a square, as transformers' processors accept.
+        # An int size means a square, as transformers' processors accept.
         if isinstance(size, int) and not isinstance(size, bool):
             size = {"height": size, "width": size}
-        self.size = dict(size) if size is not None else {"height": 224, "width": 224}
-        self.resize_mode = resize_mode
-        self.pad_value = pad_value
-        self.do_rescale = do_rescale
-        self.rescale_factor = rescale_factor
-        self.do_normalize = do_normalize
+        self.do_resize, self.size = do_resize, dict(size) if size is not None else {"height": 224, "width": 224}
+        self.resize_mode, self.pad_value = resize_mode, pad_value
+        self.do_rescale, self.rescale_factor, self.do_normalize = do_rescale, rescale_factor, do_normalize
         self.image_mean = list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
         self.image_std = list(image_std) if image_std is not None else list(IMAGENET_STD)
         self.num_channels = num_channels
-        self.dicom_voi = dicom_voi
-        self.dicom_voi_percentiles = list(dicom_voi_percentiles)
-        self.dicom_multiframe = dicom_multiframe
-        self.dicom_invert_monochrome1 = dicom_invert_monochrome1
-        self.strict = strict
-        self.max_image_pixels = max_image_pixels
-        self.localization_threshold = localization_threshold
-        if localization_map in LEGACY_MAP_NAMES:  # a configuration saved before the maps were renamed
-            logger.info("localization_map %r is now called %r", localization_map, LEGACY_MAP_NAMES[localization_map])
-        self.localization_map = LEGACY_MAP_NAMES.get(localization_map, localization_map)
+        self.dicom_voi, self.dicom_voi_percentiles = dicom_voi, list(dicom_voi_percentiles)
+        self.dicom_multiframe, self.dicom_invert_monochrome1 = dicom_multiframe, dicom_invert_monochrome1
+        self.strict, self.max_image_pixels = strict, max_image_pixels
+        self.localization_threshold, self.localization_map = localization_threshold, localization_map
         self._check_settings()
 
     def _check_settings(self) -> None:
+        if self.localization_map in LEGACY_MAP_NAMES:  # a configuration saved before the maps were renamed
+            logger.info("localization_map %r is now %r", self.localization_map, LEGACY_MAP_NAMES[self.localization_map])
+            self.localization_map = LEGACY_MAP_NAMES[self.localization_map]
         choices = {
             "intensity_normalization": ("minmax", "percentile"),
             "resize_mode": ("squash", "pad"),
@@ -464,20 +414,7 @@ class CXRImageProcessor(BaseImageProcessor):
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if not items:
             raise ValueError("no images given")
-        images_u8, geometry, kept, skipped = [], [], [], []
-        for index, item in enumerate(items):
-            source = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"image[{index}]"
-            try:
-                gray, geo = self.process_one(item, source)
-            except CXRImageError as error:
-                if on_error == "raise":
-                    raise
-                logger.warning("skipping %s", error)
-                skipped.append((index, str(error)))
-                continue
-            images_u8.append(gray)
-            geometry.append(geo)
-            kept.append(index)
+        images_u8, geometry, kept, skipped = self._process_items(items, on_error)
         if not images_u8:
             raise CXRImageError("batch", f"every image failed: {skipped}")
         shapes = {image.shape for image in images_u8}
@@ -495,6 +432,24 @@ class CXRImageProcessor(BaseImageProcessor):
         if skipped:
             feature["skipped"] = skipped
         return feature
+
+    def _process_items(self, items: list, on_error: str) -> tuple[list, list, list, list]:
+        """(uint8 images, geometry rows, kept positions, skipped (position, message)) of `preprocess`."""
+        images_u8, geometry, kept, skipped = [], [], [], []
+        for index, item in enumerate(items):
+            source = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"image[{index}]"
+            try:
+                gray, geo = self.process_one(item, source)
+            except CXRImageError as error:
+                if on_error == "raise":
+                    raise
+                logger.warning("skipping %s", error)
+                skipped.append((index, str(error)))
+                continue
+            images_u8.append(gray)
+            geometry.append(geo)
+            kept.append(index)
+        return images_u8, geometry, kept, skipped
 
     def __call__(self, images: Any, *args: Any, **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, *args, **kwargs)
@@ -600,46 +555,51 @@ class CXRImageProcessor(BaseImageProcessor):
             index as a string), `score` (softmax probability of `label`), `heatmap` (float32 H x W,
             0-1), `boxes` (K x 4 inclusive xyxy, int64), `box_scores` (K, mean heatmap inside).
         """
-        # ModelOutput is a dict too, so both the model's output and a plain dict index alike.
         key = self.localization_map if localization_map is None else localization_map
         key = LEGACY_MAP_NAMES.get(key, key)
+        selected, probabilities, chosen = self._localization_inputs(outputs, key, labels)
+        rows = self._geometry_rows(geometry, target_sizes, selected.shape[0])
+        tau = float(check_thresholds(self.localization_threshold if threshold is None else threshold)[0])
+        results = []
+        for i, label in enumerate(chosen.tolist()):
+            heatmap = self.heatmap_to_original(selected[i].numpy(), rows[i])
+            boxes, box_scores = self.heatmap_boxes(heatmap, tau, multi_contour)
+            name = id2label[label] if id2label else str(label)
+            results.append({"label": label, "label_name": name, "score": float(probabilities[i, label]),
+                            "heatmap": heatmap, "boxes": boxes, "box_scores": box_scores})  # fmt: skip
+        return results
+
+    @staticmethod
+    def _localization_inputs(
+        outputs: Any, key: str, labels: Optional[Union[Sequence[int], torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the map of the class to localize (B, h, w), probabilities, that class per image), checked: finite
+        logits and maps, classes in range. F0's single map stands for every class."""
         if key not in LOCALIZATION_MAPS:
             raise ValueError(f"localization_map must be one of {LOCALIZATION_MAPS}, got {key!r}")
-        maps, logits = outputs[key], outputs["logits"]
-        maps, logits = maps.detach().float().cpu(), logits.detach().float().cpu()
-        if maps.ndim == 3:  # F0 is one map for every class
+        # ModelOutput is a dict too, so both the model's output and a plain dict index alike.
+        maps, logits = outputs[key].detach().float().cpu(), outputs["logits"].detach().float().cpu()
+        if maps.ndim == 3:
             maps = maps[:, None].expand(-1, logits.shape[-1], -1, -1)
         batch = maps.shape[0]
-        rows = self._geometry_rows(geometry, target_sizes, batch)
         chosen = logits.argmax(-1) if labels is None else torch.as_tensor(labels).long().view(-1)
         # The model's calibrated probabilities (temperature scaling) when it gives them; else the softmax.
         given = outputs.get("probabilities") if hasattr(outputs, "get") else None
         probabilities = given.detach().float().cpu() if given is not None else logits.softmax(-1)
-        tau = float(check_thresholds(self.localization_threshold if threshold is None else threshold)[0])
         if chosen.numel() != batch or (batch and (chosen.min() < 0 or chosen.max() >= logits.shape[-1])):
             raise LocalizationInputError(
                 f"labels must be {batch} class indices in [0, {logits.shape[-1]}), got {chosen.tolist()}"
             )
-        results = []
-        for i in range(batch):
-            if not (torch.isfinite(logits[i]).all() and torch.isfinite(probabilities[i]).all()):
-                raise LocalizationInputError(f"image {i}: the model's logits are NaN or infinite (broken weights?)")
-            label = int(chosen[i])
-            if not torch.isfinite(maps[i, label]).all():
-                raise LocalizationInputError(f"image {i}: the {key} map holds NaN or infinite values")
-            heatmap = self.heatmap_to_original(maps[i, label].numpy(), rows[i])
-            boxes, box_scores = self.heatmap_boxes(heatmap, tau, multi_contour)
-            results.append(
-                {
-                    "label": label,
-                    "label_name": id2label[label] if id2label else str(label),
-                    "score": float(probabilities[i, label]),
-                    "heatmap": heatmap,
-                    "boxes": boxes,
-                    "box_scores": box_scores,
-                }
-            )
-        return results
+        broken = ~(torch.isfinite(logits).all(-1) & torch.isfinite(probabilities).all(-1))
+        if broken.any():
+            image = int(broken.nonzero()[0])
+            raise LocalizationInputError(f"image {image}: the model's logits are NaN or infinite (broken weights?)")
+        selected = maps[torch.arange(batch), chosen]
+        broken = ~torch.isfinite(selected.flatten(1)).all(-1)
+        if broken.any():
+            image = int(broken.nonzero()[0])
+            raise LocalizationInputError(f"image {image}: the {key} map holds NaN or infinite values")
+        return selected, probabilities, chosen
 
     def overlay_heatmap(self, *args: Any, **kwargs: Any) -> np.ndarray:
         """See the module-level `overlay_heatmap`."""

@@ -20,8 +20,9 @@ This file is uploaded with the model as remote code, so it imports only numpy an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -66,6 +67,52 @@ class LocalizationInputError(ValueError):
     """A score map or box the metrics cannot score: non-finite values, a normalized map outside
     [0, 1], a box that is inverted, non-finite or negative, an image without ground-truth box. The
     message names the image (its position in the inputs). wsolevaluation rejects the same inputs."""
+
+
+def _integral(value: Any) -> bool:
+    """An integer, or a finite float with an integral value (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return isinstance(value, (int, np.integer)) or (math.isfinite(value) and float(value).is_integer())
+
+
+# Geometry columns carried per image in the BatchFeature, so post-processing can invert the resize.
+class Geometry(NamedTuple):
+    """How one image became the model input: its original size, the size of the resized content, the
+    padding before it, and the input size. The processor returns one row of these 8 integers per image
+    (`geometry` in its output); post-processing inverts it."""
+
+    original_height: int
+    original_width: int
+    content_height: int
+    content_width: int
+    pad_top: int
+    pad_left: int
+    height: int
+    width: int
+
+    @classmethod
+    def of(cls, row: Sequence[Any]) -> Geometry:
+        """A geometry row (list, array or tensor of 8 numbers) as a `Geometry`."""
+        values = row.tolist() if hasattr(row, "tolist") else list(row)
+        if len(values) < 8:
+            raise ValueError(f"a geometry row has 8 values ({', '.join(cls._fields)}), got {len(values)}")
+        if not all(_integral(v) for v in values[:8]):
+            raise LocalizationInputError(f"a geometry row holds integers, got {values[:8]}")
+        geometry = cls(*(int(v) for v in values[:8]))
+        sizes_ok = min(geometry.original_height, geometry.original_width, geometry.content_height,
+                       geometry.content_width, geometry.height, geometry.width) >= 1  # fmt: skip
+        fits = (min(geometry.pad_top, geometry.pad_left) >= 0
+                and geometry.pad_top + geometry.content_height <= geometry.height
+                and geometry.pad_left + geometry.content_width <= geometry.width)  # fmt: skip
+        if not (sizes_ok and fits):
+            raise LocalizationInputError(
+                f"a geometry row needs sizes >= 1 and the content inside the input, got {geometry}"
+            )
+        return geometry
+
+
+GEOMETRY_FIELDS = Geometry._fields
 
 
 def _where(index: Optional[int]) -> str:

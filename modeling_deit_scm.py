@@ -19,7 +19,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,26 +29,16 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+# isort: off
 try:  # as remote code, beside this file; else from the checkout
     from .configuration_deit_scm import DeiTSCMConfig, _pair
-    from .scm_diffusion import (
-        DeiTSCMClassPooling,
-        DeiTSCMDiffusionBlock,
-        DeiTSCMSpatialCalibration,
-        _wide,
-        minmax_normalize,
-        resolve_solver,
-    )
+    from .scm_diffusion import ClsAttention, ClsQuery, DeiTSCMClassPooling, DeiTSCMDiffusionBlock
+    from .scm_diffusion import DeiTSCMSpatialCalibration, _wide, cls_attention_rows, minmax_normalize, resolve_solver
 except ImportError:
     from configuration_deit_scm import DeiTSCMConfig, _pair
-    from scm_diffusion import (
-        DeiTSCMClassPooling,
-        DeiTSCMDiffusionBlock,
-        DeiTSCMSpatialCalibration,
-        _wide,
-        minmax_normalize,
-        resolve_solver,
-    )
+    from scm_diffusion import ClsAttention, ClsQuery, DeiTSCMClassPooling, DeiTSCMDiffusionBlock
+    from scm_diffusion import DeiTSCMSpatialCalibration, _wide, cls_attention_rows, minmax_normalize, resolve_solver
+# isort: on
 
 # --------------------------------------------------------------------------------------------------
 # Outputs
@@ -221,37 +211,6 @@ class DeiTSCMEmbeddings(nn.Module):
         tokens = torch.cat([cls, tokens], dim=1)
         position = interpolate_position_embeddings(self.position_embeddings, self.grid_size, grid)
         return self.dropout(tokens + position), grid
-
-
-class ClsQuery(NamedTuple):
-    """What the CLS->token attention row of one layer is computed from (the fused path never forms it)."""
-
-    query: torch.Tensor  # (batch, heads, 1, head_dim): the CLS token's query
-    keys: torch.Tensor  # (batch, heads, N + 1, head_dim)
-    bias: Optional[torch.Tensor]  # (heads, 1, N + 1) locality bias of the CLS row, or None
-    scale: float
-
-
-ClsAttention = Union[torch.Tensor, ClsQuery]
-
-
-def cls_attention_rows(queries: list[ClsQuery]) -> torch.Tensor:
-    """Sum over layers of softmax(q_cls K^T * scale + bias) averaged over heads: (batch, N + 1).
-
-    Several layers are stacked and computed in one batch: a handful of operations instead of a dozen per
-    layer (on a GPU each is a kernel launch, and twelve layers' rows cost more launches than the SCM blocks).
-    """
-    if len(queries) == 1:
-        query, keys, bias, scale = queries[0]
-        scores = (_wide(query) * scale) @ _wide(keys).transpose(-2, -1)
-        if bias is not None:
-            scores = scores + bias.to(scores.dtype)
-        return scores.softmax(dim=-1).mean(dim=1)[:, 0]
-    query = _wide(torch.stack([q.query for q in queries])) * queries[0].scale  # (L, B, H, 1, d)
-    scores = query @ _wide(torch.stack([q.keys for q in queries])).transpose(-2, -1)
-    if queries[0].bias is not None:
-        scores = scores + torch.stack([q.bias for q in queries]).unsqueeze(1).to(scores.dtype)
-    return scores.softmax(dim=-1).mean(dim=2).sum(dim=0)[:, 0]
 
 
 class DeiTSCMAttention(nn.Module):
@@ -585,13 +544,8 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
             logits = self.pooling(semantic)
         attention = attention.view(-1, 1, height, width)
         cls_logits = self.cls_classifier(hidden[:, 0]) if self.cls_classifier is not None else None
-        loss = None
-        if labels is not None:
-            loss = self.compute_loss(logits, labels)
-            if cls_logits is not None:
-                loss = loss + float(self.config.cls_loss_weight) * self.compute_loss(cls_logits, labels)
         output = DeiTSCMImageClassifierOutput(
-            loss=loss,
+            loss=self.total_loss(logits, cls_logits, labels) if labels is not None else None,
             logits=logits,
             coupled_maps=attention * semantic,
             attention_maps=attention[:, 0],
@@ -602,6 +556,16 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
             hidden_states=all_hidden,
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def total_loss(
+        self, logits: torch.Tensor, cls_logits: Optional[torch.Tensor], labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The loss of the pooled class maps, plus the CLS token's at `config.cls_loss_weight` when it has a
+        classifier."""
+        loss = self.compute_loss(logits, labels)
+        if cls_logits is not None:
+            loss = loss + float(self.config.cls_loss_weight) * self.compute_loss(cls_logits, labels)
+        return loss
 
     def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy with `config.class_weights` and `config.label_smoothing` (PyTorch semantics:

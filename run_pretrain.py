@@ -13,7 +13,7 @@ radiographs. Two objectives:
 
 The backbone is timm's own `VisionTransformer` (`timm.create_model(TIMM_ARCHITECTURE, **timm_kwargs)`),
 saved as `model.safetensors` with `pretrain_config.json` holding those keyword arguments, so that fine-tuning
-reads exactly what a user downloads from timm: `run_wsol.py --backbone_weights DIR --recipe cxr`.
+reads exactly what a user downloads from timm: `run_wsol.py --backbone_weights DIR --recipe cxr_finetune`.
 
     accelerate launch run_pretrain.py --objective supervised --output_dir outputs/pretrain-supervised
     accelerate launch run_pretrain.py --objective dino --output_dir outputs/pretrain-dino
@@ -255,25 +255,57 @@ def held_out_auc(backbone: torch.nn.Module, pixels: torch.Tensor, targets: np.nd
     }
 
 
+def build_trainer(args: PretrainArguments, num_names: int, num_train: int) -> torch.nn.Module:
+    """The backbone inside its objective: DINO's student/teacher pair, or the supervised heads."""
+    backbone = create_backbone(args.timm_kwargs(num_names if args.objective == "supervised" else 0))
+    if args.objective == "dino":
+        return DINOTrainer(
+            backbone, args.embed_dim, args.dino_out_dim, args.image_size, args.patch_size, args.dino_local_crops,
+            args.dino_student_temperature, args.dino_teacher_temperature,
+        )  # fmt: skip
+    guidance_warmup_steps = (args.num_train_epochs * num_train // args.per_device_train_batch_size) // 3
+    return SupervisedObjective(
+        backbone, args.attention_mil_weight, args.patch_cam_weight, args.attention_guidance_weight,
+        args.patch_cam_lse_r, guidance_warmup_steps=guidance_warmup_steps,
+    )  # fmt: skip
+
+
+def pretraining_step(
+    args: PretrainArguments,
+    parts: tuple,
+    images: torch.Tensor,
+    targets: Optional[torch.Tensor],
+    first_epoch: bool,
+    progress: float,
+) -> float:
+    """One optimizer step; `parts` = (trainer, optimizer, accelerator, normalizer, generator), `progress` the
+    fraction of training done (DINO's teacher momentum schedule). Returns the loss."""
+    trainer, optimizer, accelerator, normalizer, generator = parts
+    if args.objective == "dino":
+        loss = accelerator.unwrap_model(trainer).loss(images, normalizer, generator)
+    else:
+        loss = trainer(normalizer(augment_batch(images, generator)), targets)
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(trainer.parameters(), 3.0)
+    if args.objective == "dino" and first_epoch:
+        # DINO keeps the prototypes fixed in the first epoch (freeze_last_layer): it stabilizes the start.
+        accelerator.unwrap_model(trainer).student_head.prototypes.zero_grad(set_to_none=True)
+    optimizer.step()
+    if args.objective == "dino":
+        # Teacher momentum rises from its start to 1 on a cosine (DINO's schedule).
+        momentum = 1 - (1 - args.dino_teacher_momentum) * (math.cos(math.pi * progress) + 1) / 2
+        accelerator.unwrap_model(trainer).update_teacher(momentum)
+    return loss.item()
+
+
 def train(args: PretrainArguments, split: PreparedSplit, targets: np.ndarray, names: list[str],
           normalizer: PixelNormalizer, accelerator: Any) -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip
     """Train the backbone with the chosen objective; returns it (the teacher for DINO) and the history."""
     held_out = held_out_mask(len(split), args.held_out_fraction, args.seed)
     train_index = torch.from_numpy(np.flatnonzero(~held_out))
     pixels, target_tensor = split.pixels, torch.from_numpy(targets)
-    num_classes = len(names) if args.objective == "supervised" else 0
-    backbone = create_backbone(args.timm_kwargs(num_classes))
-    if args.objective == "dino":
-        trainer: torch.nn.Module = DINOTrainer(
-            backbone, args.embed_dim, args.dino_out_dim, args.image_size, args.patch_size, args.dino_local_crops,
-            args.dino_student_temperature, args.dino_teacher_temperature,
-        )  # fmt: skip
-    else:
-        trainer = SupervisedObjective(
-            backbone, args.attention_mil_weight, args.patch_cam_weight, args.attention_guidance_weight,
-            args.patch_cam_lse_r, guidance_warmup_steps=(args.num_train_epochs * len(train_index)
-                                                         // args.per_device_train_batch_size) // 3,
-        )  # fmt: skip
+    trainer = build_trainer(args, len(names), len(train_index))
     optimizer = _optimizer(trainer, args)
     trainer, optimizer = accelerator.prepare(trainer, optimizer)
     normalizer = normalizer.to(accelerator.device)
@@ -292,23 +324,9 @@ def train(args: PretrainArguments, split: PreparedSplit, targets: np.ndarray, na
             images = pixels[batch].to(accelerator.device)
             for group in optimizer.param_groups:
                 group["lr"] = args.peak_learning_rate() * cosine_factor(step, total, warmup)
-            if args.objective == "dino":
-                loss = accelerator.unwrap_model(trainer).loss(images, normalizer, generator)
-            else:
-                targets_batch = target_tensor[batch].to(images.device)
-                loss = trainer(normalizer(augment_batch(images, generator)), targets_batch)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(trainer.parameters(), 3.0)
-            if args.objective == "dino" and epoch == 0:
-                # DINO keeps the prototypes fixed in the first epoch (freeze_last_layer): it stabilizes the start.
-                accelerator.unwrap_model(trainer).student_head.prototypes.zero_grad(set_to_none=True)
-            optimizer.step()
-            if args.objective == "dino":
-                # Teacher momentum rises from its start to 1 on a cosine (DINO's schedule).
-                momentum = 1 - (1 - args.dino_teacher_momentum) * (math.cos(math.pi * step / total) + 1) / 2
-                accelerator.unwrap_model(trainer).update_teacher(momentum)
-            losses.append(loss.item())
+            targets_batch = target_tensor[batch].to(images.device) if args.objective == "supervised" else None
+            parts = (trainer, optimizer, accelerator, normalizer, generator)
+            losses.append(pretraining_step(args, parts, images, targets_batch, epoch == 0, step / total))
             step += 1
             progress.update(1)
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses))}

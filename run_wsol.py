@@ -20,8 +20,8 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,7 +51,7 @@ from wsol_outputs import (
     save_model,
     write_run_outputs,
 )
-from wsol_recipes import RECIPE_CHOICES, RECIPES, Recipe, recipe_fills, resolve_recipe
+from wsol_recipes import RECIPE_CHOICES, RECIPES, Recipe, recipe_fills, recipe_name, resolve_recipe
 from wsol_reporting import environment
 from wsol_training import TrainingSettings, build_components, resume_and_train
 
@@ -146,21 +146,86 @@ def _settings(cls: type, args: argparse.Namespace, **given: Any) -> Any:
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in given}, **given)
 
 
-def data_settings(args: argparse.Namespace) -> DataSettings:
-    return _settings(DataSettings, args, report_dir=args.output_dir)
+@dataclass(frozen=True)
+class ModelSettings:
+    """The model a run trains or loads, resolved once from preset, SCM variant, recipe, flags and
+    `--config_overrides` (the class weights wait for the training labels: `class_weights_from`)."""
+
+    model_name_or_path: Optional[str] = None  # a saved model: its own config, `overrides` applied
+    preset: str = "deit-micro"
+    scm_variant: str = "cxr"
+    config_fields: Mapping[str, Any] = field(default_factory=dict)  # a new model's fields beyond the preset
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # --config_overrides
+    class_weights: str = "variant"  # "auto" | "none" | "variant" | "w0,w1,w2"
+    backbone_weights: Optional[str] = None
 
 
-def evaluation_settings(args: argparse.Namespace) -> EvaluationSettings:
-    return _settings(EvaluationSettings, args, batch_size=args.per_device_eval_batch_size)
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one run does, resolved from the flags in one place (`resolve_settings`); each module
+    receives its own part. `flags` keeps the flags as given (after the recipe) for all_results.json and
+    the checkpoints' resume check."""
+
+    data: DataSettings
+    evaluation: EvaluationSettings
+    training: TrainingSettings
+    card: CardSettings
+    model: ModelSettings
+    recipe: str
+    image_size: Optional[int]  # a new model's processor; None: the saved model's own
+    do_train: bool
+    do_eval: bool
+    do_predict: bool
+    predict_files: tuple[str, ...]
+    resume_from_checkpoint: Optional[str]
+    overwrite_output_dir: bool
+    seed: int
+    cpu: bool
+    mixed_precision: str
+    report_to: str
+    flags: Mapping[str, Any]
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.card.output_dir)
+
+    def inputs(self) -> list[Path]:
+        """Local paths the run reads: what `--overwrite_output_dir` must never delete."""
+        model, data = self.model, self.data
+        named = [model.model_name_or_path, model.backbone_weights, data.data_dir, data.cache_dir, *self.predict_files]
+        return [Path(p) for p in named if p and Path(p).exists()]
 
 
-def card_settings(args: argparse.Namespace) -> CardSettings:
-    return _settings(CardSettings, args)
+def model_settings(args: argparse.Namespace) -> ModelSettings:
+    variant = SCM_VARIANTS[args.scm_variant]
+    overrides = dict(args.config_overrides or {})
+    smoothing = variant["label_smoothing"] if args.label_smoothing is None else args.label_smoothing
+    fields_ = {
+        "image_size": args.image_size,
+        "drop_path_rate": args.drop_path_rate,
+        "label_smoothing": smoothing,
+        **RECIPES[args.recipe].config,
+        **overrides,
+    }
+    return ModelSettings(args.model_name_or_path, args.preset, args.scm_variant, fields_, overrides,
+                         args.class_weights, args.backbone_weights)  # fmt: skip
 
 
-def training_settings(args: argparse.Namespace) -> TrainingSettings:
-    return _settings(TrainingSettings, args, lr_step_epochs=tuple(args.lr_step_epochs),
-                     scm_warmup_fraction=RECIPES[args.recipe].scm_warmup_fraction)  # fmt: skip
+def resolve_settings(args: argparse.Namespace) -> RunSettings:
+    """The parsed (and validated) flags as the settings each part of the run takes."""
+    run_flags = ("recipe", "image_size", "do_train", "do_eval", "do_predict", "resume_from_checkpoint",
+                 "overwrite_output_dir", "seed", "cpu", "mixed_precision", "report_to")  # fmt: skip
+    return RunSettings(
+        data=_settings(DataSettings, args, report_dir=args.output_dir),
+        evaluation=_settings(EvaluationSettings, args, batch_size=args.per_device_eval_batch_size),
+        training=_settings(TrainingSettings, args, lr_step_epochs=tuple(args.lr_step_epochs),
+                           scm_warmup_fraction=RECIPES[args.recipe].scm_warmup_fraction),  # fmt: skip
+        card=_settings(CardSettings, args),
+        model=model_settings(args),
+        predict_files=tuple(args.predict_files),
+        flags=dict(vars(args)),
+        **{name: getattr(args, name) for name in run_flags},
+    )
 
 
 def apply_recipe(args: argparse.Namespace) -> Recipe:
@@ -197,7 +262,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model_name_or_path", help="a saved DeiT-SCM folder or Hub id (instead of --preset)")
     model.add_argument("--preset", choices=sorted(BACKBONE_PRESETS), default="deit-micro")
     model.add_argument("--scm_variant", choices=sorted(SCM_VARIANTS), default="cxr")
-    model.add_argument("--config_overrides", help='e.g. "hidden_size=64,num_hidden_layers=4"')
+    # Parsed here, once: every later use reads the dict.
+    model.add_argument("--config_overrides", type=parse_overrides, help='e.g. "hidden_size=64,num_hidden_layers=4"')
     model.add_argument("--backbone_weights", help="timm/transformers DeiT checkpoint, or timm:<name>")
     model.add_argument("--image_size", type=_positive_int, help=f"default {DEFAULT_IMAGE_SIZE}; a saved model's own")
     model.add_argument("--torch_compile", action="store_true")
@@ -207,10 +273,12 @@ def _optimization_arguments(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("training")
     train.add_argument(
         "--recipe",
+        type=recipe_name,
         choices=RECIPE_CHOICES,
         default="auto",
         help="defaults of the training flags below (wsol_recipes.py): scratch when nothing pretrained is loaded, "
-        "else the SCM variant's (paper: the official SCM training; cxr: the chest X-ray fine-tuning)",
+        "else the SCM variant's (paper: official, the official SCM training; cxr: cxr_finetune, the chest X-ray "
+        "fine-tuning)",
     )
     train.add_argument("--num_train_epochs", type=_positive_int)
     train.add_argument("--max_train_steps", type=_positive_int)
@@ -280,15 +348,14 @@ def validate_model_flags(args: argparse.Namespace, parser: argparse.ArgumentPars
     data is built: a typo in --config_overrides or an image size the patch does not divide is one line."""
     from accelerate.utils import LoggerType
 
-    overrides = parse_overrides(args.config_overrides)
-    unknown = sorted(set(overrides) - set(DeiTSCMConfig().to_dict()))
+    unknown = sorted(set(args.config_overrides or {}) - set(DeiTSCMConfig().to_dict()))
     if unknown:
         parser.error(
             f"--config_overrides: unknown config field(s) {', '.join(unknown)} (see configuration_deit_scm.py)"
         )
     if not args.model_name_or_path:
         try:
-            DeiTSCMConfig.from_preset(args.preset, args.scm_variant, **config_settings(args))
+            DeiTSCMConfig.from_preset(args.preset, args.scm_variant, **model_settings(args).config_fields)
         except (ValueError, TypeError) as error:
             parser.error(f"these flags make an invalid model: {error}")
     trackers = {t.value for t in LoggerType} | {"none"}
@@ -395,15 +462,16 @@ def parse_overrides(text: Optional[str]) -> dict[str, Any]:
 
 
 def class_weights_from(
-    args: argparse.Namespace, labels: torch.Tensor, default: Optional[list[float]]
+    spec: str, labels: torch.Tensor, default: Optional[list[float]]
 ) -> Optional[list[float]]:
-    if args.class_weights == "variant":
+    """`--class_weights` ("variant": `default`, "none", "auto": from the training labels, or "w0,w1,w2")."""
+    if spec == "variant":
         return default
-    if args.class_weights == "none":
+    if spec == "none":
         return None
-    if args.class_weights == "auto":
+    if spec == "auto":
         return class_weights_from_counts(labels)
-    return [float(v) for v in args.class_weights.split(",")]
+    return [float(v) for v in spec.split(",")]
 
 
 def class_weights_from_counts(labels: torch.Tensor) -> list[float]:
@@ -413,34 +481,20 @@ def class_weights_from_counts(labels: torch.Tensor) -> list[float]:
     return [round(float(w), 4) for w in inverse / inverse.sum()]
 
 
-def config_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Config fields the flags set (not the class weights, which need the training labels): one place for
-    the config `build_model` makes and the one `validate_model_flags` checks."""
-    variant = SCM_VARIANTS[args.scm_variant]
-    smoothing = variant["label_smoothing"] if args.label_smoothing is None else args.label_smoothing
-    return {
-        "image_size": args.image_size,
-        "drop_path_rate": args.drop_path_rate,
-        "label_smoothing": smoothing,
-        **RECIPES[args.recipe].config,
-        **parse_overrides(args.config_overrides),
-    }
-
-
-def build_model(args: argparse.Namespace, train_labels: torch.Tensor) -> DeiTSCMForImageClassification:
-    if args.model_name_or_path:
-        model = load_model_folder(args.model_name_or_path, DeiTSCMForImageClassification,
-                                  parse_overrides(args.config_overrides))  # fmt: skip
+def build_model(settings: ModelSettings, train_labels: torch.Tensor) -> DeiTSCMForImageClassification:
+    if settings.model_name_or_path:
+        model = load_model_folder(settings.model_name_or_path, DeiTSCMForImageClassification, settings.overrides)
     else:
-        weights = class_weights_from(args, train_labels, SCM_VARIANTS[args.scm_variant]["class_weights"])
+        default = SCM_VARIANTS[settings.scm_variant]["class_weights"]
+        weights = class_weights_from(settings.class_weights, train_labels, default)
         config = DeiTSCMConfig.from_preset(
-            args.preset, args.scm_variant, class_weights=weights, **config_settings(args)
+            settings.preset, settings.scm_variant, class_weights=weights, **settings.config_fields
         )
         model = DeiTSCMForImageClassification(config)
-    if args.backbone_weights:
+    if settings.backbone_weights:
         from convert_deit_weights import load_backbone_weights
 
-        report = load_backbone_weights(model, args.backbone_weights)
+        report = load_backbone_weights(model, settings.backbone_weights)
         logger.info(
             "backbone weights: %d missing, %d unused keys", len(report.missing_keys), len(report.unexpected_keys)
         )
@@ -452,19 +506,20 @@ def build_model(args: argparse.Namespace, train_labels: torch.Tensor) -> DeiTSCM
 # ================================================================================================
 
 
-def make_accelerator(args: argparse.Namespace) -> Any:
+def make_accelerator(
+    cpu: bool, gradient_accumulation_steps: int, mixed_precision: str, report_to: str, output_dir: Path
+) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 
-    report_to = None if args.report_to == "none" else args.report_to
     # Accelerate runs several CPU processes (gloo) only when told it is on CPU.
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
-        cpu=args.cpu or (several and not torch.cuda.is_available()),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir),
+        cpu=cpu or (several and not torch.cuda.is_available()),
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=None if report_to == "none" else report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
         # Pinned batches (make_loader) copied without blocking: the copy overlaps the step on a GPU.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         # SCM's lambda and beta get no gradient while the blocks are warming up.
@@ -472,91 +527,97 @@ def make_accelerator(args: argparse.Namespace) -> Any:
     )
 
 
-def inputs_of_run(args: argparse.Namespace) -> list[Path]:
-    """Local paths the run reads: what `--overwrite_output_dir` must never delete."""
-    named = [args.model_name_or_path, args.backbone_weights, args.data_dir, args.cache_dir, *args.predict_files]
-    return [Path(p) for p in named if p and Path(p).exists()]
-
-
-def start_run(args: argparse.Namespace) -> tuple[Any, Path]:
+def start_run(settings: RunSettings) -> tuple[Any, Path]:
     """The Accelerator, logging, the seed and a clean (or resumed) output folder."""
     from accelerate.utils import set_seed
 
-    accelerator = make_accelerator(args)
+    output_dir = settings.output_dir
+    accelerator = make_accelerator(settings.cpu, settings.training.gradient_accumulation_steps,
+                                   settings.mixed_precision, settings.report_to, output_dir)  # fmt: skip
     logging.basicConfig(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",
     )
-    set_seed(args.seed)
-    output_dir = Path(args.output_dir)
+    set_seed(settings.seed)
     if accelerator.is_main_process:
-        if args.overwrite_output_dir and args.do_train and not args.resume_from_checkpoint and output_dir.exists():
-            clear_run_outputs(output_dir, inputs_of_run(args))
+        fresh = settings.do_train and not settings.resume_from_checkpoint
+        if settings.overwrite_output_dir and fresh and output_dir.exists():
+            clear_run_outputs(output_dir, settings.inputs())
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    if args.report_to != "none":
-        accelerator.init_trackers(
-            "run_wsol", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        )
+    if settings.report_to != "none":
+        scalars = {k: v for k, v in settings.flags.items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("run_wsol", config=scalars)
     return accelerator, output_dir
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Parse, run, and turn a refused input (`RunInputError`) into one line and exit status 2."""
-    args = parse_args(argv)
+    settings = resolve_settings(parse_args(argv))
     try:
-        return run(args)
+        return run(settings)
     except RunInputError as error:
         sys.stderr.write(f"run_wsol.py: error: {error}\n")
         raise SystemExit(2) from None
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train, evaluate, predict and publish as the parsed flags say; returns what all_results.json holds."""
-    accelerator, output_dir = start_run(args)
-    processor = build_processor(args.model_name_or_path, args.image_size)
-    results: dict[str, Any] = {"args": dict(vars(args)), "num_processes": accelerator.num_processes}
-    splits = prepare_all(data_settings(args), processor, accelerator) if (args.do_train or args.do_eval) else {}
-    model = build_model(args, splits["train"].labels if splits else torch.zeros(0, dtype=torch.long))
+def run(settings: RunSettings) -> dict[str, Any]:
+    """Train, evaluate, predict and publish as the settings say; returns what all_results.json holds."""
+    accelerator, output_dir = start_run(settings)
+    processor = build_processor(settings.model.model_name_or_path, settings.image_size)
+    results: dict[str, Any] = {"args": dict(settings.flags), "num_processes": accelerator.num_processes}
+    needs_data = settings.do_train or settings.do_eval
+    splits = prepare_all(settings.data, processor, accelerator) if needs_data else {}
+    model = build_model(settings.model, splits["train"].labels if splits else torch.zeros(0, dtype=torch.long))
     # The configuration trained, resolved once from preset, variant, recipe, flags and overrides, in full.
     results["model_config"] = model.config.to_dict()
-    logger.info("recipe %s; model configuration: %s", args.recipe, json.dumps(model.config.to_dict(), default=str))
+    logger.info("recipe %s; model configuration: %s", settings.recipe, json.dumps(results["model_config"], default=str))
     normalizer = PixelNormalizer(processor)
-    training = training_settings(args)
-    parts = build_components(training, accelerator, model, splits["train"], normalizer) if splits else None
+    parts = build_components(settings.training, accelerator, model, splits["train"], normalizer) if splits else None
     state, predictions = TrainState(), {}
-    if args.do_train:
-        state = resume_and_train(training, evaluation_settings(args), parts, splits["validation"], output_dir,
-                                 args.resume_from_checkpoint, vars(args))  # fmt: skip
-        if accelerator.is_main_process:
-            # The trained model is on disk before anything after training can fail.
-            save_model(accelerator, parts.model, processor, output_dir)
-        results["training"] = {
-            "steps": state.global_step,
-            "epochs": state.epoch,
-            "best_epoch": state.best_epoch,
-            "scm_warmup_epochs": state.scm_warmup_epochs,
-            "history": state.history,
-        }
-    if args.do_eval:
-        evaluation = final_evaluation(evaluation_settings(args), parts, splits)
+    if settings.do_train:
+        state = train_and_save(settings, parts, splits, processor, output_dir)
+        results["training"] = training_summary(state)
+    if settings.do_eval:
+        evaluation = final_evaluation(settings.evaluation, parts, splits)
         results.update(evaluation.results)
         predictions = evaluation.predictions
         processor.localization_threshold, processor.localization_map = evaluation.threshold, evaluation.map_output
         # Probabilities leave the model calibrated: the temperature travels in its config.
         accelerator.unwrap_model(parts.model).config.calibration_temperature = evaluation.temperature
     results["environment"] = environment()
-    if accelerator.is_main_process and (args.do_train or args.do_eval):
-        write_run_outputs(card_settings(args), args.do_eval, accelerator, parts.model, processor, results, state,
+    if accelerator.is_main_process and needs_data:
+        write_run_outputs(settings.card, settings.do_eval, accelerator, parts.model, processor, results, state,
                           splits, predictions)  # fmt: skip
-    if args.do_predict and accelerator.is_main_process:
+    if settings.do_predict and accelerator.is_main_process:
         model_for_prediction = accelerator.unwrap_model(parts.model) if parts else model
-        results["predictions"] = predict_files(args.predict_files, model_for_prediction, processor, output_dir)
+        results["predictions"] = predict_files(settings.predict_files, model_for_prediction, processor, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if args.push_to_hub and accelerator.is_main_process:
-        push_to_hub(args.hub_model_id, args.hub_space_id, output_dir)
+    if settings.card.push_to_hub and accelerator.is_main_process:
+        push_to_hub(settings.card.hub_model_id, settings.card.hub_space_id, output_dir)
     return results
+
+
+def train_and_save(
+    settings: RunSettings, parts: Any, splits: dict[str, Any], processor: Any, output_dir: Path
+) -> TrainState:
+    """Train (or resume), then save the model and processor before anything after training can fail."""
+    state = resume_and_train(settings.training, settings.evaluation, parts, splits["validation"], output_dir,
+                             settings.resume_from_checkpoint, settings.flags)  # fmt: skip
+    if parts.accelerator.is_main_process:
+        save_model(parts.accelerator, parts.model, processor, output_dir)
+    return state
+
+
+def training_summary(state: TrainState) -> dict[str, Any]:
+    return {
+        "steps": state.global_step,
+        "epochs": state.epoch,
+        "best_epoch": state.best_epoch,
+        "scm_warmup_epochs": state.scm_warmup_epochs,
+        "history": state.history,
+    }
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 Implicit Spatial Calibration", ECCV 2022 (official code: hbai98/SCM): the diffusion operator on the patch
 grid, its solvers (the official detached-X0 Newton-Schulz iteration, its Horner form on stencil products,
 a dense batched form with a hand-written backward), the diffusion blocks, the spatial calibration stack
-and the class pooling.
+and the class pooling; and F0's input, the CLS attention rows of several layers computed in one batch.
 
 Uploaded with the model beside `modeling_deit_scm.py`, which imports it relatively; it imports only torch
 and the configuration.
@@ -11,7 +11,7 @@ and the configuration.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,37 @@ class _MinMax(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         return _minmax_backward(grad, *ctx.saved_tensors)
+
+
+class ClsQuery(NamedTuple):
+    """What the CLS->token attention row of one layer is computed from (the fused path never forms it)."""
+
+    query: torch.Tensor  # (batch, heads, 1, head_dim): the CLS token's query
+    keys: torch.Tensor  # (batch, heads, N + 1, head_dim)
+    bias: Optional[torch.Tensor]  # (heads, 1, N + 1) locality bias of the CLS row, or None
+    scale: float
+
+
+ClsAttention = Union[torch.Tensor, ClsQuery]
+
+
+def cls_attention_rows(queries: list[ClsQuery]) -> torch.Tensor:
+    """Sum over layers of softmax(q_cls K^T * scale + bias) averaged over heads: (batch, N + 1).
+
+    Several layers are stacked and computed in one batch: a handful of operations instead of a dozen per
+    layer (on a GPU each is a kernel launch, and twelve layers' rows cost more launches than the SCM blocks).
+    """
+    if len(queries) == 1:
+        query, keys, bias, scale = queries[0]
+        scores = (_wide(query) * scale) @ _wide(keys).transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+        return scores.softmax(dim=-1).mean(dim=1)[:, 0]
+    query = _wide(torch.stack([q.query for q in queries])) * queries[0].scale  # (L, B, H, 1, d)
+    scores = query @ _wide(torch.stack([q.keys for q in queries])).transpose(-2, -1)
+    if queries[0].bias is not None:
+        scores = scores + torch.stack([q.bias for q in queries]).unsqueeze(1).to(scores.dtype)
+    return scores.softmax(dim=-1).mean(dim=2).sum(dim=0)[:, 0]
 
 
 def grid_offsets(connectivity: int) -> list[tuple[int, int]]:

@@ -97,6 +97,29 @@ def boxes_over_thresholds(quantized: np.ndarray, thresholds: Sequence[float] = D
     )
 
 
+def _contour_boxes_and_areas(
+    points: np.ndarray, starts: np.ndarray, lengths: np.ndarray, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bounding boxes (wsolevaluation's inclusive corners, clipped) and `cv2.contourArea` of the contours
+    packed in `points` (contour k is points[starts[k] : starts[k] + lengths[k]])."""
+    xs, ys = points[:, 0], points[:, 1]
+    boxes = np.stack(
+        [
+            np.minimum.reduceat(xs, starts),
+            np.minimum.reduceat(ys, starts),
+            np.minimum(np.maximum.reduceat(xs, starts) + 1, width - 1),
+            np.minimum(np.maximum.reduceat(ys, starts) + 1, height - 1),
+        ],
+        axis=1,
+    )
+    # cv2.contourArea: |sum over edges of (x_prev * y - y_prev * x)| / 2, the previous point of the first
+    # being the last; exact in float64 for pixel coordinates.
+    previous = np.arange(len(points)) - 1
+    previous[starts] = starts + lengths - 1
+    cross = xs[previous].astype(np.float64) * ys - ys[previous].astype(np.float64) * xs
+    return boxes, np.abs(np.add.reduceat(cross, starts)) * 0.5
+
+
 def _boxes_over_levels(quantized: np.ndarray, levels: np.ndarray) -> ThresholdBoxes:
     """`boxes_over_thresholds` for integer levels (pixels strictly above a level are foreground)."""
     height, width = quantized.shape
@@ -127,22 +150,7 @@ def _boxes_over_levels(quantized: np.ndarray, levels: np.ndarray) -> ThresholdBo
     run = np.asarray(runs, dtype=np.int64)
     owner = np.repeat(run[:, 0], run[:, 1])
     points += np.repeat(np.repeat(run[:, 2:], run[:, 1], axis=0), lengths, axis=0)
-    xs, ys = points[:, 0], points[:, 1]
-    boxes = np.stack(
-        [
-            np.minimum.reduceat(xs, starts),
-            np.minimum.reduceat(ys, starts),
-            np.minimum(np.maximum.reduceat(xs, starts) + 1, width - 1),
-            np.minimum(np.maximum.reduceat(ys, starts) + 1, height - 1),
-        ],
-        axis=1,
-    )
-    # cv2.contourArea: |sum over edges of (x_prev * y - y_prev * x)| / 2, the previous point of the first
-    # being the last; exact in float64 for pixel coordinates.
-    previous = np.arange(len(points)) - 1
-    previous[starts] = starts + lengths - 1
-    cross = xs[previous].astype(np.float64) * ys - ys[previous].astype(np.float64) * xs
-    areas = np.abs(np.add.reduceat(cross, starts)) * 0.5
+    boxes, areas = _contour_boxes_and_areas(points, starts, lengths, height, width)
     # Largest contour per threshold, first one on ties (as Python's max): sort by threshold, then by
     # area descending, then by position, and keep each threshold's first.
     order = np.lexsort((np.arange(len(areas)), -areas, owner))

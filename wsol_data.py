@@ -67,6 +67,10 @@ class DataSettings:
     phantom_size: int = 256
     seed: int = 0  # the phantoms' series and the NIH patient split
     report_dir: Optional[str] = None  # where the problem-image lists go (the run's output folder)
+
+    @property
+    def reports(self) -> Optional[Path]:
+        return Path(self.report_dir) if self.report_dir else None
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     cache_dir: Optional[str] = None  # the preprocessed cache; default under HF_DATASETS_CACHE
@@ -90,11 +94,10 @@ def load_raw_splits(settings: DataSettings) -> dict[str, Any]:
         splits["loc_validation"], splits["loc_test"] = splits["validation"], splits["test"]
         return splits
     nih = load_dataset_module("nih")
-    reports = Path(settings.report_dir) if settings.report_dir else None
     try:
-        splits = dict(nih.build_dataset_dict(settings.data_dir, "three_class", report_dir=reports,
+        splits = dict(nih.build_dataset_dict(settings.data_dir, "three_class", report_dir=settings.reports,
                                              view=settings.view, seed=settings.seed))  # fmt: skip
-        boxed = nih.build_dataset_dict(settings.data_dir, "bbox", report_dir=reports)["test"]
+        boxed = nih.build_dataset_dict(settings.data_dir, "bbox", report_dir=settings.reports)["test"]
     except nih.NIHMetadataError as error:
         refuse(f"NIH metadata in {settings.data_dir}: {error}")
     empty = [name for name, split in {**splits, "bbox": boxed}.items() if len(split) == 0]
@@ -193,6 +196,32 @@ def _record_cache_checksum(cache_file: Path) -> None:
 CACHE_VERSION = "pixels-geometry-error-v3"
 
 
+class _ProcessBatch:
+    """`datasets.map`'s function: a batch of undecoded images -> uint8 arrays, geometry and error texts.
+
+    The images are decoded by the processor, not by `datasets`: a file that passed the readability check and
+    then fails to decode (a PNG with valid CRCs and a corrupt stream) is a CXRImageError naming it, one problem
+    image, not a dead run. A class, not a closure, so that worker processes can pickle it."""
+
+    def __init__(self, processor: CXRImageProcessor) -> None:
+        self.processor = processor
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        height, width = self.processor.size["height"], self.processor.size["width"]
+        pixels, geometry, errors = [], [], []
+        for image, image_id in zip(batch["image"], batch["image_id"]):
+            try:
+                gray, geo = self.processor.process_one(image["bytes"] or image["path"], source=image_id)
+                error = ""
+            except CXRImageError as failure:
+                gray, geo = np.zeros((height, width), np.uint8), [0] * 8
+                error = f"{type(failure).__name__}: {failure}"[:500]
+            pixels.append(gray)
+            geometry.append(geo)
+            errors.append(error)
+        return {"pixels": pixels, "geometry": geometry, "error": errors}
+
+
 def cached_preprocess(
     dataset: Any, processor: CXRImageProcessor, cache_dir: Optional[Path], num_proc: int, name: str
 ) -> Any:
@@ -216,29 +245,12 @@ def cached_preprocess(
         }
     )
 
-    def process(batch: dict[str, list]) -> dict[str, list]:
-        pixels, geometry, errors = [], [], []
-        for image, image_id in zip(batch["image"], batch["image_id"]):
-            # Decoded by the processor, not by `datasets`: a file that passed the readability check and then
-            # fails to decode (a PNG with valid CRCs and a corrupt stream) is a CXRImageError naming it, one
-            # problem image, not a dead run.
-            try:
-                gray, geo = processor.process_one(image["bytes"] or image["path"], source=image_id)
-                error = ""
-            except CXRImageError as failure:
-                gray, geo = np.zeros((height, width), np.uint8), [0] * 8
-                error = f"{type(failure).__name__}: {failure}"[:500]
-            pixels.append(gray)
-            geometry.append(geo)
-            errors.append(error)
-        return {"pixels": pixels, "geometry": geometry, "error": errors}
-
     cache_file = str(cache_dir / f"{name}-{fingerprint}.arrow") if cache_dir else None
     if cache_dir:
         cache_dir.mkdir(parents=True, exist_ok=True)
         _drop_unverified_cache(Path(cache_file))
     processed = dataset.cast_column("image", ImageFeature(decode=False)).map(
-        process,
+        _ProcessBatch(processor),
         batched=True,
         batch_size=32,
         num_proc=num_proc if num_proc > 1 and len(dataset) >= 64 else None,
@@ -422,7 +434,7 @@ def prepare_all(settings: DataSettings, processor: CXRImageProcessor, accelerato
                 limit = limits.get(name, settings.max_eval_samples)
                 done[id(dataset)] = prepare_split(
                     name, dataset, processor, limit, cache_dir, settings.preprocessing_num_workers,
-                    Path(settings.report_dir) if settings.report_dir else None,
+                    settings.reports,
                 )
             prepared[name] = done[id(dataset)]
     return prepared

@@ -159,22 +159,49 @@ class Evaluation:
         return map_output(self.localization_map)
 
 
-def final_evaluation(
+def predict_splits(
     settings: EvaluationSettings, parts: EvaluationParts, splits: dict[str, PreparedSplit]
-) -> Evaluation:
-    """Classification on validation and test; localization (with baselines) on the box splits."""
-    # A split serving twice (phantom validation = loc_validation) is predicted once.
+) -> dict[str, Predictions]:
+    """Predictions of the evaluation splits; a split serving twice (phantom validation = loc_validation) is
+    predicted once."""
     by_split: dict[int, Predictions] = {}
     predictions = {}
     for name in ("validation", "test", "loc_validation", "loc_test"):
         if id(splits[name]) not in by_split:
             by_split[id(splits[name])] = predict_split(settings, parts, splits[name])
         predictions[name] = by_split[id(splits[name])]
+    return predictions
+
+
+def classification_results(
+    settings: EvaluationSettings, splits: dict[str, PreparedSplit], predictions: dict[str, Predictions]
+) -> dict[str, Any]:
+    """Classification on validation and test (test with patient-bootstrap intervals), the temperature
+    calibration fitted on validation, and the operating points chosen there."""
     results: dict[str, Any] = {"classification": {}}
     for name in ("validation", "test"):
         results["classification"][name] = classification_scores(predictions[name])
         results["classification"][name]["loss"] = predictions[name].loss
         results["classification"][name]["num_samples"] = int(len(predictions[name].labels))
+    validation, test = predictions["validation"], predictions["test"]
+    test_patients = patients(splits["test"], test)
+    results["classification"]["test"]["ci95"] = classification_intervals(
+        test.labels, softmax(test.logits), test_patients, seed=settings.seed
+    )
+    calibration = calibration_report(validation.logits, validation.labels, test.logits, test.labels)
+    results["calibration"] = calibration
+    results["operating_points"] = operating_points(
+        validation.labels, softmax(validation.logits, calibration["temperature"]),
+        test.labels, softmax(test.logits, calibration["temperature"]), CLASS_NAMES, test_patients, seed=settings.seed,
+    )  # fmt: skip
+    return results
+
+
+def localization_results(
+    settings: EvaluationSettings, splits: dict[str, PreparedSplit], predictions: dict[str, Predictions]
+) -> tuple[dict[str, Any], str, float]:
+    """Localization on the box splits, with baselines, thresholds calibrated on validation; the released
+    map chosen there. Returns (results["localization"], the chosen map, its threshold)."""
     val_boxed = evaluation_split(splits["loc_validation"], predictions["loc_validation"])
     test_boxed = evaluation_split(splits["loc_test"], predictions["loc_test"])
     prior = mean_prior_box(splits["train" if settings.dataset == "phantoms" else "loc_validation"])
@@ -190,24 +217,9 @@ def final_evaluation(
         resample_weights=resample_weights(boxed_patients, seed=settings.seed),
     )  # fmt: skip
     chosen = choose_localization_map(table)
-    test_patients = patients(splits["test"], predictions["test"])
-    results["classification"]["test"]["ci95"] = classification_intervals(
-        predictions["test"].labels, softmax(predictions["test"].logits), test_patients, seed=settings.seed
-    )
-    calibration = calibration_report(
-        predictions["validation"].logits, predictions["validation"].labels,
-        predictions["test"].logits, predictions["test"].labels,
-    )  # fmt: skip
-    results["calibration"] = calibration
-    results["operating_points"] = operating_points(
-        predictions["validation"].labels, softmax(predictions["validation"].logits, calibration["temperature"]),
-        predictions["test"].labels, softmax(predictions["test"].logits, calibration["temperature"]), CLASS_NAMES,
-        test_patients, seed=settings.seed,
-    )  # fmt: skip
     threshold = table[chosen]["calibrated_on_validation"]["threshold"]
-    test_maps = frame_maps[chosen]
-    predicted = [scoremap_to_boxes(m, threshold, multi_contour=True, normalized=True) for m in test_maps]
-    results["localization"] = {
+    predicted = [scoremap_to_boxes(m, threshold, multi_contour=True, normalized=True) for m in frame_maps[chosen]]
+    localization = {
         "frame": list(test_boxed.frame_size),
         "images_validation": len(val_boxed.gt_boxes),
         "images_test": len(test_boxed.gt_boxes),
@@ -221,4 +233,16 @@ def final_evaluation(
         "methods": table,
         "cxr_protocol_at_calibrated_threshold": cxr_protocol(predicted, test_boxed.gt_boxes, test_boxed.gt_findings),
     }
-    return Evaluation(results, predictions, chosen, float(threshold), float(calibration["temperature"]))
+    return localization, chosen, float(threshold)
+
+
+def final_evaluation(
+    settings: EvaluationSettings, parts: EvaluationParts, splits: dict[str, PreparedSplit]
+) -> Evaluation:
+    """Classification on validation and test; localization (with baselines) on the box splits."""
+    predictions = predict_splits(settings, parts, splits)
+    results = classification_results(settings, splits, predictions)
+    localization, chosen, threshold = localization_results(settings, splits, predictions)
+    # The order all_results.json has always had: classification, calibration, operating points, localization.
+    results["localization"] = localization
+    return Evaluation(results, predictions, chosen, threshold, float(results["calibration"]["temperature"]))

@@ -9,7 +9,7 @@ post-processing uses, so that the evaluated boxes are the boxes users get.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -413,31 +413,44 @@ def cxr_protocol(
     for level in (*iobb_thresholds, *iou_thresholds):
         check_thresholds(level)
     findings = sorted({f for fs in gt_findings for f in fs})
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for finding in findings:
-        table: dict[str, dict[str, float]] = {}
-        for name, measure, levels in (("iobb", pairwise_iobb, iobb_thresholds), ("iou", pairwise_iou, iou_thresholds)):
-            for level in levels:
-                found = total = false_positives = images = 0
-                for predicted, truth, names in zip(predicted_boxes, gt_boxes, gt_findings):
-                    names = list(names)
-                    if finding not in names:
-                        continue
-                    images += 1
-                    truth = np.asarray(truth, dtype=np.float64).reshape(-1, 4)
-                    predicted = np.asarray(predicted, dtype=np.float64).reshape(-1, 4)
-                    of_finding = truth[[n == finding for n in names]]
-                    total += len(of_finding)
-                    if len(predicted) == 0:
-                        continue
-                    found += int((measure(predicted, of_finding) >= level).any(axis=0).sum())
-                    false_positives += int((~(measure(predicted, truth) >= level).any(axis=1)).sum())
-                table[f"{name}@{level:g}"] = {
-                    "accuracy": found / total if total else float("nan"),
-                    "afp": false_positives / images if images else float("nan"),
-                }
-        results[finding] = table
-    return results
+    measures = (("iobb", pairwise_iobb, iobb_thresholds), ("iou", pairwise_iou, iou_thresholds))
+    return {
+        finding: {
+            f"{name}@{level:g}": _finding_at_level(finding, measure, level, predicted_boxes, gt_boxes, gt_findings)
+            for name, measure, levels in measures
+            for level in levels
+        }
+        for finding in findings
+    }
+
+
+def _finding_at_level(
+    finding: str,
+    measure: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    level: float,
+    predicted_boxes: Sequence[np.ndarray],
+    gt_boxes: Sequence[np.ndarray],
+    gt_findings: Sequence[Sequence[str]],
+) -> dict[str, float]:
+    """`cxr_protocol`'s accuracy and AFP of one finding at one IoBB or IoU level."""
+    found = total = false_positives = images = 0
+    for predicted, truth, names in zip(predicted_boxes, gt_boxes, gt_findings):
+        names = list(names)
+        if finding not in names:
+            continue
+        images += 1
+        truth = np.asarray(truth, dtype=np.float64).reshape(-1, 4)
+        predicted = np.asarray(predicted, dtype=np.float64).reshape(-1, 4)
+        of_finding = truth[[n == finding for n in names]]
+        total += len(of_finding)
+        if len(predicted) == 0:
+            continue
+        found += int((measure(predicted, of_finding) >= level).any(axis=0).sum())
+        false_positives += int((~(measure(predicted, truth) >= level).any(axis=1)).sum())
+    return {
+        "accuracy": found / total if total else float("nan"),
+        "afp": false_positives / images if images else float("nan"),
+    }
 
 
 class ClassificationInputError(ValueError):
@@ -585,17 +598,24 @@ def localization_table(
     if prior_box is not None:
         fixed["train_mean_box"] = np.asarray(prior_box, dtype=np.float64)
     for name, box in fixed.items():
-        scores = LocalizationScores.from_fixed_boxes(
-            [box] * len(test.gt_boxes), test.gt_boxes, test.correct_class, thresholds
-        )
-        val = LocalizationScores.from_fixed_boxes(
-            [box] * len(validation.gt_boxes), validation.gt_boxes, validation.correct_class, thresholds
-        )
-        rows[name] = calibrated_report(val, scores)
-        box_map = boxes_to_mask(box, test.frame_size).astype(np.float32)
-        _add_pxap(rows[name], [box_map] * len(test.gt_boxes), test.gt_boxes, thresholds, val, scores, resample_weights)
-        rows[name]["box_measures"] = mean_box_measures([box] * len(test.gt_boxes), test.gt_boxes, test.frame_size)
+        rows[name] = _fixed_box_row(box, validation, test, thresholds, resample_weights)
     return rows
+
+
+def _fixed_box_row(
+    box: np.ndarray, validation: EvaluationSplit, test: EvaluationSplit, thresholds: Sequence[float],
+    resample_weights: Optional[np.ndarray],
+) -> dict:  # fmt: skip
+    """`localization_table`'s row of a box baseline: the same box on every image."""
+    scores, val = (
+        LocalizationScores.from_fixed_boxes([box] * len(part.gt_boxes), part.gt_boxes, part.correct_class, thresholds)
+        for part in (test, validation)
+    )
+    row = calibrated_report(val, scores)
+    box_map = boxes_to_mask(box, test.frame_size).astype(np.float32)
+    _add_pxap(row, [box_map] * len(test.gt_boxes), test.gt_boxes, thresholds, val, scores, resample_weights)
+    row["box_measures"] = mean_box_measures([box] * len(test.gt_boxes), test.gt_boxes, test.frame_size)
+    return row
 
 
 def _add_pxap(
@@ -607,31 +627,3 @@ def _add_pxap(
     row["PxAP"] = float(average_precision_from_histograms(histograms[0].sum(axis=0), histograms[1].sum(axis=0))[0])
     if resample_weights is not None:
         row["ci95"] = localization_intervals(resample_weights, test, calibrate_thresholds(validation), histograms)
-
-
-def plot_localization_table(table: dict[str, dict], path: str) -> None:
-    """Bar chart of calibrated MaxBoxAcc / MaxBoxAccV2 / top-1 Loc per row, the oracle as outlines."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError("plotting needs matplotlib: pip install matplotlib") from error
-    names = list(table)
-    measures = ("MaxBoxAcc", "MaxBoxAccV2", "top1_loc")
-    figure, axis = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
-    width = 0.8 / len(measures)
-    for k, measure in enumerate(measures):
-        positions = np.arange(len(names)) + (k - 1) * width
-        calibrated = [table[n]["calibrated_on_validation"][measure] for n in names]
-        oracle = [table[n]["test_oracle_max_over_thresholds"][measure] for n in names]
-        axis.bar(positions, calibrated, width, label=f"{measure} (τ from validation)")
-        axis.bar(positions, oracle, width, fill=False, edgecolor="black", linewidth=0.6)
-    axis.set_xticks(np.arange(len(names)), names, rotation=20)
-    axis.set_ylabel("percent of test images")
-    axis.set_title("Localization on test (outlines: test oracle)")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)

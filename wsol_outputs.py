@@ -23,7 +23,6 @@ from localization import MAP_LABELS, map_output
 from wsol_checkpoints import MODEL_CARD_TITLE
 from wsol_data import PreparedSplit
 from wsol_evaluation import Predictions
-from wsol_metrics import plot_localization_table
 from wsol_reporting import reliability_diagram, softmax
 
 logger = logging.getLogger("run_wsol")
@@ -129,6 +128,34 @@ def write_overlays(
         _save_png(samples / name, np.concatenate(list(panels.values()), axis=1))
         written.append(name)
     return written
+
+
+def plot_localization_table(table: dict[str, dict], path: str) -> None:
+    """Bar chart of calibrated MaxBoxAcc / MaxBoxAccV2 / top-1 Loc per row, the oracle as outlines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from error
+    names = list(table)
+    measures = ("MaxBoxAcc", "MaxBoxAccV2", "top1_loc")
+    figure, axis = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    width = 0.8 / len(measures)
+    for k, measure in enumerate(measures):
+        positions = np.arange(len(names)) + (k - 1) * width
+        calibrated = [table[n]["calibrated_on_validation"][measure] for n in names]
+        oracle = [table[n]["test_oracle_max_over_thresholds"][measure] for n in names]
+        axis.bar(positions, calibrated, width, label=f"{measure} (τ from validation)")
+        axis.bar(positions, oracle, width, fill=False, edgecolor="black", linewidth=0.6)
+    axis.set_xticks(np.arange(len(names)), [MAP_LABELS.get(n, n) for n in names], rotation=20)
+    axis.set_ylabel("percent of test images")
+    axis.set_title("Localization on test (outlines: test oracle)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,11 @@
 
 Three recipes, chosen with `--recipe` (default `auto`):
 
-* `paper` — the official SCM training (Bai et al., ECCV 2022; code hbai98/SCM, CUB DeiT-S): one learning
+* `official` — the official SCM training (Bai et al., ECCV 2022; code hbai98/SCM, CUB DeiT-S): one learning
   rate for every parameter, AdamW with weight decay 0.05 (none on 1-D parameters, biases, position
   embeddings and the CLS token), ×0.1 step decay at epoch 30 of 30, no warmup, no gradient clipping,
   stochastic depth 0.1, plain cross-entropy.
-* `cxr` — this project's chest X-ray fine-tuning (the original training scripts): backbone 5e-5, SCM and
+* `cxr_finetune` — this project's chest X-ray fine-tuning (the original training scripts): backbone 5e-5, SCM and
   head 5e-4, weight decay 5e-4, batch 32, 55 epochs, class-weighted cross-entropy with label smoothing 0.1,
   early stopping.
 * `scratch` — the embedded default: a DeiT trained from scratch on the phantoms in CPU minutes. No paper
@@ -14,11 +14,12 @@ Three recipes, chosen with `--recipe` (default `auto`):
   (`bench/RESULTS.md`).
 
 `auto` picks `scratch` when nothing pretrained is loaded (no `--backbone_weights`, no
-`--model_name_or_path`), else the recipe named like the SCM variant. A flag given on the command line
-always wins over the recipe.
+`--model_name_or_path`), else the SCM variant's recipe (`VARIANT_RECIPES`: `paper` -> `official`, `cxr` ->
+`cxr_finetune`). A flag given on the command line always wins over the recipe. The recipes were once named
+like the variants; `--recipe paper` and `--recipe cxr` still mean `official` and `cxr_finetune`.
 
 `--learning_rate` is the backbone's learning rate. Unless `--scm_learning_rate` is given too, the SCM
-blocks and the head follow it at the recipe's ratio (1× for `paper`, 10× for `cxr`), so one flag
+blocks and the head follow it at the recipe's ratio (1× for `official`, 10× for `cxr_finetune`), so one flag
 scales the whole recipe.
 """
 
@@ -28,7 +29,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-RECIPE_CHOICES = ("auto", "paper", "cxr", "scratch")
+RECIPE_CHOICES = ("auto", "official", "cxr_finetune", "scratch")
+# The SCM variant -> the recipe `auto` picks for it when something pretrained is loaded.
+VARIANT_RECIPES = {"paper": "official", "cxr": "cxr_finetune"}
+# Former recipe names (they were the variants'), still read on the command line.
+LEGACY_RECIPE_NAMES = {"paper": "official", "cxr": "cxr_finetune"}
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "paper": Recipe(
-        name="paper",
+    "official": Recipe(
+        name="official",
         learning_rate=5e-5,
         scm_learning_rate=5e-5,
         weight_decay=0.05,
@@ -73,8 +78,8 @@ RECIPES: dict[str, Recipe] = {
         scm_warmup_fraction=0.0,
         sources={"*": "official SCM code and CUB config (hbai98/SCM: train_cam.py, configs/CUB/deit_scm_small)"},
     ),
-    "cxr": Recipe(
-        name="cxr",
+    "cxr_finetune": Recipe(
+        name="cxr_finetune",
         learning_rate=5e-5,
         scm_learning_rate=5e-4,
         weight_decay=5e-4,
@@ -130,7 +135,12 @@ def resolve_recipe(recipe: str, scm_variant: str, pretrained: bool) -> Recipe:
     is loaded (`pretrained`), else `scratch`."""
     if recipe != "auto":
         return RECIPES[recipe]
-    return RECIPES[scm_variant] if pretrained else RECIPES["scratch"]
+    return RECIPES[VARIANT_RECIPES[scm_variant]] if pretrained else RECIPES["scratch"]
+
+
+def recipe_name(text: str) -> str:
+    """`--recipe`'s type: the name, a former one translated."""
+    return LEGACY_RECIPE_NAMES.get(text, text)
 
 
 def recipe_fills(recipe: Recipe, flags: Mapping[str, Any]) -> dict[str, Any]:
@@ -142,4 +152,7 @@ def recipe_fills(recipe: Recipe, flags: Mapping[str, Any]) -> dict[str, Any]:
     return fills
 
 
-__all__ = ["Recipe", "RECIPES", "RECIPE_CHOICES", "RECIPE_FLAGS", "recipe_fills", "resolve_recipe"]
+__all__ = [
+    "LEGACY_RECIPE_NAMES", "Recipe", "RECIPES", "RECIPE_CHOICES", "RECIPE_FLAGS", "VARIANT_RECIPES", "recipe_fills",
+    "recipe_name", "resolve_recipe",
+]  # fmt: skip

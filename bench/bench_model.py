@@ -240,6 +240,18 @@ def operation_table(args: argparse.Namespace) -> dict:
     }
 
 
+def interleaved_seconds(runners: dict[str, dict[str, Callable]], args: argparse.Namespace) -> dict[str, dict]:
+    """Seconds per round of `args.steps` steps, every variant and mode in turn each round (the machine's load
+    drifts; interleaving spreads it over all of them alike)."""
+    seconds: dict[str, dict[str, list[float]]] = {v: {"train": [], "infer": []} for v in runners}
+    for round_index in range(args.rounds):
+        for variant, modes in runners.items():
+            for mode in ("train", "infer"):
+                seconds[variant][mode].append(timed(modes[mode], args.device, repeat=args.steps))
+        logger.info("round %d/%d done", round_index + 1, args.rounds)
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     args = parse_args(argv)
@@ -256,12 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile:
         variants += [f"{v}_compiled" for v in variants if v != "eager"]
     runners, solvers, peak_memory, infer_peak_memory, warm_seconds = warm_runners(variants, args, cuda)
-    seconds: dict[str, dict[str, list[float]]] = {v: {"train": [], "infer": []} for v in variants}
-    for round_index in range(args.rounds):
-        for variant in variants:
-            for mode in ("train", "infer"):
-                seconds[variant][mode].append(timed(runners[variant][mode], args.device, repeat=args.steps))
-        logger.info("round %d/%d done", round_index + 1, args.rounds)
+    seconds = interleaved_seconds(runners, args)
     images = args.batch_size * args.steps
     results = {
         variant: {

@@ -199,7 +199,13 @@ def metric_cases():
 def metric_argument_cases():
     """Bad arguments to the metrics and the post-processing (issue 22): thresholds, deltas, counts that do not
     match, zero-size geometry, NaN logits and maps, labels out of range."""
-    from wsol_metrics import box_measures, classification_metrics, cxr_protocol
+    yield from localization_metric_cases()
+    yield from classification_metric_cases()
+    yield from post_processing_cases()
+
+
+def localization_metric_cases():
+    from wsol_metrics import box_measures, cxr_protocol
 
     rng = np.random.default_rng(1)
     maps = [rng.random((32, 32)).astype(np.float32) for _ in range(2)]
@@ -223,6 +229,11 @@ def metric_argument_cases():
     yield (lambda: cxr_protocol(boxes, [np.concatenate(boxes), boxes[1]], [["Mass"], ["Mass"]]) and None), True
     yield (lambda: cxr_protocol(boxes, boxes[:1], [["Mass"]]) and None), True
     yield (lambda: cxr_protocol(boxes, boxes, [["Mass"], ["Mass"]]) and None), False
+
+
+def classification_metric_cases():
+    from wsol_metrics import classification_metrics
+
     probabilities = np.full((4, 3), 1 / 3)
     bad_classification = [
         ([0, 1, 2, 5], probabilities), ([0, 1, 2, -1], probabilities), ([0, 1, 2, 0.5], probabilities),
@@ -231,6 +242,9 @@ def metric_argument_cases():
     for labels, probs in bad_classification:
         yield (lambda y=labels, q=probs: classification_metrics(y, q, ["a", "b", "c"])["accuracy"]), True
     yield (lambda: classification_metrics([0, 1, 2, 0], probabilities, ["a", "b", "c"])["accuracy"]), False
+
+
+def post_processing_cases():
     processor = CXRImageProcessor(size={"height": 32, "width": 32})
     logits = torch.tensor([[2.0, 0.0, -1.0]])
     grid = torch.rand(1, 3, 4, 4)

@@ -14,8 +14,7 @@ reads), training or predicting with a tiny model on the CPU (about 10 minutes in
 
     python bench/fault_runs.py [--categories runs_overwrite resume_changed_flags ...]
 
-Besides the command line, the file uses only entry points that predate issue 22 (`wsol_data.prepare_split`,
-the NIH readers, `demo.app.Predictor`), so it also runs on an older checkout for the "before" column.
+Besides the command line it uses only entry points older than issue 22, so it runs on an older checkout too.
 """
 
 from __future__ import annotations
@@ -42,11 +41,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTCOMES = ("handled", "typed_error", "other_exception", "silent_wrong")
-TINY = [
-    "--num_phantoms", "48", "--phantom_size", "96", "--image_size", "64",
-    "--config_overrides", "hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,patch_size=8",
-    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
-]  # fmt: skip
+TINY = ["--num_phantoms", "48", "--phantom_size", "96", "--image_size", "64", "--config_overrides",
+        "hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,patch_size=8",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8"]  # fmt: skip
 MODEL_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
 
 
@@ -359,29 +356,32 @@ def checkpoint_damage_cases(shop: Workshop) -> Iterator[Case]:
                _main(*base, "--output_dir", str(run), "--resume_from_checkpoint", "latest"), must_fail=True)
 
 
+def _prepared_pixels(paths: list[str], processor: Any, cache: Optional[Path]) -> Any:
+    """The training pixels `wsol_data.prepare_split` gives for these files (through `cache` when given)."""
+    import wsol_data
+    from cxr_data import records_to_dataset
+
+    fixed = {"boxes": [], "findings": [], "age": 40, "sex": "F", "view": "PA"}
+    records = [{"image": {"path": path, "bytes": None}, "label": i % 3, "image_id": f"img{i}", "patient_id": str(i),
+                **fixed} for i, path in enumerate(paths)]  # fmt: skip
+    return wsol_data.prepare_split("train", records_to_dataset(records), processor, None, cache).pixels
+
+
 def cache_cases(shop: Workshop) -> Iterator[Case]:
     """A preprocessed cache gives the arrays of its images and settings, or is rebuilt: never stale bytes."""
     import torch
 
-    import wsol_data
     from image_processing_cxr import CXRImageProcessor
 
     processor = CXRImageProcessor(size={"height": 32, "width": 32})
     images = shop.fresh("cache-images")
     paths = [str(shop.image(images / f"img{i}.png", seed=i, size=(48, 48))) for i in range(4)]
 
-    def dataset() -> Any:
-        from cxr_data import records_to_dataset
-
-        return records_to_dataset([{"image": {"path": path, "bytes": None}, "label": i % 3, "boxes": [],
-                                    "findings": [], "image_id": f"img{i}", "patient_id": str(i), "age": 40,
-                                    "sex": "F", "view": "PA"} for i, path in enumerate(paths)])  # fmt: skip
-
     def truth() -> torch.Tensor:
-        return wsol_data.prepare_split("train", dataset(), processor, None, None).pixels
+        return _prepared_pixels(paths, processor, None)
 
     def prepared(cache: Path) -> Callable[[], Any]:
-        return lambda: wsol_data.prepare_split("train", dataset(), processor, None, cache).pixels
+        return lambda: _prepared_pixels(paths, processor, cache)
 
     def equal_to_truth(result: Any, text: str) -> bool:
         return bool(torch.equal(result, truth()))
@@ -394,8 +394,7 @@ def cache_cases(shop: Workshop) -> Iterator[Case]:
 
     def other_settings(arrow: Path) -> None:  # another setting's arrays under this setting's name
         other_cache = shop.fresh("cache-other")
-        other = CXRImageProcessor(size={"height": 32, "width": 32}, do_clahe=False)
-        wsol_data.prepare_split("train", dataset(), other, None, other_cache)
+        _prepared_pixels(paths, CXRImageProcessor(size={"height": 32, "width": 32}, do_clahe=False), other_cache)
         shutil.copy2(next(other_cache.glob("train-*.arrow")), arrow)
 
     damages: dict[str, Callable[[Path], Any]] = {
@@ -418,10 +417,46 @@ def cache_cases(shop: Workshop) -> Iterator[Case]:
     yield Case("an image replaced on disk under its name", replace_then_prepare, check=equal_to_truth)
 
 
-def saved_model_cases(shop: Workshop) -> Iterator[Case]:
-    """A model folder that cannot give right answers is refused in one line when loaded for prediction."""
+def _edit_config(folder: Path, **values: Any) -> None:
+    (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), **values}))
+
+
+def _drop_weights(folder: Path, fragment: str) -> None:
     from safetensors.torch import load_file, save_file
 
+    weights = load_file(folder / "model.safetensors")
+    weights = {k: v for k, v in weights.items() if fragment not in k}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _pickle_only(folder: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+# Damage done to a copy of a good model folder -> what it is called in the report.
+BROKEN_MODEL_FOLDERS: dict[str, Callable[[Path], None]] = {
+    "no weights file": lambda f: (f / "model.safetensors").unlink(),
+    "pickle weights only": _pickle_only,
+    "truncated weights": lambda f: _truncate(f / "model.safetensors", 4000),
+    "the head's weights missing": lambda f: _drop_weights(f, "head"),
+    "the position embeddings missing": lambda f: _drop_weights(f, "position_embeddings"),
+    "layer_norm_eps -1": lambda f: _edit_config(f, layer_norm_eps=-1),
+    "scm_lse_r 1e9": lambda f: _edit_config(f, scm_lse_r=1e9),
+    "num_labels 5 against 3 trained classes": lambda f: _edit_config(
+        f, id2label={str(i): f"c{i}" for i in range(5)}, label2id={f"c{i}": i for i in range(5)}),
+    "config.json not JSON": lambda f: (f / "config.json").write_text("{ not json"),
+    "no config.json": lambda f: (f / "config.json").unlink(),
+    "no preprocessor_config.json": lambda f: (f / "preprocessor_config.json").unlink(),
+    "hidden_size changed in the config": lambda f: _edit_config(f, hidden_size=64),
+}  # fmt: skip
+
+
+def saved_model_cases(shop: Workshop) -> Iterator[Case]:
+    """A model folder that cannot give right answers is refused in one line when loaded for prediction."""
     def predicting(folder: Path) -> Callable[[], Any]:
         out = shop.fresh("predicted")
         scan = shop.image(out.parent / f"{out.name}-scan.png")
@@ -432,40 +467,9 @@ def saved_model_cases(shop: Workshop) -> Iterator[Case]:
     def finite_rows(result: Any, text: str) -> bool:
         return bool(result) and all(np.isfinite(row.get("score", np.nan)) for row in result)
 
-    def edit_config(folder: Path, **values: Any) -> None:
-        config = json.loads((folder / "config.json").read_text())
-        config.update(values)
-        (folder / "config.json").write_text(json.dumps(config))
-
-    def drop_key(folder: Path, fragment: str) -> None:
-        weights = load_file(folder / "model.safetensors")
-        weights = {k: v for k, v in weights.items() if fragment not in k}
-        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-
-    def pickle_only(folder: Path) -> None:
-        import torch
-
-        torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
-        (folder / "model.safetensors").unlink()
-
     folder = shop.model_copy("intact")
     yield Case("an intact model folder", predicting(folder), protected=[folder], check=finite_rows)
-    broken: dict[str, Callable[[Path], None]] = {
-        "no weights file": lambda f: (f / "model.safetensors").unlink(),
-        "pickle weights only": pickle_only,
-        "truncated weights": lambda f: _truncate(f / "model.safetensors", 4000),
-        "the head's weights missing": lambda f: drop_key(f, "head"),
-        "the position embeddings missing": lambda f: drop_key(f, "position_embeddings"),
-        "layer_norm_eps -1": lambda f: edit_config(f, layer_norm_eps=-1),
-        "scm_lse_r 1e9": lambda f: edit_config(f, scm_lse_r=1e9),
-        "num_labels 5 against 3 trained classes": lambda f: edit_config(
-            f, id2label={str(i): f"c{i}" for i in range(5)}, label2id={f"c{i}": i for i in range(5)}),
-        "config.json not JSON": lambda f: (f / "config.json").write_text("{ not json"),
-        "no config.json": lambda f: (f / "config.json").unlink(),
-        "no preprocessor_config.json": lambda f: (f / "preprocessor_config.json").unlink(),
-        "hidden_size changed in the config": lambda f: edit_config(f, hidden_size=64),
-    }  # fmt: skip
-    for name, damage in broken.items():
+    for name, damage in BROKEN_MODEL_FOLDERS.items():
         folder = shop.model_copy("broken")
         damage(folder)
         yield Case(f"model folder with {name}", predicting(folder), must_fail=True, protected=[folder])

@@ -269,6 +269,17 @@ def _callbacks(predictor: Optional[Predictor], status: str) -> tuple[Callable, C
     return on_upload, on_redraw
 
 
+INTRODUCTION = (
+    "# DeiT-SCM: chest X-ray classification and weakly supervised localization\n"
+    "Drop radiographs (DICOM, PNG, JPEG). The model gives Atelectasis / Other pathologies / No pathologies "
+    "and a heatmap with boxes, learned from image labels only. **A research demonstration, not a medical device.**"
+)
+MAP_INFO = (
+    "Starts on the map the model was released with (the best on its validation boxes). The others are for "
+    "comparison and can localize worse, even below chance: see the model card's table."
+)
+
+
 def build_demo(model: str = DEFAULT_MODEL, examples_dir: Optional[Path] = None) -> Any:
     """The Gradio Blocks app."""
     import gradio as gr
@@ -279,12 +290,7 @@ def build_demo(model: str = DEFAULT_MODEL, examples_dir: Optional[Path] = None) 
     on_upload, on_redraw = _callbacks(predictor, status)
     # delete_cache: Gradio's copies of uploads and results older than an hour go, checked hourly.
     with gr.Blocks(title="DeiT-SCM chest X-ray localization", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(
-            "# DeiT-SCM: chest X-ray classification and weakly supervised localization\n"
-            "Drop radiographs (DICOM, PNG, JPEG). The model gives Atelectasis / Other pathologies / No pathologies "
-            "and a heatmap with boxes, learned from image labels only. **A research demonstration, not a "
-            "medical device.**"
-        )
+        gr.Markdown(INTRODUCTION)
         gr.Markdown(status, elem_id="status")
         results_state, errors_state = gr.State([]), gr.State([])
         files = gr.File(label="Radiographs", file_count="multiple", file_types=FILE_TYPES, elem_id="upload")
@@ -293,8 +299,7 @@ def build_demo(model: str = DEFAULT_MODEL, examples_dir: Optional[Path] = None) 
                 list(MAPS),
                 value=default_map_label(predictor),
                 label="Map",
-                info="Starts on the map the model was released with (the best on its validation boxes). The "
-                "others are for comparison and can localize worse, even below chance: see the model card's table.",
+                info=MAP_INFO,
                 elem_id="map",
             )
             threshold = gr.Slider(0.0, 1.0, value=threshold0, step=0.01, label="Box threshold", elem_id="threshold")

@@ -219,7 +219,7 @@ def test_model_card_try_it_points_to_the_demo(smoke_run, tmp_path):
     args = run_wsol.parse_args(
         ["--push_to_hub", "--hub_model_id", "o/m", "--hub_space_id", "o/m-demo", "--output_dir", str(tmp_path / "x")]
     )
-    card = run_wsol.card_settings(args)
+    card = run_wsol.resolve_settings(args).card
     assert wsol_outputs.try_it_lines(card) == ["A demo page: [o/m-demo](https://huggingface.co/spaces/o/m-demo)."]
 
 
@@ -471,8 +471,8 @@ def test_scm_warmup_epochs_train_the_blocks_only_afterwards(tmp_path, warmup, tr
 
 
 def _groups(args) -> dict[str, float]:
-    model = run_wsol.build_model(args, torch.zeros(0, dtype=torch.long))
-    optimizer = wsol_training.build_optimizer(run_wsol.training_settings(args), model)
+    model = _new_model(args)
+    optimizer = wsol_training.build_optimizer(run_wsol.resolve_settings(args).training, model)
     names = [g["name"] for g in model.parameter_groups()]
     return {name: group["lr"] for name, group in zip(names, optimizer.param_groups)}
 
@@ -481,19 +481,19 @@ def test_learning_rate_scales_every_group_at_the_recipe_ratio(tmp_path):
     common = [*TINY, "--output_dir", str(tmp_path / "x")]
     scratch = _groups(run_wsol.parse_args([*common, "--learning_rate", "2e-3"]))
     assert set(scratch.values()) == {2e-3}  # scratch: one rate for backbone, SCM and head
-    cxr = _groups(run_wsol.parse_args([*common, "--recipe", "cxr", "--learning_rate", "1e-4"]))
+    cxr = _groups(run_wsol.parse_args([*common, "--recipe", "cxr_finetune", "--learning_rate", "1e-4"]))
     assert cxr["backbone"] == cxr["backbone_no_decay"] == pytest.approx(1e-4)
     assert cxr["scm_head"] == cxr["scm_head_no_decay"] == pytest.approx(1e-3)  # the seed's 10x
     both = _groups(run_wsol.parse_args([*common, "--learning_rate", "1e-4", "--scm_learning_rate", "7e-4"]))
     assert both["backbone"] == pytest.approx(1e-4) and both["scm_head"] == pytest.approx(7e-4)
 
 
-def test_paper_recipe_is_the_official_training(tmp_path):
-    args = run_wsol.parse_args(["--recipe", "paper", "--output_dir", str(tmp_path / "x")])
+def test_official_recipe_is_the_official_training(tmp_path):
+    args = run_wsol.parse_args(["--recipe", "official", "--output_dir", str(tmp_path / "x")])
     assert (args.learning_rate, args.scm_learning_rate, args.weight_decay) == (5e-5, 5e-5, 0.05)
     assert (args.num_warmup_steps, args.max_grad_norm, args.drop_path_rate, args.label_smoothing) == (0, 0, 0.1, 0)
     assert args.lr_scheduler_type == "step" and args.class_weights == "none"
-    cxr = run_wsol.parse_args(["--recipe", "cxr", "--output_dir", str(tmp_path / "y")])
+    cxr = run_wsol.parse_args(["--recipe", "cxr_finetune", "--output_dir", str(tmp_path / "y")])
     assert (cxr.learning_rate, cxr.scm_learning_rate, cxr.weight_decay) == (5e-5, 5e-4, 5e-4)
     assert (cxr.per_device_train_batch_size, cxr.num_train_epochs, cxr.class_weights) == (32, 55, "variant")
     assert cxr.early_stopping_patience > 0
@@ -502,22 +502,33 @@ def test_paper_recipe_is_the_official_training(tmp_path):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
     pretrained = run_wsol.parse_args(["--backbone_weights", str(weights), "--output_dir", str(tmp_path / "z")])
-    assert pretrained.recipe == "cxr" and pretrained.learning_rate == 5e-5
-    assert run_wsol.parse_args(["--recipe", "paper", "--weight_decay", "0.1", "--output_dir", "o"]).weight_decay == 0.1
+    assert pretrained.recipe == "cxr_finetune" and pretrained.learning_rate == 5e-5
+    paper_variant = ["--scm_variant", "paper", "--backbone_weights", str(weights), "--output_dir", str(tmp_path / "p")]
+    assert run_wsol.parse_args(paper_variant).recipe == "official"
+    decayed = run_wsol.parse_args(["--recipe", "official", "--weight_decay", "0.1", "--output_dir", "o"])
+    assert decayed.weight_decay == 0.1
+    # The former names, once shared with the variants, still mean the same recipes.
+    for old, new in (("paper", "official"), ("cxr", "cxr_finetune")):
+        assert run_wsol.parse_args(["--recipe", old, "--output_dir", str(tmp_path / old)]).recipe == new
+
+
+def _new_model(args):
+    """The model the parsed flags build (no training labels: the class weights are the variant's)."""
+    return run_wsol.build_model(run_wsol.resolve_settings(args).model, torch.zeros(0, dtype=torch.long))
 
 
 def test_the_scratch_recipe_builds_a_token_centred_conv_stem(tmp_path):
     """From scratch: the convolutional stem with 4-wide kernels (tokens on their patch centres) and TS-CAM's
     3x3 head on two layers; the paper recipe keeps the patch projection; --config_overrides still wins."""
-    scratch = run_wsol.build_model(run_wsol.parse_args(["--output_dir", str(tmp_path / "a")]), torch.zeros(0))
+    scratch = _new_model(run_wsol.parse_args(["--output_dir", str(tmp_path / "a")]))
     assert (scratch.config.patch_embedding, scratch.config.conv_stem_kernel_size) == ("conv_stem", 4)
     assert scratch.head.kernel_size == (3, 3) and scratch.config.num_hidden_layers == 2  # TS-CAM's head
     convs = [m for m in scratch.deit.embeddings.patch_embeddings.stem if isinstance(m, torch.nn.Conv2d)]
     assert [m.kernel_size for m in convs] == [(4, 4)] * 3 + [(1, 1)]
     xiao = run_wsol.parse_args(["--config_overrides", "conv_stem_kernel_size=3", "--output_dir", str(tmp_path / "b")])
-    assert run_wsol.build_model(xiao, torch.zeros(0)).config.conv_stem_kernel_size == 3
-    paper_args = run_wsol.parse_args(["--recipe", "paper", "--output_dir", str(tmp_path / "c")])
-    paper = run_wsol.build_model(paper_args, torch.zeros(0))
+    assert _new_model(xiao).config.conv_stem_kernel_size == 3
+    paper_args = run_wsol.parse_args(["--recipe", "official", "--output_dir", str(tmp_path / "c")])
+    paper = _new_model(paper_args)
     assert paper.config.patch_embedding == "patch" and paper.head.kernel_size == (3, 3)
 
 
@@ -525,7 +536,7 @@ def _components(args) -> wsol_training.Components:
     """Model, optimizer and scheduler for 16 blank 64x64 training images (2 steps of 8 per epoch)."""
     from accelerate import Accelerator
 
-    model = run_wsol.build_model(args, torch.zeros(0, dtype=torch.long))
+    model = _new_model(args)
     split = wsol_data.PreparedSplit(
         "t",
         torch.zeros(16, 64, 64, dtype=torch.uint8),
@@ -536,7 +547,7 @@ def _components(args) -> wsol_training.Components:
         ["a"] * 16,
         None,
     )
-    settings = run_wsol.training_settings(args)
+    settings = run_wsol.resolve_settings(args).training
     return wsol_training.build_components(settings, Accelerator(cpu=True), model, split, torch.nn.Identity())
 
 
@@ -551,7 +562,7 @@ def _learning_rates(parts, steps: int) -> list[float]:
 
 def test_step_schedule_decays_tenfold_at_each_milestone(tmp_path):
     args = run_wsol.parse_args(
-        [*TINY, "--recipe", "paper", "--lr_step_epochs", "1", "2", "--output_dir", str(tmp_path / "x")]
+        [*TINY, "--recipe", "official", "--lr_step_epochs", "1", "2", "--output_dir", str(tmp_path / "x")]
     )
     parts = _components(args)
     assert parts.steps_per_epoch == 2
@@ -592,7 +603,7 @@ def test_evaluation_loss_is_the_models_loss(tmp_path):
         ["a"] * count,
         None,
     )
-    predictions = wsol_evaluation.predict_split(run_wsol.evaluation_settings(args), parts, split)
+    predictions = wsol_evaluation.predict_split(run_wsol.resolve_settings(args).evaluation, parts, split)
     model = parts.model.eval()
     with torch.no_grad():
         logits = model(split.pixels.unsqueeze(1).float()).logits

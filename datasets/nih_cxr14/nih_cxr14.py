@@ -497,7 +497,7 @@ def _per_class(text: Optional[str]) -> Optional[dict[int, int]]:
     return dict(enumerate(values))
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="NIH ChestX-ray14 three-class manifest and dataset builder")
     parser.add_argument("--metadata_csv", help="Data_Entry_2017*.csv (manifest mode)")
     parser.add_argument("--bbox_csv", help="BBox_List_2017.csv")
@@ -513,41 +513,52 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ratios", default="0.8,0.1,0.1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep_mixed", action="store_true", help="keep Atelectasis + other findings as Atelectasis")
+    return parser
+
+
+def _write_manifest(
+    metadata_csv: str,
+    bbox_csv: Optional[str],
+    official_lists_dir: Optional[str],
+    manifest_csv: Optional[str],
+    summary_json: Optional[str],
+    options: dict[str, Any],
+) -> None:
+    manifest, summary = build_manifest(metadata_csv, bbox_csv, official_lists_dir=official_lists_dir, **options)
+    if manifest_csv:
+        manifest.to_csv(manifest_csv, index=False)
+    if summary_json:
+        Path(summary_json).write_text(json.dumps(summary, indent=2))
+    logger.info("manifest: %s", summary["per_split_class"])
+
+
+def _write_dataset(data_dir: str, config: str, output_dir: Optional[str], options: dict[str, Any]) -> None:
+    dataset = build_dataset_dict(data_dir, config, **(options if config == "three_class" else {}))
+    logger.info("dataset: %s", {split: len(part) for split, part in dataset.items()})
+    if output_dir:
+        from datasets.table import embed_table_storage
+
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        for split, part in dataset.items():
+            embedded = part.with_format("arrow").map(embed_table_storage, batched=True).with_format(None)
+            embedded.to_parquet(str(Path(output_dir) / f"{split}.parquet"))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if not args.metadata_csv and not args.data_dir:
+        parser.error("give --metadata_csv (manifest mode) or --data_dir")
     ratios = [float(v) for v in args.ratios.split(",")]
-    options = dict(
-        view=args.view,
-        per_class=args.per_class,
-        total=args.total,
-        ratios=ratios,
-        seed=args.seed,
-        keep_mixed=args.keep_mixed,
-    )
+    options = dict(view=args.view, per_class=args.per_class, total=args.total, ratios=ratios, seed=args.seed,
+                   keep_mixed=args.keep_mixed)  # fmt: skip
     try:
         if args.metadata_csv:
-            manifest, summary = build_manifest(
-                args.metadata_csv, args.bbox_csv, official_lists_dir=args.official_lists_dir, **options
-            )
-            if args.manifest_csv:
-                manifest.to_csv(args.manifest_csv, index=False)
-            if args.summary_json:
-                Path(args.summary_json).write_text(json.dumps(summary, indent=2))
-            logger.info("manifest: %s", summary["per_split_class"])
+            _write_manifest(args.metadata_csv, args.bbox_csv, args.official_lists_dir, args.manifest_csv,
+                            args.summary_json, options)  # fmt: skip
         if args.data_dir:
-            dataset = build_dataset_dict(
-                args.data_dir, args.config, **(options if args.config == "three_class" else {})
-            )
-            logger.info("dataset: %s", {split: len(part) for split, part in dataset.items()})
-            if args.output_dir:
-                from datasets.table import embed_table_storage
-
-                Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-                for split, part in dataset.items():
-                    embedded = part.with_format("arrow").map(embed_table_storage, batched=True).with_format(None)
-                    embedded.to_parquet(str(Path(args.output_dir) / f"{split}.parquet"))
-        if not args.metadata_csv and not args.data_dir:
-            parser.error("give --metadata_csv (manifest mode) or --data_dir")
+            _write_dataset(args.data_dir, args.config, args.output_dir, options)
     except NIHMetadataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
