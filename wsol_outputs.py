@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,10 +366,9 @@ def push_to_hub(hub_model_id: str, hub_space_id: Optional[str], output_dir: Path
             repo_id=hub_model_id, folder_path=str(output_dir), ignore_patterns=["checkpoints/*", "*.tmp"]
         )
         if hub_space_id:
-            sys.path.insert(0, str(Path(__file__).resolve().parent / "demo"))
-            from push_space import push_space
+            from cxr_datasets import load_demo_module
 
-            logger.info("demo Space: %s", push_space(hub_model_id, hub_space_id))
+            logger.info("demo Space: %s", load_demo_module("push_space").push_space(hub_model_id, hub_space_id))
     except Exception as error:  # network and auth errors of every kind end the same way
         raise SystemExit(
             f"run_wsol.py: error: push to {hub_model_id} failed ({type(error).__name__}: {error}); "

@@ -24,6 +24,8 @@ import logging
 import statistics
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,37 +70,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_model(variant: str, args: argparse.Namespace) -> torch.nn.Module:
+@dataclass(frozen=True)
+class Bench:
+    """The measurement's settings, unpacked from the flags once (`main`)."""
+
+    device: str = "cpu"
+    preset: str = "deit-tiny"
+    image_size: int = 224
+    batch_size: int = 8
+    steps: int = 2  # timed steps per round
+    rounds: int = 3
+    compile_mode: Optional[str] = None
+    bf16: bool = False
+    solver: Optional[str] = None  # scm_solver of our variants; None: the config's
+
+
+def build_model(
+    variant: str, preset: str, image_size: int, device: str = "cpu", solver: Optional[str] = None
+) -> torch.nn.Module:
+    """timm's DeiT ("timm"), ours ("paper", "cxr"; "eager": paper on the explicit-softmax attention path)."""
     base = variant.removesuffix("_compiled")
     if base == "timm":
         import timm
 
-        name = "deit_" + args.preset.split("-")[1] + "_patch16_224"
-        model = timm.create_model(name, pretrained=False, num_classes=3, img_size=args.image_size)
+        name = "deit_" + preset.split("-")[1] + "_patch16_224"
+        model = timm.create_model(name, pretrained=False, num_classes=3, img_size=image_size)
     else:
         scm_variant = "paper" if base == "eager" else base
-        solver = {"scm_solver": args.solver} if args.solver else {}
-        config = DeiTSCMConfig.from_preset(args.preset, scm_variant, image_size=args.image_size, **solver)
+        config = DeiTSCMConfig.from_preset(
+            preset, scm_variant, image_size=image_size, **({"scm_solver": solver} if solver else {})
+        )
         model = DeiTSCMForImageClassification(config)
         model.set_fused_attention(base != "eager")
-    return model.to(args.device)
+    return model.to(device)
 
 
 def logits_of(output: object) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output  # type: ignore[return-value]
 
 
-def make_steps(model: torch.nn.Module, args: argparse.Namespace, compiled: bool) -> tuple[Callable, Callable]:
-    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
-    forward = torch.compile(model, mode=args.compile_mode) if compiled else model
+def make_steps(model: torch.nn.Module, bench: Bench, compiled: bool) -> tuple[Callable, Callable]:
+    device_type = "cuda" if bench.device.startswith("cuda") else "cpu"
+    forward = torch.compile(model, mode=bench.compile_mode) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator).to(args.device)
-    labels = torch.randint(0, 3, (args.batch_size,), generator=generator).to(args.device)
+    size = bench.image_size
+    pixels = torch.randn(bench.batch_size, 3, size, size, generator=generator).to(bench.device)
+    labels = torch.randint(0, 3, (bench.batch_size,), generator=generator).to(bench.device)
 
     def train_step() -> None:
         model.train()
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bench.bf16):
             loss = F.cross_entropy(logits_of(forward(pixels)).float(), labels)
         loss.backward()
         optimizer.step()
@@ -106,18 +128,18 @@ def make_steps(model: torch.nn.Module, args: argparse.Namespace, compiled: bool)
 
     def infer_step() -> None:
         model.eval()
-        with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bench.bf16):
             logits_of(forward(pixels))
 
     return train_step, infer_step
 
 
-def top_kernels(step: Callable, args: argparse.Namespace, count: int = 12) -> list[dict[str, object]]:
+def top_kernels(step: Callable, device: str, count: int = 12) -> list[dict[str, object]]:
     """The operators that take most of one training step's time (device time on CUDA, CPU time
     otherwise), from `torch.profiler`: where the time goes when a ratio misses its goal."""
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = args.device.startswith("cuda")
+    cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(2):
@@ -132,7 +154,7 @@ def top_kernels(step: Callable, args: argparse.Namespace, count: int = 12) -> li
     ]
 
 
-def warm_runners(variants: list[str], args, cuda: bool) -> tuple[dict, dict, dict, dict, dict]:
+def warm_runners(variants: list[str], bench: Bench, cuda: bool) -> tuple[dict, dict, dict, dict, dict]:
     """Build each variant, run two warm-up steps of each mode; (runners, solvers, train peak, infer peak,
     seconds of the first training step: the compile time of a compiled variant)."""
     runners: dict[str, dict[str, Callable]] = {}
@@ -141,13 +163,13 @@ def warm_runners(variants: list[str], args, cuda: bool) -> tuple[dict, dict, dic
     infer_peak_memory: dict[str, float] = {}
     warm_seconds: dict[str, float] = {}
     for variant in variants:
-        model = build_model(variant, args)
+        model = build_model(variant, bench.preset, bench.image_size, bench.device, bench.solver)
         if hasattr(model, "config") and hasattr(model.config, "scm_solver"):
             solvers[variant] = model.config.scm_solver
-        train_step, infer_step = make_steps(model, args, variant.endswith("_compiled"))
+        train_step, infer_step = make_steps(model, bench, variant.endswith("_compiled"))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        warm_seconds[variant] = round(timed(train_step, args.device, repeat=1), 2)  # warm-up (and compilation)
+        warm_seconds[variant] = round(timed(train_step, bench.device, repeat=1), 2)  # warm-up (and compilation)
         train_step()
         if cuda:
             peak_memory[variant] = torch.cuda.max_memory_allocated() / 2**30
@@ -212,43 +234,42 @@ def count_operations(model: torch.nn.Module, pixels: torch.Tensor, labels: torch
     return {"train": train.count, "infer": infer.count}
 
 
-def operation_table(args: argparse.Namespace) -> dict:
+def operation_table(device: str, preset: str, image_size: int) -> dict:
     """`--count_ops`: operations per step of timm's DeiT and of ours with every solver (DeiT-S
     dimensions unless --preset, batch 2), and each one's ratio to timm's."""
     from configuration_deit_scm import SCM_SOLVERS
 
-    preset = args.preset if args.preset != "deit-tiny" or args.device.startswith("cuda") else "deit-small"
-    settings = argparse.Namespace(**{**vars(args), "preset": preset, "solver": None})
+    preset = preset if preset != "deit-tiny" or device.startswith("cuda") else "deit-small"
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(2, 3, args.image_size, args.image_size, generator=generator).to(args.device)
-    labels = torch.tensor([0, 2]).to(args.device)
-    counts = {"timm": count_operations(build_model("timm", settings), pixels, labels)}
+    pixels = torch.randn(2, 3, image_size, image_size, generator=generator).to(device)
+    labels = torch.tensor([0, 2]).to(device)
+    counts = {"timm": count_operations(build_model("timm", preset, image_size, device), pixels, labels)}
     for variant in ("paper", "cxr"):
         for solver in SCM_SOLVERS:
-            settings.solver = solver
-            counts[f"{variant}/{solver}"] = count_operations(build_model(variant, settings), pixels, labels)
+            model = build_model(variant, preset, image_size, device, solver)
+            counts[f"{variant}/{solver}"] = count_operations(model, pixels, labels)
     reference = counts["timm"]
     return {
-        "device": args.device,
+        "device": device,
         "preset": preset,
-        "image_size": args.image_size,
+        "image_size": image_size,
         "batch_size": 2,
-        "auto_resolves_to": resolve_solver("auto", torch.device(args.device)),
+        "auto_resolves_to": resolve_solver("auto", torch.device(device)),
         "operations": counts,
         "train_vs_timm": {k: round(v["train"] / reference["train"], 2) for k, v in counts.items()},
         "infer_vs_timm": {k: round(v["infer"] / reference["infer"], 2) for k, v in counts.items()},
     }
 
 
-def interleaved_seconds(runners: dict[str, dict[str, Callable]], args: argparse.Namespace) -> dict[str, dict]:
-    """Seconds per round of `args.steps` steps, every variant and mode in turn each round (the machine's load
+def interleaved_seconds(runners: dict[str, dict[str, Callable]], bench: Bench) -> dict[str, dict]:
+    """Seconds per round of `bench.steps` steps, every variant and mode in turn each round (the machine's load
     drifts; interleaving spreads it over all of them alike)."""
     seconds: dict[str, dict[str, list[float]]] = {v: {"train": [], "infer": []} for v in runners}
-    for round_index in range(args.rounds):
+    for round_index in range(bench.rounds):
         for variant, modes in runners.items():
             for mode in ("train", "infer"):
-                seconds[variant][mode].append(timed(modes[mode], args.device, repeat=args.steps))
-        logger.info("round %d/%d done", round_index + 1, args.rounds)
+                seconds[variant][mode].append(timed(modes[mode], bench.device, repeat=bench.steps))
+        logger.info("round %d/%d done", round_index + 1, bench.rounds)
     return seconds
 
 
@@ -256,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     args = parse_args(argv)
     if args.count_ops:
-        report = operation_table(args)
+        report = operation_table(args.device, args.preset, args.image_size)
         print(json.dumps(report))
         return report
     torch.manual_seed(0)
@@ -267,8 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
     variants = args.variants.split(",")
     if args.compile:
         variants += [f"{v}_compiled" for v in variants if v != "eager"]
-    runners, solvers, peak_memory, infer_peak_memory, warm_seconds = warm_runners(variants, args, cuda)
-    seconds = interleaved_seconds(runners, args)
+    bench = Bench(**{f.name: getattr(args, f.name) for f in fields(Bench)})
+    runners, solvers, peak_memory, infer_peak_memory, warm_seconds = warm_runners(variants, bench, cuda)
+    seconds = interleaved_seconds(runners, bench)
     images = args.batch_size * args.steps
     results = {
         variant: {
@@ -297,7 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ratios": ratios_to_timm(results, peak_memory),
     }
     if args.profile:
-        report["profile"] = {v: top_kernels(runners[v]["train"], args) for v in variants if not v.endswith("_compiled")}
+        eager = [v for v in variants if not v.endswith("_compiled")]
+        report["profile"] = {v: top_kernels(runners[v]["train"], args.device) for v in eager}
     print(json.dumps(report))
     return report
 

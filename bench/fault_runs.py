@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -103,9 +104,6 @@ def tally_cases(category: str, cases: Iterable[Case], typed: tuple[type, ...] = 
             examples.setdefault("data_lost", case.name)
     return {"category": category, "tried": sum(counts[k] for k in OUTCOMES), **{k: counts[k] for k in OUTCOMES},
             "data_lost": counts["data_lost"], "examples": examples}  # fmt: skip
-
-
-# --- shared material ----------------------------------------------------------------------------------------
 
 
 class Workshop:
@@ -571,10 +569,11 @@ def nih_cases(shop: Workshop) -> Iterator[Case]:
 
 def demo_cases(shop: Workshop) -> Iterator[Case]:
     """The demo's predictor: every upload is its own result or its own message; no server path is shown."""
-    sys.path.insert(0, str(ROOT / "demo"))
-    from app import Predictor
-
-    predictor = Predictor(str(shop.trained))
+    # By file path, not through sys.path (nor cxr_datasets: this file also runs on older checkouts).
+    spec = importlib.util.spec_from_file_location("fault_runs_demo_app", ROOT / "demo" / "app.py")
+    sys.modules[spec.name] = app = importlib.util.module_from_spec(spec)  # dataclasses look their module up there
+    spec.loader.exec_module(app)
+    predictor = app.Predictor(str(shop.trained))
     uploads = shop.fresh("uploads")
     first, second = shop.image(uploads / "a" / "chest.png", seed=5), shop.image(uploads / "b" / "chest.png", seed=6)
 
