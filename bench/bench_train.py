@@ -18,6 +18,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -30,7 +31,23 @@ from image_processing_cxr import CXRImageProcessor
 from modeling_deit_scm import DeiTSCMForImageClassification
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class TrainBench:
+    """The measurement's settings, unpacked from the flags once (`parse_args`)."""
+
+    device: str
+    preset: str
+    scm_variant: str
+    image_size: int
+    batch_size: int
+    images: int  # phantoms in the cached split
+    steps: int
+    rounds: int
+    num_proc: int
+    compile: bool
+
+
+def parse_args(argv: list[str] | None = None) -> TrainBench:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", default=None)
@@ -50,33 +67,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.images = args.images or (4096 if cuda else 256)
     args.steps = args.steps or (10 if cuda else 4)
     args.num_proc = args.num_proc or (8 if cuda else 2)
-    return args
+    return TrainBench(**{f.name: getattr(args, f.name) for f in fields(TrainBench)})
 
 
-def build_cache(args: argparse.Namespace, cache_dir: Path) -> tuple[wsol_data.PreparedSplit, dict[str, float]]:
+def build_cache(bench: TrainBench, cache_dir: Path) -> tuple[wsol_data.PreparedSplit, dict[str, float]]:
     phantoms = load_dataset_module("phantoms")
     start = time.perf_counter()
-    dataset = phantoms.build_phantom_dataset(num_train=args.images, num_validation=0, num_test=0, size=256)["train"]
+    dataset = phantoms.build_phantom_dataset(num_train=bench.images, num_validation=0, num_test=0, size=256)["train"]
     generate_seconds = time.perf_counter() - start
-    processor = CXRImageProcessor(size={"height": args.image_size, "width": args.image_size})
+    processor = CXRImageProcessor(size={"height": bench.image_size, "width": bench.image_size})
     start = time.perf_counter()
-    split = wsol_data.prepare_split("train", dataset, processor, None, cache_dir, args.num_proc)
+    split = wsol_data.prepare_split("train", dataset, processor, None, cache_dir, bench.num_proc)
     cold = time.perf_counter() - start
     start = time.perf_counter()
-    split = wsol_data.prepare_split("train", dataset, processor, None, cache_dir, args.num_proc)
+    split = wsol_data.prepare_split("train", dataset, processor, None, cache_dir, bench.num_proc)
     warm = time.perf_counter() - start
     rates = {
-        "phantom_generation_img_s": round(args.images / generate_seconds, 1),
-        "cache_build_img_s": round(args.images / cold, 1),
-        "cache_load_img_s": round(args.images / warm, 1),
-        "cache_num_proc": args.num_proc,
+        "phantom_generation_img_s": round(bench.images / generate_seconds, 1),
+        "cache_build_img_s": round(bench.images / cold, 1),
+        "cache_load_img_s": round(bench.images / warm, 1),
+        "cache_num_proc": bench.num_proc,
     }
     return split, rates
 
 
-def make_step(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
-    forward = torch.compile(model) if args.compile else model
+def make_step(bench: TrainBench, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    device_type = "cuda" if bench.device.startswith("cuda") else "cpu"
+    forward = torch.compile(model) if bench.compile else model
 
     def step(pixel_values: torch.Tensor, labels: torch.Tensor) -> None:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
@@ -88,64 +105,64 @@ def make_step(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch
     return step
 
 
-def make_runs(args, split: wsol_data.PreparedSplit) -> tuple[Callable[[], None], Callable[[], None]]:
-    """Two ways of running `args.steps` training steps of one model: from the uint8 cache through the
+def make_runs(bench: TrainBench, split: wsol_data.PreparedSplit) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Two ways of running `bench.steps` training steps of one model: from the uint8 cache through the
     loader, augmentation and normalization (the real path), and on tensors already on the device."""
-    config = DeiTSCMConfig.from_preset(args.preset, args.scm_variant, image_size=args.image_size)
-    model = DeiTSCMForImageClassification(config).to(args.device).train()
+    config = DeiTSCMConfig.from_preset(bench.preset, bench.scm_variant, image_size=bench.image_size)
+    model = DeiTSCMForImageClassification(config).to(bench.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step = make_step(args, model, optimizer)
-    processor = CXRImageProcessor(size={"height": args.image_size, "width": args.image_size})
-    normalizer = wsol_data.PixelNormalizer(processor).to(args.device)
-    loader = wsol_data.make_loader(split, args.batch_size, shuffle=True, num_workers=0)
+    step = make_step(bench, model, optimizer)
+    processor = CXRImageProcessor(size={"height": bench.image_size, "width": bench.image_size})
+    normalizer = wsol_data.PixelNormalizer(processor).to(bench.device)
+    loader = wsol_data.make_loader(split, bench.batch_size, shuffle=True, num_workers=0)
     generator = torch.Generator().manual_seed(0)
-    synthetic = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
-    synthetic_labels = torch.randint(0, 3, (args.batch_size,), device=args.device)
+    synthetic = torch.randn(bench.batch_size, 3, bench.image_size, bench.image_size, device=bench.device)
+    synthetic_labels = torch.randint(0, 3, (bench.batch_size,), device=bench.device)
 
     def from_cache() -> None:
         done = 0
-        while done < args.steps:
-            for pixels, labels, _ in wsol_data.DevicePrefetcher(loader, args.device):
+        while done < bench.steps:
+            for pixels, labels, _ in wsol_data.DevicePrefetcher(loader, bench.device):
                 step(normalizer(wsol_data.augment_batch(pixels, generator)), labels)
                 done += 1
-                if done == args.steps:
+                if done == bench.steps:
                     return
 
     def from_memory() -> None:
-        for _ in range(args.steps):
+        for _ in range(bench.steps):
             step(synthetic, synthetic_labels)
 
     return from_cache, from_memory
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    bench = parse_args(argv)
     torch.manual_seed(0)
-    if args.device.startswith("cuda"):
+    if bench.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
     cache_dir = Path(tempfile.mkdtemp(prefix="bench_cache_"))
     try:
-        split, rates = build_cache(args, cache_dir)
+        split, rates = build_cache(bench, cache_dir)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    from_cache, from_memory = make_runs(args, split)
+    from_cache, from_memory = make_runs(bench, split)
     from_memory()  # warm-up (and compilation)
     from_cache()
     cache_times, memory_times = [], []
-    for _ in range(args.rounds):
-        cache_times.append(timed(from_cache, args.device))
-        memory_times.append(timed(from_memory, args.device))
-    images = args.steps * args.batch_size
+    for _ in range(bench.rounds):
+        cache_times.append(timed(from_cache, bench.device))
+        memory_times.append(timed(from_memory, bench.device))
+    images = bench.steps * bench.batch_size
     cache_rate = images / statistics.median(cache_times)
     memory_rate = images / statistics.median(memory_times)
     report = {
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "device": torch.cuda.get_device_name() if bench.device.startswith("cuda") else "cpu",
         "config": {
-            "preset": args.preset,
-            "scm_variant": args.scm_variant,
-            "image_size": args.image_size,
-            "batch_size": args.batch_size,
-            "compile": args.compile,
+            "preset": bench.preset,
+            "scm_variant": bench.scm_variant,
+            "image_size": bench.image_size,
+            "batch_size": bench.batch_size,
+            "compile": bench.compile,
         },
         **rates,
         "train_img_s_from_cache": round(cache_rate, 1),
