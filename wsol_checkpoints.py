@@ -40,7 +40,7 @@ RUN_FOLDER_PATTERNS = {
     "run_wsol": ("*",),  # the trackers' own logs
 }
 RUN_FILE_SUFFIXES = (".png", ".jpg", ".json", ".jsonl", ".csv")
-# The model card's title line (wsol_outputs.model_card): a README.md without it is not a run's.
+# The model card's title line (wsol_card.model_card): a README.md without it is not a run's.
 MODEL_CARD_TITLE = "# DeiT-SCM ("
 
 

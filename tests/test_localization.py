@@ -237,7 +237,7 @@ def test_harness_table_with_baselines(tmp_path):
     )
     assert table["full_image"]["calibrated_on_validation"]["MaxBoxAcc"] == 0  # the boxes are small
     path = tmp_path / "table.png"
-    from wsol_outputs import plot_localization_table
+    from wsol_plots import plot_localization_table
 
     plot_localization_table(table, str(path))
     assert path.stat().st_size > 1000

@@ -205,14 +205,14 @@ def test_prediction_survives_long_names_and_failed_overlays(trained, tmp_path, m
     assert all(Path(r["overlay"]).is_file() for r in records)
     assert len(Path(records[0]["overlay"]).name) < 120
 
-    real_save = wsol_outputs._save_png
+    real_save = wsol_outputs.save_png
 
     def fail_for_other(path, rgb):
         if "other" in path.name:
             raise OSError(28, "No space left on device")
         real_save(path, rgb)
 
-    monkeypatch.setattr(wsol_outputs, "_save_png", fail_for_other)
+    monkeypatch.setattr(wsol_outputs, "save_png", fail_for_other)
     records = _predict(trained, tmp_path / "out2", [long_name, other])
     assert "overlay" in records[0] and records[1]["label"] and "No space" in records[1]["overlay_error"]
 

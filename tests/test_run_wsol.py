@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tiny_run import TINY
 
 import run_wsol
+import wsol_card
 import wsol_checkpoints
 import wsol_data
 import wsol_evaluation
@@ -220,7 +221,7 @@ def test_model_card_try_it_points_to_the_demo(smoke_run, tmp_path):
         ["--push_to_hub", "--hub_model_id", "o/m", "--hub_space_id", "o/m-demo", "--output_dir", str(tmp_path / "x")]
     )
     card = run_wsol.resolve_settings(args).card
-    assert wsol_outputs.try_it_lines(card) == ["A demo page: [o/m-demo](https://huggingface.co/spaces/o/m-demo)."]
+    assert wsol_card.try_it_lines(card) == ["A demo page: [o/m-demo](https://huggingface.co/spaces/o/m-demo)."]
 
 
 def test_push_offline_fails_fast_after_saving(tmp_path, monkeypatch):
