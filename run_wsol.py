@@ -30,6 +30,7 @@ import torch
 from configuration_deit_scm import BACKBONE_PRESETS, SCM_VARIANTS, DeiTSCMConfig
 from cxr_data import CLASS_NAMES
 from modeling_deit_scm import DeiTSCMForImageClassification
+from wsol_card import CardSettings
 from wsol_checkpoints import (
     TrainState,
     clear_run_outputs,
@@ -39,19 +40,26 @@ from wsol_checkpoints import (
 from wsol_data import (
     DataSettings,
     PixelNormalizer,
-    RunInputError,
     build_processor,
     prepare_all,
 )
 from wsol_evaluation import EvaluationSettings, final_evaluation
 from wsol_outputs import (
-    CardSettings,
     predict_files,
     push_to_hub,
     save_model,
     write_run_outputs,
 )
-from wsol_recipes import RECIPE_CHOICES, RECIPES, Recipe, recipe_fills, recipe_name, resolve_recipe
+from wsol_recipes import (
+    RECIPE_CHOICES,
+    RECIPES,
+    Recipe,
+    RunInputError,
+    parse_overrides,
+    recipe_fills,
+    recipe_name,
+    resolve_recipe,
+)
 from wsol_reporting import environment
 from wsol_training import TrainingSettings, build_components, resume_and_train
 
@@ -447,18 +455,6 @@ def validate_numbers(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 # ================================================================================================
 # Model, optimizer
 # ================================================================================================
-
-
-def parse_overrides(text: Optional[str]) -> dict[str, Any]:
-    """ "a=1,b=0.5,c=last" -> {"a": 1, "b": 0.5, "c": "last"}."""
-    overrides: dict[str, Any] = {}
-    for item in filter(None, (text or "").split(",")):
-        key, _, value = item.partition("=")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value.strip()
-    return overrides
 
 
 def class_weights_from(

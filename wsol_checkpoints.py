@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from wsol_data import refuse
+from wsol_recipes import current_flag_values, refuse
 
 logger = logging.getLogger("run_wsol")
 
@@ -80,6 +80,7 @@ def check_resumed_settings(recorded: dict[str, Any], current: dict[str, Any], ch
     the model never trained with. Checkpoints written before settings were recorded pass."""
     if not recorded:
         return
+    recorded = run_settings(current_flag_values(recorded))
     now = run_settings(current)
     changed = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
     if changed:

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from cxr_data import patient_bucket, write_problem_list
 from cxr_datasets import load_dataset_module
 from image_processing_cxr import CXRImageError, CXRImageProcessor
+from wsol_recipes import refuse
 
 logger = logging.getLogger("run_wsol")
 
@@ -29,14 +30,6 @@ logger = logging.getLogger("run_wsol")
 EVALUATION_FRAME = (224, 224)
 
 
-class RunInputError(ValueError):
-    """A mistake in what the user gave a run (flags, data folder, model folder, checkpoint). `run_wsol.py`
-    prints it in one line and exits with status 2, as argparse does; a library caller catches it."""
-
-
-def refuse(message: str) -> NoReturn:
-    """Raise `RunInputError(message)`: the one way the run's modules reject an input."""
-    raise RunInputError(message)
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Training recipes of `run_wsol.py`: the default of every training flag, and where each comes from.
+"""Training recipes of `run_wsol.py`: the default of every training flag, and where each comes from; and the
+reading of flags (`--config_overrides` text, recipe names, flags recorded by earlier versions), and the one
+error every module raises for a refused input (`RunInputError`, through `refuse`).
 
 Three recipes, chosen with `--recipe` (default `auto`):
 
@@ -25,9 +27,21 @@ scales the whole recipe.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
+
+
+class RunInputError(ValueError):
+    """A mistake in what the user gave a run (flags, data folder, model folder, checkpoint). `run_wsol.py`
+    prints it in one line and exits with status 2, as argparse does; a library caller catches it."""
+
+
+def refuse(message: str) -> NoReturn:
+    """Raise `RunInputError(message)`: the one way the run's modules reject an input."""
+    raise RunInputError(message)
+
 
 RECIPE_CHOICES = ("auto", "official", "cxr_finetune", "scratch")
 # The SCM variant -> the recipe `auto` picks for it when something pretrained is loaded.
@@ -138,6 +152,30 @@ def resolve_recipe(recipe: str, scm_variant: str, pretrained: bool) -> Recipe:
     return RECIPES[VARIANT_RECIPES[scm_variant]] if pretrained else RECIPES["scratch"]
 
 
+def parse_overrides(text: Optional[str]) -> dict[str, Any]:
+    """`--config_overrides` text, "a=1,b=0.5,c=last" -> {"a": 1, "b": 0.5, "c": "last"} (JSON values where
+    they parse, else the text)."""
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def current_flag_values(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """Flags recorded by earlier versions in today's form: `config_overrides` as its parsed dict (it was the
+    text), `recipe` by its current name. How a checkpoint's recorded flags are read."""
+    current = dict(flags)
+    if isinstance(current.get("config_overrides"), str):
+        current["config_overrides"] = parse_overrides(current["config_overrides"])
+    if current.get("recipe") in LEGACY_RECIPE_NAMES:
+        current["recipe"] = LEGACY_RECIPE_NAMES[current["recipe"]]
+    return current
+
+
 def recipe_name(text: str) -> str:
     """`--recipe`'s type: the name, a former one translated."""
     return LEGACY_RECIPE_NAMES.get(text, text)
@@ -153,6 +191,6 @@ def recipe_fills(recipe: Recipe, flags: Mapping[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
-    "LEGACY_RECIPE_NAMES", "Recipe", "RECIPES", "RECIPE_CHOICES", "RECIPE_FLAGS", "VARIANT_RECIPES", "recipe_fills",
-    "recipe_name", "resolve_recipe",
+    "LEGACY_RECIPE_NAMES", "Recipe", "RECIPES", "RECIPE_CHOICES", "RECIPE_FLAGS", "RunInputError", "VARIANT_RECIPES",
+    "current_flag_values", "parse_overrides", "recipe_fills", "recipe_name", "refuse", "resolve_recipe",
 ]  # fmt: skip

@@ -18,6 +18,7 @@ import run_wsol
 import wsol_checkpoints
 import wsol_data
 import wsol_outputs
+import wsol_recipes
 from cxr_datasets import load_dataset_module
 
 
@@ -70,7 +71,7 @@ def test_overwrite_refuses_to_delete_files_it_predicts(trained, tmp_path):
     (output / "all_results.json").write_text("{}")
     image = output / "predictions" / "patient.png"
     Image.fromarray(np.full((64, 64), 90, np.uint8)).save(image)
-    with pytest.raises(wsol_data.RunInputError, match="nothing was deleted"):
+    with pytest.raises(wsol_recipes.RunInputError, match="nothing was deleted"):
         wsol_checkpoints.clear_run_outputs(output, [image])
     assert image.is_file() and (output / "all_results.json").is_file()
     # Without inputs inside, exactly the run's entries go.
@@ -122,7 +123,7 @@ def test_resume_latest_refuses_a_finished_run_without_checkpoints(trained, tmp_p
     folder.mkdir()
     for name in ("config.json", "model.safetensors"):
         (folder / name).write_bytes((trained / name).read_bytes())
-    with pytest.raises(wsol_data.RunInputError, match="finished run"):
+    with pytest.raises(wsol_recipes.RunInputError, match="finished run"):
         wsol_checkpoints.resolve_checkpoint("latest", folder)
     # An empty folder is a first start: nothing to protect, training starts from scratch.
     assert wsol_checkpoints.resolve_checkpoint("latest", tmp_path / "new") is None
@@ -160,10 +161,10 @@ def test_a_damaged_checkpoint_is_never_resumed(tmp_path, capsys, caplog):
     with caplog.at_level("WARNING"):
         assert wsol_checkpoints.resolve_checkpoint("latest", output) == step_2
     assert "step_4 is damaged" in caplog.text and "falling back" in caplog.text
-    with pytest.raises(wsol_data.RunInputError, match="is damaged"):
+    with pytest.raises(wsol_recipes.RunInputError, match="is damaged"):
         wsol_checkpoints.resolve_checkpoint(str(step_4), output)
     (step_2 / "train_state.json").unlink()
-    with pytest.raises(wsol_data.RunInputError, match="every checkpoint"):
+    with pytest.raises(wsol_recipes.RunInputError, match="every checkpoint"):
         wsol_checkpoints.resolve_checkpoint("latest", output)
 
 
@@ -475,7 +476,6 @@ def _path_dataset(folder: Path, count: int = 4):
 
 
 def test_the_preprocessed_cache_is_verified_and_keyed_on_content_and_code(tmp_path, monkeypatch, caplog):
-    import wsol_data
 
     processor = image_processing_cxr.CXRImageProcessor(size={"height": 32, "width": 32})
     cache = tmp_path / "cache"
@@ -584,4 +584,17 @@ def test_flags_a_saved_model_fixes_are_refused_with_it(trained, tmp_path, capsys
         assert raised.value.code == 2 and f"{flags[0]} cannot apply" in capsys.readouterr().err
     args = run_wsol.parse_args(["--output_dir", str(tmp_path / "x")])
     assert args.image_size == run_wsol.DEFAULT_IMAGE_SIZE  # a new model still gets the default size
+
+
+def test_a_checkpoint_recorded_before_the_renames_resumes(tmp_path):
+    """Flags a checkpoint recorded before `--config_overrides` was parsed at the command line (its text) and
+    before the recipes were renamed ("cxr") compare equal to today's; a flag really changed is still refused."""
+    now = {"config_overrides": {"hidden_size": 32, "num_hidden_layers": 2}, "recipe": "cxr_finetune", "seed": 1}
+    recorded = wsol_checkpoints.run_settings({**now, "config_overrides": "hidden_size=32,num_hidden_layers=2",
+                                              "recipe": "cxr"})  # fmt: skip
+    wsol_checkpoints.check_resumed_settings(recorded, now, tmp_path)
+    with pytest.raises(wsol_recipes.RunInputError, match="config_overrides"):
+        wsol_checkpoints.check_resumed_settings(recorded, {**now, "config_overrides": {"hidden_size": 64}}, tmp_path)
+    with pytest.raises(wsol_recipes.RunInputError, match="recipe"):
+        wsol_checkpoints.check_resumed_settings(recorded, {**now, "recipe": "official"}, tmp_path)
 
