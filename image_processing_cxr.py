@@ -17,7 +17,6 @@ and pydicom only when a DICOM arrives.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from functools import lru_cache
@@ -39,11 +38,13 @@ try:  # as remote code, beside this file; else from the checkout
     from .localization import LocalizationInputError, boxes_with_scores, check_thresholds
     from .localization import LEGACY_MAP_NAMES, MAP_LABELS, map_output, normalize_scoremap, overlay_heatmap
     from .localization import GEOMETRY_FIELDS, Geometry
+    from .localization import is_finite_number as _finite, is_integer_number as _is_int
 except ImportError:
     from cxr_decoding import CXRImageError, DecodeOptions, ImageLike, decode, typed_errors
     from localization import LocalizationInputError, boxes_with_scores, check_thresholds
     from localization import LEGACY_MAP_NAMES, MAP_LABELS, map_output, normalize_scoremap, overlay_heatmap
     from localization import GEOMETRY_FIELDS, Geometry
+    from localization import is_finite_number as _finite, is_integer_number as _is_int
 # isort: on
 
 logger = logging.getLogger(__name__)
@@ -52,18 +53,6 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 # The model outputs post_process_localization can localize with (see `localization_map`).
 LOCALIZATION_MAPS = tuple(map_output(name) for name in MAP_LABELS)
-
-
-def _finite(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 class CXRImageProcessorKwargs(ImagesKwargs, total=False):

@@ -69,11 +69,18 @@ class LocalizationInputError(ValueError):
     message names the image (its position in the inputs). wsolevaluation rejects the same inputs."""
 
 
-def _integral(value: Any) -> bool:
-    """An integer, or a finite float with an integral value (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return False
-    return isinstance(value, (int, np.integer)) or (math.isfinite(value) and float(value).is_integer())
+def is_finite_number(value: Any) -> bool:
+    """A finite int or float, numpy's included (not a bool): what a setting or a geometry value must be."""
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def is_integer_number(value: Any) -> bool:
+    """An int, numpy's included (not a bool)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 # Geometry columns carried per image in the BatchFeature, so post-processing can invert the resize.
@@ -97,7 +104,7 @@ class Geometry(NamedTuple):
         values = row.tolist() if hasattr(row, "tolist") else list(row)
         if len(values) < 8:
             raise ValueError(f"a geometry row has 8 values ({', '.join(cls._fields)}), got {len(values)}")
-        if not all(_integral(v) for v in values[:8]):
+        if not all(is_integer_number(v) or (is_finite_number(v) and float(v).is_integer()) for v in values[:8]):
             raise LocalizationInputError(f"a geometry row holds integers, got {values[:8]}")
         geometry = cls(*(int(v) for v in values[:8]))
         sizes_ok = min(geometry.original_height, geometry.original_width, geometry.content_height,
