@@ -306,19 +306,16 @@ def _negative_operator_gradient(
     With G the gradient of X_{j+1} and A = X_j^T G: G_j = 2G + G (K X_j)^T + K^T A and dK += A X_j^T. The
     A X_j^T terms are summed at the end as one product of concatenated blocks (a k-fold shorter launch
     sequence for long iterations)."""
-    grad_iterate = vectors.unsqueeze(-1) * grad.unsqueeze(1)  # d(v^T X)/dX = v g^T
-    inners = []
-    for iterate, product in zip(reversed(iterates), reversed(products)):
-        inner = torch.bmm(iterate.transpose(1, 2), grad_iterate)
-        inners.append(inner)
-        grad_iterate = torch.baddbmm(grad_iterate, grad_iterate, product.transpose(1, 2), beta=2.0)
-        grad_iterate = torch.baddbmm(grad_iterate, negative.transpose(1, 2), inner)
-    if not inners:
+    if not iterates:
         return torch.zeros_like(negative)
-    if len(inners) == 1:
-        return torch.bmm(inners[0], iterates[0].transpose(1, 2))
-    ordered = list(reversed(iterates))
-    return torch.bmm(torch.cat(inners, dim=2), torch.cat([x.transpose(1, 2) for x in ordered], dim=1))
+    grad_iterate = vectors.unsqueeze(-1) * grad.unsqueeze(1)  # d(v^T X)/dX = v g^T
+    inners, transposed = [], []
+    for iterate, product in zip(reversed(iterates), reversed(products)):
+        transposed.append(iterate.transpose(1, 2))
+        inners.append(torch.bmm(transposed[-1], grad_iterate))
+        grad_iterate = torch.baddbmm(grad_iterate, grad_iterate, product.transpose(1, 2), beta=2.0)
+        grad_iterate = torch.baddbmm(grad_iterate, negative.transpose(1, 2), inners[-1])
+    return torch.bmm(torch.cat(inners, dim=2), torch.cat(transposed, dim=1))
 
 
 # Up to this many Newton-Schulz iterations the polynomial is summed term by term (2^k - 1
@@ -457,10 +454,10 @@ class DeiTSCMSpatialCalibration(nn.Module):
         # Newton-Schulz needs fp32: in bf16 the iteration does not converge to the inverse.
         with torch.autocast(device_type=semantic.device.type, enabled=False):
             semantic = _wide(semantic)
-            attention, dtype = attention.to(semantic.dtype), semantic.dtype
+            attention = attention.to(semantic.dtype)
             laplacian = None
             if self.blocks and resolve_solver(self.blocks[0].solver, semantic.device) == "dense":
-                laplacian = self.laplacian(*semantic.shape[-2:], semantic.device, dtype)
+                laplacian = self.laplacian(*semantic.shape[-2:], semantic.device, semantic.dtype)
             for block in self.blocks:
                 semantic, attention = block(semantic, attention, laplacian)
         return semantic, attention
