@@ -194,7 +194,7 @@ class _ProcessBatch:
 
     The images are decoded by the processor, not by `datasets`: a file that passed the readability check and
     then fails to decode (a PNG with valid CRCs and a corrupt stream) is a CXRImageError naming it, one problem
-    image, not a dead run. A class, not a closure, so that worker processes can pickle it."""
+    image, not a dead run."""
 
     def __init__(self, processor: CXRImageProcessor) -> None:
         self.processor = processor
