@@ -46,8 +46,8 @@ def refuse(message: str) -> NoReturn:
 RECIPE_CHOICES = ("auto", "official", "cxr_finetune", "scratch")
 # The SCM variant -> the recipe `auto` picks for it when something pretrained is loaded.
 VARIANT_RECIPES = {"paper": "official", "cxr": "cxr_finetune"}
-# Former recipe names (they were the variants'), still read on the command line.
-LEGACY_RECIPE_NAMES = {"paper": "official", "cxr": "cxr_finetune"}
+# Former recipe names, still read on the command line: each recipe was named after its variant.
+LEGACY_RECIPE_NAMES = dict(VARIANT_RECIPES)
 
 
 @dataclass(frozen=True)
