@@ -31,6 +31,11 @@ def save_model(accelerator, model, processor: CXRImageProcessor, output_dir: Pat
     disk or a crash while plotting cannot lose the trained model."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
+    # transformers copies the remote-code files before it writes config.json: a run killed in between would
+    # leave code files no config.json claims, which a resume refuses as no run's. Ours goes first, whole.
+    partial = output_dir / "config.json.partial"
+    unwrapped.config.to_json_file(str(partial))
+    os.replace(partial, output_dir / "config.json")
     unwrapped.save_pretrained(str(output_dir), safe_serialization=True)
     processor.save_pretrained(str(output_dir))
 

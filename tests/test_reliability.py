@@ -598,3 +598,28 @@ def test_a_checkpoint_recorded_before_the_renames_resumes(tmp_path):
     with pytest.raises(wsol_recipes.RunInputError, match="recipe"):
         wsol_checkpoints.check_resumed_settings(recorded, {**now, "recipe": "official"}, tmp_path)
 
+
+
+def test_a_run_killed_while_saving_its_model_can_resume(tmp_path, monkeypatch):
+    """transformers copies the remote-code files before it writes config.json: a run killed between the two
+    used to leave code files that no config.json claimed, and its resume refused them as no run's. The run's
+    config.json is now on disk before any code file."""
+    import transformers
+
+    from configuration_deit_scm import DeiTSCMConfig
+    from image_processing_cxr import CXRImageProcessor
+    from modeling_deit_scm import DeiTSCMForImageClassification
+
+    class Killed(BaseException):
+        pass
+
+    def killed(self, *args, **kwargs):
+        raise Killed
+
+    model = DeiTSCMForImageClassification(DeiTSCMConfig.from_preset("deit-micro", "cxr", image_size=32))
+    accelerator = type("Accelerator", (), {"unwrap_model": staticmethod(lambda m: m)})()
+    monkeypatch.setattr(transformers.PretrainedConfig, "save_pretrained", killed)
+    with pytest.raises(Killed):
+        wsol_outputs.save_model(accelerator, model, CXRImageProcessor(), tmp_path)
+    assert (tmp_path / "modeling_deit_scm.py").is_file()  # the kill came after the code copy
+    assert wsol_checkpoints.foreign_outputs(tmp_path) == []
