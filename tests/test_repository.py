@@ -35,3 +35,20 @@ def test_every_top_level_module_is_installed():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"])
     modules = {path.stem for path in ROOT.glob("*.py")}
     assert modules == listed
+
+
+def test_each_test_runs_in_an_empty_directory_of_its_own():
+    """What a user leaves in the checkout (`outputs/wsol/` after the README's first command, caches) or in the
+    directory pytest starts from must not reach a test: relative defaults resolve in an empty folder."""
+    import os
+
+    here = Path.cwd()
+    assert not here.is_relative_to(ROOT) and list(here.iterdir()) == []
+    assert not Path(os.environ["HF_HOME"]).is_relative_to(ROOT)
+
+
+def test_ci_runs_the_tests_after_the_main_job_has_written_its_outputs():
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    main_job = next(i for i, line in enumerate(lines) if line.startswith("accelerate launch run_wsol.py"))
+    tests = next(i for i, line in enumerate(lines) if "pytest" in line and not line.startswith("#"))
+    assert main_job < tests and "test -f outputs/wsol/all_results.json" in lines[main_job:tests]
