@@ -189,6 +189,12 @@ def _contours(binary: np.ndarray) -> Sequence[np.ndarray]:
     return cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[_CONTOUR_INDEX]
 
 
+def _above(quantized: np.ndarray, threshold: float) -> np.ndarray:
+    """The uint8 mask (0/255) of a quantized map above tau times its maximum, as wsolevaluation cuts it."""
+    level = int(check_thresholds(threshold)[0] * int(quantized.max()))
+    return np.where(quantized > level, np.uint8(255), np.uint8(0))
+
+
 def _rect(contour: np.ndarray, height: int, width: int) -> list[int]:
     x, y, w, h = cv2.boundingRect(contour)
     return [x, y, min(x + w, width - 1), min(y + h, height - 1)]
@@ -204,8 +210,7 @@ def boxes_at_threshold(
         contours: the K contours behind the boxes (empty when nothing passes).
     """
     height, width = quantized.shape
-    level = int(check_thresholds(threshold)[0] * int(quantized.max()))
-    binary = np.where(quantized > level, np.uint8(255), np.uint8(0))
+    binary = _above(quantized, threshold)
     contours = _contours(binary)
     if len(contours) == 0:
         return np.zeros((1, 4), dtype=np.int64), []
@@ -238,20 +243,59 @@ def scoremap_to_boxes(
 def boxes_with_scores(
     heatmap: np.ndarray, threshold: float, multi_contour: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes of a [0, 1] heatmap at one threshold, each with the mean heatmap value inside its contour.
+    """Boxes for a person to read: the regions of a [0, 1] heatmap above one threshold, each with its score.
 
-    Returns (K, 4) int64 boxes and (K,) float32 scores; K = 0 when nothing passes the threshold.
+    Unlike the metric code (`boxes_at_threshold`, which keeps wsolevaluation's `RETR_TREE` contours, hole
+    outlines included), a box here frames heat, never its absence: only outer contours count, so a hot ring
+    gives one box around the ring and none around its cold centre; a box lying inside another one is merged
+    into it (the enclosing box keeps the higher score); the score is the mean heatmap value over the region's
+    pixels above the threshold, and boxes come sorted by it, highest first.
+
+    Args:
+        heatmap: (H, W) map in [0, 1].
+        threshold: tau, a fraction of the map's maximum (as in the metrics).
+        multi_contour: every region instead of the largest one only.
+
+    Returns:
+        (K, 4) int64 inclusive xyxy boxes and (K,) float32 scores; K = 0 when nothing passes the threshold.
     """
-    boxes, contours = boxes_at_threshold(quantize_scoremap(heatmap), threshold, multi_contour)
-    if not contours:
+    quantized = quantize_scoremap(heatmap)
+    height, width = quantized.shape
+    binary = _above(quantized, threshold)
+    contours = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[_CONTOUR_INDEX]
+    if len(contours) == 0:
         return np.zeros((0, 4), dtype=np.int64), np.zeros((0,), dtype=np.float32)
-    scores = []
+    if not multi_contour:
+        contours = [max(contours, key=cv2.contourArea)]
+    above = binary.astype(bool)
+    boxes, scores = [], []
     for contour in contours:
         mask = np.zeros(heatmap.shape, dtype=np.uint8)
         cv2.drawContours(mask, [contour], -1, 1, thickness=cv2.FILLED)
-        inside = heatmap[mask.astype(bool)]
+        inside = heatmap[mask.astype(bool) & above]
+        boxes.append(_rect(contour, height, width))
         scores.append(float(inside.mean()) if inside.size else 0.0)
-    return boxes, np.asarray(scores, dtype=np.float32)
+    # Largest first, so that a box inside another meets the enclosing one before it and is merged into it
+    # (the enclosing box keeps the higher of the two scores).
+    kept: list[int] = []
+    for index in sorted(range(len(boxes)), key=lambda i: -_area(boxes[i])):
+        outer = next((k for k in kept if _contains(boxes[k], boxes[index])), None)
+        if outer is None:
+            kept.append(index)
+        else:
+            scores[outer] = max(scores[outer], scores[index])
+    kept.sort(key=lambda i: -scores[i])
+    return (np.asarray([boxes[i] for i in kept], dtype=np.int64).reshape(-1, 4),
+            np.asarray([scores[i] for i in kept], dtype=np.float32))  # fmt: skip
+
+
+def _area(box: Sequence[int]) -> int:
+    return (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
+
+
+def _contains(outer: Sequence[int], inner: Sequence[int]) -> bool:
+    """Whether inclusive xyxy box `inner` lies inside `outer` (edges may touch)."""
+    return outer[0] <= inner[0] and outer[1] <= inner[1] and inner[2] <= outer[2] and inner[3] <= outer[3]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,6 +313,7 @@ def overlay_heatmap(
     boxes: Optional[np.ndarray] = None,
     gt_boxes: Optional[np.ndarray] = None,
     alpha: float = 0.4,
+    title: Optional[Sequence[str]] = None,
 ) -> np.ndarray:
     """Blend a jet-coloured heatmap on a radiograph and draw boxes: predicted green, ground truth red.
 
@@ -276,8 +321,10 @@ def overlay_heatmap(
         image: H x W (any numeric dtype, min-max scaled for display) or H x W x 3 uint8.
         heatmap: any size, values in [0, 1]; resized to the image.
         boxes, gt_boxes: (K, 4) xyxy in image pixels.
+        title: lines written in a strip above the picture (which map, the threshold, the predicted class),
+            followed by a legend of the box colours present. None: no strip, the picture keeps its size.
     Returns:
-        H x W x 3 uint8 RGB.
+        H x W x 3 uint8 RGB, or (H + strip) x W x 3 with a title.
     """
     image = np.asarray(image)
     if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 1):
@@ -295,12 +342,41 @@ def overlay_heatmap(
     colored = cv2.cvtColor(colored, cv2.COLOR_BGR2RGB)
     out = cv2.addWeighted(rgb, 1 - alpha, colored, alpha, 0)
     thickness = max(1, round(max(height, width) / 300))
-    for group, color in ((gt_boxes, GROUND_TRUTH_BOX_COLOR), (boxes, PREDICTED_BOX_COLOR)):
+    drawn = []
+    for group, color, label in ((gt_boxes, GROUND_TRUTH_BOX_COLOR, "ground truth"),
+                                (boxes, PREDICTED_BOX_COLOR, "predicted")):  # fmt: skip
         if group is None:
             continue
+        drawn.append((label, color))
         for x0, y0, x1, y1 in np.asarray(group, dtype=np.int64).reshape(-1, 4):
             cv2.rectangle(out, (int(x0), int(y0)), (int(x1), int(y1)), color, thickness)
-    return out
+    return out if title is None else _with_title(out, list(title), drawn)
+
+
+_TITLE_MIN_WIDTH = 384  # narrower pictures are enlarged first, so that a title stays legible
+
+
+def _with_title(picture: np.ndarray, lines: list[str], legend: list[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
+    """`picture` under a black strip holding `lines` in white and, on the last line, each box colour's name
+    written in that colour. Hershey fonts draw ASCII only, so map names come as F0, S0, F0*S0."""
+    if picture.shape[1] < _TITLE_MIN_WIDTH:
+        height = round(picture.shape[0] * _TITLE_MIN_WIDTH / picture.shape[1])
+        picture = cv2.resize(picture, (_TITLE_MIN_WIDTH, height), interpolation=cv2.INTER_CUBIC)
+    width = picture.shape[1]
+    rows = lines + (["boxes: " + ", ".join(label for label, _ in legend)] if legend else [])
+    font, weight = cv2.FONT_HERSHEY_SIMPLEX, 1
+    widest = max(cv2.getTextSize(text, font, 1.0, weight)[0][0] for text in rows)
+    scale = min(0.6, (width - 8) / widest)  # every line fits the picture's width
+    line_height = int(round(30 * scale)) + 4
+    strip = np.zeros((line_height * len(rows) + 4, width, 3), dtype=np.uint8)
+    for row, text in enumerate(rows):
+        cv2.putText(strip, text, (4, line_height * (row + 1) - 4), font, scale, (255, 255, 255), weight, cv2.LINE_AA)
+    if legend:  # the colour names written again over the white ones, in their box colours
+        x = 4 + cv2.getTextSize("boxes: ", font, scale, weight)[0][0]
+        for label, color in legend:
+            cv2.putText(strip, label, (x, line_height * len(rows) - 4), font, scale, color, weight, cv2.LINE_AA)
+            x += cv2.getTextSize(label + ", ", font, scale, weight)[0][0]
+    return np.concatenate([strip, picture], axis=0)
 
 
 __all__ = [

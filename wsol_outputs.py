@@ -184,6 +184,8 @@ def write_run_outputs(
         test, temperature = predictions["test"], results["calibration"]["temperature"]
         curves = {"softmax": softmax(test.logits), f"scaled, T = {temperature:.2f}": softmax(test.logits, temperature)}
         reliability_diagram(curves, test.labels, str(output_dir / "metrics_plots" / "reliability.png"))
-        results["overlays"] = write_overlays(output_dir, splits["loc_test"], predictions["loc_test"], processor)
+        results["overlays"] = write_overlays(
+            output_dir, splits["loc_test"], predictions["loc_test"], processor, temperature
+        )
         write_results(output_dir, results)
     (output_dir / "README.md").write_text(model_card(card, results if evaluated else empty_results()))

@@ -14,8 +14,11 @@ from image_processing_cxr import CXRImageProcessor, overlay_heatmap
 from localization import MAP_LABELS, map_output
 from wsol_data import PreparedSplit
 from wsol_evaluation import Predictions
+from wsol_reporting import softmax
 
 OVERLAY_SAMPLES = 8
+# The panel titles' names of the maps: OpenCV's Hershey fonts draw ASCII only (no subscript zero, no odot).
+PANEL_NAMES = {"coupled": "F0*S0 (coupled)", "semantic": "S0 (semantic, CAM)", "attention": "F0 (attention)"}
 
 
 def write_plots(output_dir: Path, state: Any, results: dict[str, Any]) -> None:
@@ -75,22 +78,30 @@ def save_png(path: Path, rgb: np.ndarray) -> None:
 
 
 def write_overlays(
-    output_dir: Path, split: PreparedSplit, predictions: Predictions, processor: CXRImageProcessor
-) -> list[str]:
+    output_dir: Path, split: PreparedSplit, predictions: Predictions, processor: CXRImageProcessor,
+    temperature: float = 1.0,
+) -> list[str]:  # fmt: skip
     """heatmap_comparisons/: the released map (the processor's `localization_map`), its predicted and the
     ground-truth boxes on the original image; localization_samples/: the coupled, semantic and attention
-    maps side by side, boxes on the released one. A fixed sample: the first boxed images."""
+    maps side by side, boxes on the released one. A fixed sample: the first boxed images. Each panel is
+    titled with its map, the threshold, the predicted class and its probability (scaled by `temperature`,
+    the run's calibration), the true class, and a legend of the box colours."""
     comparisons, samples = output_dir / "heatmap_comparisons", output_dir / "localization_samples"
     comparisons.mkdir(parents=True, exist_ok=True)
     samples.mkdir(parents=True, exist_ok=True)
     position = {int(index): row for row, index in enumerate(predictions.indices)}
     chosen = [i for i in range(len(split)) if len(split.frame_boxes[i])][:OVERLAY_SAMPLES]
+    probabilities = softmax(predictions.logits, temperature)
+    tau = processor.localization_threshold
     written = []
     for index in chosen:
         row = position[index]
         image = np.asarray(split.source[index]["image"].convert("L"))
         geometry = split.geometry[index]
         original_boxes = np.asarray(split.source[index]["boxes"], dtype=np.float64).reshape(-1, 4)
+        predicted = int(probabilities[row].argmax())
+        verdict = (f"pred. {CLASS_NAMES[predicted]} {probabilities[row, predicted]:.0%}, "
+                   f"true {CLASS_NAMES[int(predictions.labels[row])]}")  # fmt: skip
         panels = {}
         for name in MAP_LABELS:
             grid = torch.from_numpy(np.asarray(predictions.maps[name][row], dtype=np.float32))
@@ -104,7 +115,10 @@ def write_overlays(
             )[0]
             released = map_output(name) == processor.localization_map
             boxes = post["boxes"] if released else None
-            panels[name] = overlay_heatmap(image, post["heatmap"], boxes=boxes, gt_boxes=original_boxes)
+            heading = f"{PANEL_NAMES[name]}, true-class map"
+            threshold = f"released: boxes at {tau:.2f} x max" if released else "not released: no boxes"
+            title = [heading, threshold, verdict]
+            panels[name] = overlay_heatmap(image, post["heatmap"], boxes=boxes, gt_boxes=original_boxes, title=title)
         released_name = next(n for n in MAP_LABELS if map_output(n) == processor.localization_map)
         name = f"{split.image_ids[index]}.png"
         save_png(comparisons / name, panels[released_name])
