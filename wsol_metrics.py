@@ -362,16 +362,36 @@ def pixel_average_precision(
     return float(average_precision_from_histograms(positive.sum(axis=0), negative.sum(axis=0))[0])
 
 
+def pointing_hits(maps: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray]) -> np.ndarray:
+    """The pointing game (Zhang et al., "Top-down neural attention by excitation backprop", ECCV 2016), per image:
+    whether the map's maximum falls inside a ground-truth box (inclusive xyxy, in the map's pixels).
+
+    Where several pixels share the maximum (a constant map, a box mask), the point is the centre of mass of
+    those pixels, rounded: a tie never counts as a hit everywhere at once, and a constant map points at the
+    image centre. No tolerance margin (Zhang et al. allow 15 px; at 224 px that is a third of a median finding).
+    Returns (N,) bool.
+    """
+    hits = np.zeros(len(maps), dtype=bool)
+    for index, (scoremap, boxes) in enumerate(zip(maps, gt_boxes)):
+        scoremap = np.asarray(scoremap)
+        rows, columns = np.nonzero(scoremap == scoremap.max())
+        y, x = int(np.rint(rows.mean())), int(np.rint(columns.mean()))
+        boxes = _as_boxes(boxes)
+        hits[index] = bool(((boxes[:, 0] <= x) & (x <= boxes[:, 2]) & (boxes[:, 1] <= y) & (y <= boxes[:, 3])).any())
+    return hits
+
+
 def localization_intervals(
     weights: np.ndarray,
     test: LocalizationScores,
     threshold_indices: tuple[int, Sequence[int]],
     histograms: Optional[tuple[np.ndarray, np.ndarray]] = None,
+    hits: Optional[np.ndarray] = None,
 ) -> dict[str, list[float]]:
     """95 % percentile intervals over bootstrap resamples of the test images (`weights`: (R, N)
-    multiplicities) of MaxBoxAcc and MaxBoxAccV2 at the thresholds fixed on validation, and of PxAP when
-    the per-image pixel histograms are given. The thresholds are not re-chosen per resample: they come
-    from validation, as the point estimate's."""
+    multiplicities) of MaxBoxAcc and MaxBoxAccV2 at the thresholds fixed on validation, of PxAP when
+    the per-image pixel histograms are given, and of the pointing game when its per-image `hits` are. The
+    thresholds are not re-chosen per resample: they come from validation, as the point estimate's."""
     main, per_delta = threshold_indices
     total = weights.sum(axis=1)
     box_acc = weights @ (test.largest_iou[:, main] >= 0.5) * 100.0 / total
@@ -383,6 +403,8 @@ def localization_intervals(
         intervals["PxAP"] = percentile_interval(
             average_precision_from_histograms(weights @ histograms[0], weights @ histograms[1])
         )
+    if hits is not None:
+        intervals["pointing_game"] = percentile_interval(weights @ hits * 100.0 / total)
     return intervals
 
 
@@ -589,7 +611,9 @@ def localization_table(
         )
         test_scores = LocalizationScores.from_maps(test_maps, test.gt_boxes, test.correct_class, thresholds=thresholds)
         rows[name] = calibrated_report(val_scores, test_scores)
-        _add_pxap(rows[name], test_maps, test.gt_boxes, thresholds, val_scores, test_scores, resample_weights)
+        _add_threshold_free_measures(
+            rows[name], test_maps, test.gt_boxes, thresholds, val_scores, test_scores, resample_weights
+        )
         tau = rows[name]["calibrated_on_validation"]["threshold"]
         predicted = [scoremap_to_boxes(m, tau, normalized=True) for m in test_maps]
         rows[name]["box_measures"] = mean_box_measures(predicted, test.gt_boxes, test.frame_size)
@@ -613,17 +637,23 @@ def _fixed_box_row(
     )
     row = calibrated_report(val, scores)
     box_map = boxes_to_mask(box, test.frame_size).astype(np.float32)
-    _add_pxap(row, [box_map] * len(test.gt_boxes), test.gt_boxes, thresholds, val, scores, resample_weights)
+    box_maps = [box_map] * len(test.gt_boxes)
+    _add_threshold_free_measures(row, box_maps, test.gt_boxes, thresholds, val, scores, resample_weights)
     row["box_measures"] = mean_box_measures([box] * len(test.gt_boxes), test.gt_boxes, test.frame_size)
     return row
 
 
-def _add_pxap(
+def _add_threshold_free_measures(
     row: dict, maps: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray], thresholds: Sequence[float],
     validation: LocalizationScores, test: LocalizationScores, resample_weights: Optional[np.ndarray],
 ) -> None:  # fmt: skip
-    """PxAP of a row from per-image histograms, and the row's bootstrap intervals when asked for."""
+    """PxAP and the pointing game of a row (neither needs a threshold), and the row's bootstrap intervals when
+    asked for."""
     histograms = pixel_histograms(maps, gt_boxes, thresholds)
     row["PxAP"] = float(average_precision_from_histograms(histograms[0].sum(axis=0), histograms[1].sum(axis=0))[0])
+    hits = pointing_hits(maps, gt_boxes)
+    row["pointing_game"] = float(hits.mean() * 100.0) if len(hits) else float("nan")
     if resample_weights is not None:
-        row["ci95"] = localization_intervals(resample_weights, test, calibrate_thresholds(validation), histograms)
+        row["ci95"] = localization_intervals(
+            resample_weights, test, calibrate_thresholds(validation), histograms, hits
+        )

@@ -1,12 +1,15 @@
-"""Ablation with seeds: the default recipe with SCM `cxr`, SCM `paper`, and the same backbone without SCM.
+"""Ablation with seeds and peers: the default recipe with SCM `cxr`, SCM `paper`, the same backbone without SCM,
+and a peer a practitioner would train instead (`resnet_cam`: a timm ResNet with CAM and Grad-CAM at the same
+token grid, `bench/peer_cam.py`), side by side on the same data.
 
-Each arm trains the main job (`run_wsol.py`, the embedded phantoms, the `scratch` recipe) once per seed and
-the table gives mean ± std over seeds of balanced accuracy, macro F1 and, for every map and baseline,
-MaxBoxAcc and MaxBoxAccV2 at thresholds chosen on validation, and PxAP (test split, 224x224 frame,
-threshold step 0.001). Runs already finished (an `all_results.json` in their folder) are read, not
-retrained, so the script can be stopped and started again.
+Each DeiT arm trains the main job (`run_wsol.py`, the embedded phantoms, the `scratch` recipe) once per seed;
+a peer trains on the same seed's phantoms within the `cxr` arm's wall time on that seed. The tables give
+mean ± std over seeds (and per seed) of balanced accuracy, macro F1 and, for every map and baseline,
+MaxBoxAcc and MaxBoxAccV2 at thresholds chosen on validation, PxAP and the pointing game (test split, 224x224
+frame, threshold step 0.001), with 95 % bootstrap intervals over the test images. Runs already finished (an
+`all_results.json` in their folder) are read, not retrained, so the script can be stopped and started again.
 
-    python bench/ablation.py --output_dir bench/ablation_runs --parallel 2  # 3 arms x 3 seeds, ~1 h on 2 cores
+    python bench/ablation.py --output_dir bench/ablation_runs --parallel 2  # 4 arms x 3 seeds, ~1.5 h on 2 cores
     python bench/ablation.py --arms cxr --seeds 0 --output_dir /tmp/abl   # one run
     python bench/ablation.py --regimes supervised=outputs/pretrain-supervised dino=outputs/pretrain-dino \
         --output_dir bench/ablation_pretrained --parallel 2   # fine-tuned from pretrained backbones
@@ -47,9 +50,19 @@ ARMS: dict[str, list[str]] = {
     # SCM cxr with a learnable distance penalty on the attention logits (local attention from scratch).
     "cxr_local": ["--scm_variant", "cxr", "--config_overrides", "attention_locality=1.0"],
 }
+# Peers: what a practitioner would train instead, on the same seeds' data and budget (`bench/peer_cam.py`).
+PEERS: dict[str, list[str]] = {
+    # timm's ResNet-10-T (its smallest ResNet) at output stride 8: CAM and Grad-CAM on the DeiT's 12x12 grid.
+    # Half width (32-256 channels): at one thread the full width takes 1.85 s a step against 0.79 s, so in the
+    # DeiT's ~10 minutes it would see 6-7 epochs instead of ~15; the narrower net is the stronger peer there.
+    "resnet_cam": ["--arch", "resnet10t", "--output_stride", "8", "--width", "0.5"],
+}
+PEER_BUDGET_ARM = "cxr"  # a peer's wall-clock budget is this arm's time on the same seed
 MAPS = (*MAP_LABELS, "random", "full_image", "train_mean_box")
+PEER_MAP_NAMES = {"cam": "CAM (ResNet peer)", "gradcam": "Grad-CAM (ResNet peer)"}
 MAP_NAMES = {
     **MAP_LABELS,
+    **PEER_MAP_NAMES,
     "random": "random map",
     "full_image": "full-image box",
     "train_mean_box": "mean train box",
@@ -92,19 +105,27 @@ def run_all(jobs: list[tuple[str, str, int]], output_dir: Path, extra: list[str]
     threads = max(1, (os.cpu_count() or 1) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     running: list[tuple[subprocess.Popen, Path, float, Any]] = []
+    def ready(job: tuple[str, str, int]) -> bool:
+        """A peer waits for the run whose wall time is its budget, when that run is still to come."""
+        regime, arm, seed = job
+        budget_job = (regime, PEER_BUDGET_ARM, seed)
+        budget_folder = run_folder(output_dir, *budget_job)
+        waiting = budget_job in pending or any(folder == budget_folder for _, folder, _, _ in running)
+        return arm not in PEERS or not waiting
+
     while pending or running:
-        while pending and len(running) < parallel:
-            regime, arm, seed = pending.pop(0)
+        while len(running) < parallel and any(ready(job) for job in pending):
+            regime, arm, seed = pending.pop(next(i for i, job in enumerate(pending) if ready(job)))
             folder = run_folder(output_dir, regime, arm, seed)
-            flags = merge_flags(ARMS[arm], [*regime_flags(regimes, regime), *extra])
-            command = [sys.executable, str(ROOT / "run_wsol.py"), *flags, "--seed", str(seed)]
-            command += [
-                "--output_dir",
-                str(folder),
-                "--overwrite_output_dir",
-                "--cache_dir",
-                str(output_dir / "cache" / folder.name),
-            ]
+            if arm in PEERS:
+                budget = peer_budget(output_dir, regime, seed)
+                command = [sys.executable, str(ROOT / "bench" / "peer_cam.py"), *PEERS[arm], *data_flags(extra),
+                           "--seed", str(seed), "--max_seconds", str(budget)]  # fmt: skip
+            else:
+                flags = merge_flags(ARMS[arm], [*regime_flags(regimes, regime), *extra])
+                command = [sys.executable, str(ROOT / "run_wsol.py"), *flags, "--seed", str(seed),
+                           "--overwrite_output_dir"]  # fmt: skip
+            command += ["--output_dir", str(folder), "--cache_dir", str(output_dir / "cache" / folder.name)]
             logger.info("running %s", " ".join(command))
             log = open(folder.with_suffix(".log"), "w")  # noqa: SIM115 - closed when the run ends
             process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
@@ -121,6 +142,22 @@ def run_all(jobs: list[tuple[str, str, int]], output_dir: Path, extra: list[str]
             (folder / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
 
 
+def data_flags(extra: list[str]) -> list[str]:
+    """The flags of `extra` that choose the data (a peer must see the same images), with their values."""
+    kept, items = [], iter(extra)
+    for flag in items:
+        if flag in ("--num_phantoms", "--image_size"):
+            kept += [flag, next(items)]
+    return kept
+
+
+def peer_budget(output_dir: Path, regime: str, seed: int, default: float = 600.0) -> float:
+    """The wall time of `PEER_BUDGET_ARM` on this seed (finished before the peer: jobs run arms first), else
+    `default` (the default job's 10-minute budget)."""
+    wall = run_folder(output_dir, regime, PEER_BUDGET_ARM, seed) / "wall_seconds.txt"
+    return float(wall.read_text()) if wall.is_file() else default
+
+
 def load_run(folder: Path) -> dict:
     """One finished run's all_results.json with its wall time added."""
     results = current_map_names(json.loads((folder / "all_results.json").read_text()))
@@ -130,59 +167,85 @@ def load_run(folder: Path) -> dict:
 
 
 def measures(results: dict) -> dict[str, float]:
-    """The numbers one run contributes to the table."""
+    """The numbers one run contributes to the tables: every map and baseline it has, and its released map
+    (chosen on validation) under the name `released`."""
     test = results["classification"]["test"]
     row = {"balanced_accuracy": test["balanced_accuracy"], "macro_f1": test["macro_f1"]}
-    for name in MAPS:
-        method = results["localization"]["methods"][name]
+    methods = results["localization"]["methods"]
+    released = results["localization"].get("localization_map", "coupled")
+    for name, method in [*methods.items(), ("released", methods[released])]:
         calibrated = method["calibrated_on_validation"]
         row[f"{name}/MaxBoxAcc"] = calibrated["MaxBoxAcc"]
         row[f"{name}/MaxBoxAccV2"] = calibrated["MaxBoxAccV2"]
         row[f"{name}/PxAP"] = method["PxAP"]
+        row[f"{name}/pointing_game"] = method.get("pointing_game", float("nan"))
         row[f"{name}/mean_iou"] = method.get("box_measures", {}).get("mean_iou", float("nan"))
-        low, high = method.get("ci95", {}).get("MaxBoxAccV2", (float("nan"), float("nan")))
-        row[f"{name}/MaxBoxAccV2_ci_low"], row[f"{name}/MaxBoxAccV2_ci_high"] = low, high
+        for measure in ("MaxBoxAccV2", "PxAP", "pointing_game"):
+            low, high = method.get("ci95", {}).get(measure, (float("nan"), float("nan")))
+            row[f"{name}/{measure}_ci_low"], row[f"{name}/{measure}_ci_high"] = low, high
     row["wall_seconds"] = results["wall_seconds"]
     return row
 
 
-def summarize(rows: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
-    """Mean and sample standard deviation over seeds of every measure."""
-    keys = rows[0].keys()
-    summary = {}
-    for key in keys:
-        values = np.array([r[key] for r in rows], dtype=np.float64)
+def summarize(rows: list[dict[str, float]]) -> dict[str, Any]:
+    """Mean and sample standard deviation over seeds of every measure, and the per-seed values."""
+    summary: dict[str, Any] = {}
+    for key in rows[0]:
+        values = np.array([r.get(key, float("nan")) for r in rows], dtype=np.float64)
         summary[key] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+    summary["per_seed"] = rows
     return summary
 
 
-def markdown(table: dict[str, dict[str, tuple[float, float]]], seeds: list[int]) -> str:
-    def cell(value: tuple[float, float], digits: int) -> str:
-        return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+def _cell(value: tuple[float, float], digits: int) -> str:
+    return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
 
-    arms = list(table)
+
+def side_by_side(table: dict[str, dict[str, Any]], released_names: dict[str, list[str]]) -> list[str]:
+    """One row per localizing map of every arm, DeiT and peers alike: balanced accuracy and the three
+    threshold-free or validation-thresholded measures, mean ± std over seeds with the mean bootstrap interval,
+    and the per-seed values of MaxBoxAccV2."""
     lines = [
-        f"Mean ± std over seeds {', '.join(map(str, seeds))} (test split; τ from validation; 224×224 frame).",
+        "| arm | map | balanced accuracy | MaxBoxAccV2 [95 % interval] | PxAP [95 %] | pointing game, % [95 %] "
+        "| MaxBoxAccV2 per seed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, summary in table.items():
+        maps = [("released", f"released ({', '.join(released_names[arm])})")]
+        maps += [(name, MAP_NAMES.get(name, name)) for name in (*MAP_LABELS, *PEER_MAP_NAMES, "random")
+                 if f"{name}/MaxBoxAccV2" in summary]  # fmt: skip
+        for name, label in maps:
+            cells = []
+            for measure in ("MaxBoxAccV2", "PxAP", "pointing_game"):
+                low, high = summary[f"{name}/{measure}_ci_low"][0], summary[f"{name}/{measure}_ci_high"][0]
+                cells.append(f"{_cell(summary[f'{name}/{measure}'], 1)} [{low:.1f}, {high:.1f}]")
+            seeds = ", ".join(f"{r[f'{name}/MaxBoxAccV2']:.1f}" for r in summary["per_seed"])
+            lines.append(f"| `{arm}` | {label} | {_cell(summary['balanced_accuracy'], 3)} | {' | '.join(cells)} "
+                         f"| {seeds} |")  # fmt: skip
+    return lines
+
+
+def markdown(table: dict[str, dict[str, Any]], seeds: list[int], released_names: dict[str, list[str]]) -> str:
+    arms = [arm for arm in table if "coupled/MaxBoxAccV2" in table[arm]]  # the DeiT arms
+    lines = [
+        f"Mean ± std over seeds {', '.join(map(str, seeds))} (test split; τ from validation; 224×224 frame; "
+        "intervals: 95 % bootstrap over the test images, mean over seeds).",
+        "",
+        *side_by_side(table, released_names),
+        "",
+        "DeiT arms, every map and baseline:",
         "",
         "| | " + " | ".join(f"`{a}`" for a in arms) + " |",
         "|---" * (len(arms) + 1) + "|",
-        "| balanced accuracy | " + " | ".join(cell(table[a]["balanced_accuracy"], 3) for a in arms) + " |",
-        "| macro F1 | " + " | ".join(cell(table[a]["macro_f1"], 3) for a in arms) + " |",
-        "| wall time, s | " + " | ".join(cell(table[a]["wall_seconds"], 0) for a in arms) + " |",
+        "| balanced accuracy | " + " | ".join(_cell(table[a]["balanced_accuracy"], 3) for a in arms) + " |",
+        "| macro F1 | " + " | ".join(_cell(table[a]["macro_f1"], 3) for a in arms) + " |",
+        "| wall time, s | " + " | ".join(_cell(table[a]["wall_seconds"], 0) for a in arms) + " |",
     ]
-    for name in MAPS[:4]:
-        bounds = " | ".join(
-            f"[{table[a][f'{name}/MaxBoxAccV2_ci_low'][0]:.1f}, {table[a][f'{name}/MaxBoxAccV2_ci_high'][0]:.1f}]"
-            for a in arms
-        )
-        lines.append(
-            f"| MaxBoxAccV2 95 % interval (bootstrap over test images, mean over seeds): {MAP_NAMES[name]} | {bounds} |"
-        )
-    for measure in ("MaxBoxAccV2", "MaxBoxAcc", "PxAP"):
+    for measure in ("MaxBoxAccV2", "MaxBoxAcc", "PxAP", "pointing_game"):
         for name in MAPS:
-            if measure == "PxAP" and name in ("full_image", "train_mean_box"):
+            if measure in ("PxAP", "pointing_game") and name in ("full_image", "train_mean_box"):
                 continue
-            values = " | ".join(cell(table[a][f"{name}/{measure}"], 1) for a in arms)
+            values = " | ".join(_cell(table[a][f"{name}/{measure}"], 1) for a in arms)
             lines.append(f"| {measure}: {MAP_NAMES[name]} | {values} |")
     return "\n".join(lines) + "\n"
 
@@ -190,7 +253,8 @@ def markdown(table: dict[str, dict[str, tuple[float, float]]], seeds: list[int])
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="bench/ablation_runs")
-    parser.add_argument("--arms", nargs="+", default=["cxr", "paper", "no_scm"], choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=["cxr", "paper", "no_scm", "resnet_cam"],
+                        choices=[*ARMS, *PEERS], help="DeiT arms first: a peer's budget is the cxr arm's time")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (the cores are split between them)")
     parser.add_argument(
@@ -209,15 +273,16 @@ def main(argv: list[str] | None = None) -> dict:
     # Seed-major order: with the runs cut short, every arm still has the same seeds done.
     jobs = [(regime, arm, seed) for seed in args.seeds for regime in regimes for arm in args.arms]
     run_all(jobs, output_dir, extra, args.parallel, regimes)
-    table = {
-        (arm if regime == "scratch" else f"{regime}/{arm}"): summarize(
-            [measures(load_run(run_folder(output_dir, regime, arm, seed))) for seed in args.seeds]
-        )
-        for regime in regimes
-        for arm in args.arms
-    }
-    (output_dir / "ablation.md").write_text(markdown(table, args.seeds))
-    report = {"seeds": args.seeds, "regimes": regimes, "extra_flags": extra, "table": table}
+    table, released_names = {}, {}
+    for regime in regimes:
+        for arm in args.arms:
+            runs = [load_run(run_folder(output_dir, regime, arm, seed)) for seed in args.seeds]
+            key = arm if regime == "scratch" else f"{regime}/{arm}"
+            table[key] = summarize([measures(results) for results in runs])
+            released_names[key] = [results["localization"].get("localization_map", "coupled") for results in runs]
+    (output_dir / "ablation.md").write_text(markdown(table, args.seeds, released_names))
+    report = {"seeds": args.seeds, "regimes": regimes, "extra_flags": extra, "table": table,
+              "released": released_names}  # fmt: skip
     print(json.dumps(report))
     return report
 
