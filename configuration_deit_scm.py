@@ -10,6 +10,7 @@ packages.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
@@ -46,6 +47,8 @@ SCM_VARIANTS: dict[str, dict[str, Any]] = {
         "class_weights": None,
         "label_smoothing": 0.0,
         "scm_pooling": "mean",
+        # The official inference map, F0 * S0 as it comes (TS-CAM's and SCM's `cams = attn * feature_map`).
+        "scm_coupling": "product",
     },
     # This project's chest X-ray defaults (the original training scripts): last-layer attention only,
     # lambda 2, beta 0.1, four blocks of four diffusion steps, class weights for the imbalanced
@@ -64,6 +67,7 @@ SCM_VARIANTS: dict[str, dict[str, Any]] = {
         # 0.45-0.49; LSE (r = 5) 0.96 (bench/RESULTS.md).
         "scm_pooling": "lse",
         "scm_lse_r": 5.0,
+        "scm_coupling": "minmax",
     },
 }
 
@@ -73,6 +77,7 @@ _CONNECTIVITY_CHOICES = (4, 8)
 SCM_SOLVERS = ("auto", "polynomial", "dense", "newton_schulz", "polynomial_full_gradient")
 _SOLVER_CHOICES = SCM_SOLVERS
 _POOLING_CHOICES = ("mean", "lse")
+_COUPLING_CHOICES = ("minmax", "product")
 _PATCH_EMBEDDING_CHOICES = ("patch", "conv_stem")
 _CONV_STEM_KERNELS = (3, 4)
 
@@ -152,6 +157,26 @@ class DeiTSCMConfig(PretrainedConfig):
         scm_lse_r (`float`, defaults to 5.0; in (0, 1000]): the sharpness r of `"lse"` pooling (its starting value when
             learnable).
         scm_lse_learnable (`bool`, defaults to `False`): learn r (kept positive through its logarithm).
+        scm_coupling (`str`, *optional*): how the coupled map (`coupled_maps`) joins F0 and S0.
+            `"product"` is the official definition, F0 * S0[c] (TS-CAM, Gao et al., ICCV 2021; SCM, Bai et al.,
+            ECCV 2022): right when S0[c] is positive where the class is, as under global average pooling, but
+            where S0[c] is negative (log-sum-exp pooling leaves it negative over most of the image) the
+            product turns F0's peak into the map's minimum, and the min-max normalization every consumer
+            applies then draws the finding as the coldest spot. `"minmax"` multiplies F0 by S0[c] min-max
+            normalized per image and class, F0 * (S0[c] - min) / (max - min): both factors lie in [0, 1], so
+            a token where both are high stays the peak whatever the pooling and the sign of S0. The `paper`
+            variant keeps `"product"` (bit-exact with the official code); `cxr` uses `"minmax"`. Left unset (as in
+            every config saved before the field existed), it follows the pooling: `"product"` under `"mean"`,
+            where the official definition holds, `"minmax"` under `"lse"`.
+        ood_threshold (`float`, *optional*): the out-of-distribution alarm level of `ood_scores` (the squared
+            Mahalanobis distance of the pooled features to the nearest class mean under the training split's
+            tied covariance, Lee et al., NeurIPS 2018), chosen on the validation split at the false-alarm rate
+            `ood_false_alarm_rate`. None (the default, and every model saved before it existed): no score.
+        ood_false_alarm_rate (`float`, *optional*): the fraction of validation images above `ood_threshold`.
+        ood_class_means (`list[list[float]]`, *optional*): (num_labels, hidden_size) class means of the pooled
+            features on the training split.
+        ood_precision (`list[list[float]]`, *optional*): (hidden_size, hidden_size) inverse of their tied
+            (shrunk) covariance.
         calibration_temperature (`float`, defaults to 1.0): T of temperature scaling (Guo et al., ICML
             2017): the model's `probabilities` are softmax(logits / T); logits are untouched. `run_wsol.py`
             fits T on the validation split after training.
@@ -211,16 +236,23 @@ class DeiTSCMConfig(PretrainedConfig):
         scm_pooling: str = "mean",
         scm_lse_r: float = 5.0,
         scm_lse_learnable: bool = False,
+        scm_coupling: Optional[str] = None,
         cls_loss_weight: float = 0.0,
         calibration_temperature: float = 1.0,
         attention_locality: float = 0.0,
         head_kernel_size: int = 3,
         class_weights: Optional[Sequence[float]] = None,
         label_smoothing: float = 0.0,
+        ood_threshold: Optional[float] = None,
+        ood_false_alarm_rate: Optional[float] = None,
+        ood_class_means: Optional[Sequence[Sequence[float]]] = None,
+        ood_precision: Optional[Sequence[Sequence[float]]] = None,
         **kwargs: Any,
     ) -> None:
         # Every named argument is a config field of the same name (sequences stored as lists, for JSON).
         fields = {name: value for name, value in locals().items() if name not in ("self", "kwargs", "__class__")}
+        if fields["scm_coupling"] is None:
+            fields["scm_coupling"] = "product" if scm_pooling == "mean" else "minmax"
         for name in ("image_size", "patch_size", "class_weights"):
             if fields[name] is not None and not isinstance(fields[name], int):
                 fields[name] = list(fields[name])
@@ -263,7 +295,7 @@ class DeiTSCMConfig(PretrainedConfig):
             raise ValueError(f"image_size {image_hw} must be divisible by patch_size {patch_hw}")
         for name, choices in (
             ("scm_attention_layers", _ATTENTION_LAYER_CHOICES), ("scm_connectivity", _CONNECTIVITY_CHOICES),
-            ("scm_solver", _SOLVER_CHOICES), ("scm_pooling", _POOLING_CHOICES),
+            ("scm_solver", _SOLVER_CHOICES), ("scm_pooling", _POOLING_CHOICES), ("scm_coupling", _COUPLING_CHOICES),
             ("patch_embedding", _PATCH_EMBEDDING_CHOICES), ("conv_stem_kernel_size", _CONV_STEM_KERNELS),
         ):  # fmt: skip
             if getattr(self, name) not in choices:
@@ -311,6 +343,26 @@ class DeiTSCMConfig(PretrainedConfig):
                 )
             if any(w < 0 for w in self.class_weights):
                 raise ValueError(f"class_weights must be non-negative, got {self.class_weights}")
+        self._validate_ood()
+
+    def _validate_ood(self) -> None:
+        """The out-of-distribution fields: all absent, or a finite threshold with statistics of the right shape."""
+        statistics = (self.ood_threshold, self.ood_class_means, self.ood_precision)
+        if all(value is None for value in statistics):
+            return
+        if any(value is None for value in statistics):
+            raise ValueError("ood_threshold, ood_class_means and ood_precision must be given together")
+        if not (isinstance(self.ood_threshold, (int, float)) and math.isfinite(self.ood_threshold)):
+            raise ValueError(f"ood_threshold must be a finite number, got {self.ood_threshold!r}")
+        for name, rows, columns in (("ood_class_means", self.num_labels, self.hidden_size),
+                                    ("ood_precision", self.hidden_size, self.hidden_size)):  # fmt: skip
+            value = getattr(self, name)
+            shape_ok = isinstance(value, (list, tuple)) and len(value) == rows
+            shape_ok = shape_ok and all(isinstance(row, (list, tuple)) and len(row) == columns for row in value)
+            if not shape_ok:
+                raise ValueError(f"{name} must be a {rows} x {columns} list of lists")
+            if not all(isinstance(x, (int, float)) and math.isfinite(x) for row in value for x in row):
+                raise ValueError(f"{name} holds a value that is not a finite number")
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -73,8 +73,9 @@ class DeiTSCMImageClassifierOutput(ModelOutput):
             cross-entropy, when `labels` are given.
         logits (`torch.FloatTensor` of shape `(batch, num_labels)`): the semantic maps pooled
             (`config.scm_pooling`): after the SCM blocks when they ran (training), S0 otherwise.
-        coupled_maps (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`): F0 * S0, the
-            map the paper localizes with at inference.
+        coupled_maps (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`): F0 coupled with S0, the
+            map the paper localizes with at inference: F0 * S0 (`config.scm_coupling="product"`, the
+            official definition) or F0 * minmax(S0) (`"minmax"`, never inverted where S0 is negative).
         attention_maps (`torch.FloatTensor` of shape `(batch, h, w)`): F0, the min-max normalized
             CLS->patch attention.
         semantic_maps (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`): S0, the conv head on
@@ -86,6 +87,12 @@ class DeiTSCMImageClassifierOutput(ModelOutput):
         cls_logits (`torch.FloatTensor` of shape `(batch, num_labels)`, *optional*): the auxiliary CLS
             token classifier's logits, when `config.cls_loss_weight > 0`.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): as in [`DeiTSCMModelOutput`].
+        pooled_features (`torch.FloatTensor` of shape `(batch, hidden_size)`): the mean of the final patch
+            tokens, the features the out-of-distribution score measures.
+        ood_scores (`torch.FloatTensor` of shape `(batch,)`, *optional*): squared Mahalanobis distance of
+            `pooled_features` to the nearest training class mean (tied covariance; Lee et al., NeurIPS 2018),
+            when the config holds the statistics; above `config.ood_threshold` the image is unlike the
+            training data.
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -97,6 +104,9 @@ class DeiTSCMImageClassifierOutput(ModelOutput):
     probabilities: Optional[torch.FloatTensor] = None
     cls_logits: Optional[torch.FloatTensor] = None
     hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    # Last, so that the tuple form keeps the positions it had before they existed.
+    pooled_features: Optional[torch.FloatTensor] = None
+    ood_scores: Optional[torch.FloatTensor] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -508,6 +518,9 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
         )
         weights = torch.tensor(config.class_weights, dtype=torch.float32) if config.class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
+        # The config's out-of-distribution statistics as tensors, built on first use and again when the
+        # config's lists are replaced (`run_wsol.py` sets them after training) or the device changes.
+        self._ood_statistics: Optional[tuple[Any, torch.Tensor, torch.Tensor]] = None
         self.post_init()
 
     def forward(
@@ -544,18 +557,36 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
             logits = self.pooling(semantic)
         attention = attention.view(-1, 1, height, width)
         cls_logits = self.cls_classifier(hidden[:, 0]) if self.cls_classifier is not None else None
+        pooled = hidden[:, 1:].mean(dim=1)
         output = DeiTSCMImageClassifierOutput(
             loss=self.total_loss(logits, cls_logits, labels) if labels is not None else None,
             logits=logits,
-            coupled_maps=attention * semantic,
+            coupled_maps=couple(attention, semantic, self.config.scm_coupling),
             attention_maps=attention[:, 0],
             semantic_maps=semantic,
             calibrated_attention_maps=calibrated,
             probabilities=(_wide(logits.detach()) / float(self.config.calibration_temperature)).softmax(-1),
             cls_logits=cls_logits,
             hidden_states=all_hidden,
+            pooled_features=pooled,
+            ood_scores=self.ood_scores(pooled.detach()),
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def ood_scores(self, features: torch.Tensor) -> Optional[torch.Tensor]:
+        """(batch,) squared Mahalanobis distances of pooled features to the nearest class mean, or None when
+        the config holds no statistics (`run_wsol.py` fits them after training)."""
+        if self.config.ood_threshold is None:
+            return None
+        key = (id(self.config.ood_class_means), id(self.config.ood_precision), features.device)
+        if self._ood_statistics is None or self._ood_statistics[0] != key:
+            means = torch.tensor(self.config.ood_class_means, dtype=torch.float64, device=features.device)
+            precision = torch.tensor(self.config.ood_precision, dtype=torch.float64, device=features.device)
+            self._ood_statistics = (key, means, precision)
+        _, means, precision = self._ood_statistics
+        centred = _wide(features).to(torch.float64)[:, None, :] - means[None]  # (B, C, D)
+        distances = torch.einsum("bcd,de,bce->bc", centred, precision, centred)
+        return distances.amin(dim=-1).to(features.dtype)
 
     def total_loss(
         self, logits: torch.Tensor, cls_logits: Optional[torch.Tensor], labels: torch.Tensor
@@ -602,6 +633,18 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
         ]
 
 
+def couple(attention: torch.Tensor, semantic: torch.Tensor, coupling: str) -> torch.Tensor:
+    """The coupled map: F0 `(B, 1, h, w)` with S0 `(B, C, h, w)` -> `(B, C, h, w)`.
+
+    `"product"`: F0 * S0, as the official SCM and TS-CAM code compute it. `"minmax"`: F0 * S0 min-max
+    normalized per image and class, so that the peak of F0 on the finding stays a peak when S0 is negative
+    there (see `DeiTSCMConfig.scm_coupling`).
+    """
+    if coupling == "product":
+        return attention * semantic
+    return attention * minmax_normalize(semantic, start_dim=2)
+
+
 def select_class_maps(
     maps: torch.Tensor, labels: Optional[torch.Tensor] = None, logits: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -636,6 +679,7 @@ __all__ = [
     "DeiTSCMDiffusionBlock",
     "minmax_normalize",
     "select_class_maps",
+    "couple",
     "interpolate_position_embeddings",
     "token_distances",
 ]

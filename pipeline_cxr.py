@@ -15,10 +15,13 @@ with a `CXRImageError` naming it. This file imports only installed packages (rem
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import numpy as np
 from transformers import Pipeline
+
+logger = logging.getLogger(__name__)
 
 TASK = "chest-xray-localization"
 # What the model's config.json records so that `pipeline(model=..., trust_remote_code=True)` finds this class.
@@ -35,7 +38,10 @@ PIPELINE_ENTRY = {
 class ChestXrayLocalizationPipeline(Pipeline):
     """Per image: `label` and `score` (calibrated probability: the model's temperature scaling), `scores`
     for every class, `heatmap` (float32, original pixels, 0-1) of the released map, `boxes` (K x 4
-    inclusive xyxy, original pixels) and `box_scores`.
+    inclusive xyxy, original pixels) and `box_scores`; `out_of_distribution` (True when the image is unlike
+    the training data: its `ood_score`, the model's Mahalanobis score of the pooled features, is above
+    `ood_threshold`, which let `ood_false_alarm_rate` of the validation images through; None for a model
+    saved without the statistics). Scores and boxes of such an image mean little, however confident.
 
     Call options: `threshold` (a fraction of the heatmap's maximum; default: the one calibrated on the
     validation boxes and stored in the processor), `localization_map` (`"coupled_maps"` F0*S0,
@@ -109,6 +115,7 @@ class ChestXrayLocalizationPipeline(Pipeline):
             extra["logits"] = outputs["logits"][0].detach().float().cpu().numpy()
             extra["geometry"] = np.asarray(model_outputs["geometry"][0])
         return {
+            **self._out_of_distribution(outputs),
             "label": result["label_name"],
             "score": float(result["score"]),
             "scores": {id2label[i]: float(p) for i, p in enumerate(probabilities)},
@@ -119,6 +126,20 @@ class ChestXrayLocalizationPipeline(Pipeline):
             "threshold": float(self.image_processor.localization_threshold if threshold is None else threshold),
             **extra,
         }
+
+    def _out_of_distribution(self, outputs: Any) -> dict[str, Any]:
+        config = self.model.config
+        scores = outputs.get("ood_scores") if hasattr(outputs, "get") else None
+        if scores is None or getattr(config, "ood_threshold", None) is None:
+            return {"out_of_distribution": None, "ood_score": None, "ood_threshold": None}
+        score, threshold = float(scores[0]), float(config.ood_threshold)
+        flagged = not score <= threshold  # a NaN score is an alarm too
+        if flagged:
+            logger.warning(
+                "the image is unlike the model's training data (out-of-distribution score %.1f > %.1f): its "
+                "class scores and boxes are not reliable", score, threshold,
+            )
+        return {"out_of_distribution": flagged, "ood_score": score, "ood_threshold": threshold}
 
 
 __all__ = ["ChestXrayLocalizationPipeline", "PIPELINE_ENTRY", "TASK"]

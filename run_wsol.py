@@ -581,6 +581,8 @@ def run(settings: RunSettings) -> dict[str, Any]:
         processor.localization_threshold, processor.localization_map = evaluation.threshold, evaluation.map_output
         # Probabilities leave the model calibrated: the temperature travels in its config.
         accelerator.unwrap_model(parts.model).config.calibration_temperature = evaluation.temperature
+        # So does the out-of-distribution score's training statistics and its alarm threshold.
+        accelerator.unwrap_model(parts.model).config.update(evaluation.ood)
     results["environment"] = environment()
     if accelerator.is_main_process and needs_data:
         write_run_outputs(settings.card, settings.do_eval, accelerator, parts.model, processor, results, state,

@@ -92,12 +92,35 @@ def _calibration_line(results: dict[str, Any]) -> str:
     )
 
 
+def _ood_lines(results: dict[str, Any]) -> list[str]:
+    ood = results.get("out_of_distribution")
+    if not ood:
+        return []
+    return [
+        "## Images unlike the training data",
+        "",
+        "Calibration on the validation split says nothing about images from another distribution: a model trained "
+        "on one kind of film can give a confident class for a film it has never seen the like of. The pipeline "
+        "therefore returns `out_of_distribution` (with `ood_score` and `ood_threshold`): the squared Mahalanobis "
+        "distance of the image's pooled patch features to the nearest class mean of the training split, under "
+        "their tied covariance (Lee et al., NeurIPS 2018). The alarm threshold "
+        f"({ood['threshold']:.1f}) is set on the validation split so that "
+        f"{ood['target_false_alarm_rate']:.0%} of in-distribution images raise it "
+        f"(validation {ood['validation_false_alarm_rate']:.1%}, test {ood['test_false_alarm_rate']:.1%}). "
+        "When the flag is set, treat the class scores and the boxes as meaningless. The score catches images "
+        "far from the training data (another modality, a natural image, a real film for a phantom-trained model); "
+        "it is no guarantee for subtle shifts.",
+        "",
+    ]
+
+
 def _localization_rows(results: dict[str, Any]) -> list[str]:
     """The card's localization table: one row per map and baseline."""
     lines = [
         "| method | BoxAcc@0.5 (τ from validation) | MaxBoxAcc (test oracle) | MaxBoxAccV2 (τ from validation) "
-        "| top-1 Loc | PxAP | mean IoU | mean GIoU | Hausdorff (px) | avg. boundary distance (px) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| top-1 Loc | PxAP | pointing game (%) | mean IoU | mean GIoU | Hausdorff (px) "
+        "| avg. boundary distance (px) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results["localization"]["methods"].items():
         cal, oracle = row["calibrated_on_validation"], row["test_oracle_max_over_thresholds"]
@@ -108,6 +131,7 @@ def _localization_rows(results: dict[str, Any]) -> list[str]:
             f"| {oracle['MaxBoxAcc']:.1f} "
             f"| {cal['MaxBoxAccV2']:.1f}{_interval(ci.get('MaxBoxAccV2'))} "
             f"| {cal['top1_loc']:.1f} | {row['PxAP']:.1f}{_interval(ci.get('PxAP'))} "
+            f"| {row.get('pointing_game', float('nan')):.1f}{_interval(ci.get('pointing_game'))} "
             f"| {box.get('mean_iou', float('nan')):.3f} "
             f"| {box.get('mean_giou', float('nan')):.3f} | {box.get('mean_hausdorff', float('nan')):.1f} "
             f"| {box.get('mean_average_boundary_distance', float('nan')):.1f} |"
@@ -122,6 +146,8 @@ detector = pipeline(model="path/or/hub-id", trust_remote_code=True)  # task: che
 result = detector("patient.dcm")  # DICOM, PNG, JPEG, bytes, PIL images, arrays; or a list
 print(result["label"], result["score"])  # calibrated probability (temperature scaling)
 heatmap, boxes = result["heatmap"], result["boxes"]  # original pixels
+if result["out_of_distribution"]:  # unlike the training data: do not trust the above
+    print("warning: out-of-distribution score", result["ood_score"])
 ```
 
 Step by step, with the processor and the model:
@@ -170,6 +196,7 @@ def model_card(card: CardSettings, results: dict[str, Any]) -> str:
         "",
         _calibration_line(results),
         "",
+        *_ood_lines(results),
         "## Try it",
         "",
         *try_it_lines(card),

@@ -18,7 +18,15 @@ from modeling_deit_scm import select_class_maps
 from wsol_boxes import FINE_THRESHOLDS, upsample_scoremap
 from wsol_data import EVALUATION_FRAME, PreparedSplit, make_loader
 from wsol_metrics import EvaluationSplit, LocalizationScores, classification_metrics, cxr_protocol, localization_table
-from wsol_reporting import calibration_report, classification_intervals, operating_points, resample_weights, softmax
+from wsol_reporting import (
+    calibration_report,
+    classification_intervals,
+    fit_ood_statistics,
+    mahalanobis_scores,
+    operating_points,
+    resample_weights,
+    softmax,
+)
 
 logger = logging.getLogger("run_wsol")
 
@@ -41,6 +49,7 @@ class Predictions:
     indices: np.ndarray  # (N,) positions in the split
     maps: dict[str, np.ndarray]  # `MAP_LABELS` name -> (N, h, w): F0, and S0 and F0 * S0 of the true class
     loss: float  # the model's loss (`outputs.loss`), averaged over the split
+    features: Optional[np.ndarray] = None  # (N, hidden_size) pooled patch tokens (`outputs.pooled_features`)
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,7 @@ def predict_split(settings: EvaluationSettings, parts: EvaluationParts, split: P
     model = parts.model
     model.eval()
     collected: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("logits", "labels", "indices", "loss", *MAP_LABELS)
+        k: [] for k in ("logits", "labels", "indices", "loss", "features", *MAP_LABELS)
     }
     for pixels, labels, indices in tqdm(
         loader, desc=f"evaluating {split.name}", disable=not accelerator.is_local_main_process, leave=False
@@ -76,6 +85,7 @@ def predict_split(settings: EvaluationSettings, parts: EvaluationParts, split: P
             "labels": labels,
             "indices": indices,
             "loss": per_sample_loss,
+            "features": outputs.pooled_features.float(),
             **{name: select_class_maps(outputs[map_output(name)].float(), labels=labels) for name in MAP_LABELS},
         }
         for key, value in accelerator.gather_for_metrics(batch).items():
@@ -87,6 +97,7 @@ def predict_split(settings: EvaluationSettings, parts: EvaluationParts, split: P
         merged["indices"],
         {name: merged[name] for name in MAP_LABELS},
         float(merged["loss"].mean()),
+        merged["features"],
     )
 
 
@@ -152,6 +163,7 @@ class Evaluation:
     localization_map: str  # "coupled", "semantic" or "attention" (`MAP_LABELS`): the map chosen on the validation boxes
     threshold: float  # its threshold, calibrated on the validation boxes
     temperature: float  # temperature scaling of the class probabilities, fitted on validation
+    ood: dict[str, Any]  # the out-of-distribution statistics and threshold (`fit_ood_statistics`), config fields
 
     @property
     def map_output(self) -> str:
@@ -245,4 +257,28 @@ def final_evaluation(
     localization, chosen, threshold = localization_results(settings, splits, predictions)
     # The order all_results.json has always had: classification, calibration, operating points, localization.
     results["localization"] = localization
-    return Evaluation(results, predictions, chosen, threshold, float(results["calibration"]["temperature"]))
+    ood, results["out_of_distribution"] = out_of_distribution(settings, parts, splits, predictions)
+    return Evaluation(results, predictions, chosen, threshold, float(results["calibration"]["temperature"]), ood)
+
+
+def out_of_distribution(
+    settings: EvaluationSettings, parts: EvaluationParts, splits: dict[str, PreparedSplit],
+    predictions: dict[str, Predictions],
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """The out-of-distribution statistics fitted on the training split's pooled features, the threshold on
+    validation; returns (the config fields, what all_results.json reports: the threshold and the
+    false-alarm rates on the validation and test phantoms, which are in-distribution)."""
+    train = predict_split(settings, parts, splits["train"])
+    num_labels = int(predictions["validation"].logits.shape[1])
+    fitted = fit_ood_statistics(train.features, train.labels, num_labels, predictions["validation"].features)
+    ood = {key: value for key, value in fitted.items() if key.startswith("ood_")}
+    test_scores = mahalanobis_scores(predictions["test"].features, ood["ood_class_means"], ood["ood_precision"])
+    report = {
+        "score": "squared Mahalanobis distance of the pooled patch tokens to the nearest class mean of the "
+        "training split (tied covariance, Ledoit-Wolf shrinkage); alarm above the threshold",
+        "threshold": ood["ood_threshold"],
+        "target_false_alarm_rate": ood["ood_false_alarm_rate"],
+        "validation_false_alarm_rate": fitted["validation_false_alarm_rate"],
+        "test_false_alarm_rate": float((test_scores > ood["ood_threshold"]).mean()),
+    }
+    return ood, report

@@ -307,6 +307,59 @@ def operating_points(
 # --------------------------------------------------------------------------------------------------
 
 
+# ------------------------------------------------------------------------------------------------
+# Out-of-distribution score: Mahalanobis distance of pooled features (Lee et al., NeurIPS 2018)
+# ------------------------------------------------------------------------------------------------
+
+OOD_FALSE_ALARM_RATE = 0.05
+_OOD_DIGITS = 7  # significant digits kept in config.json: the statistics of a 96-wide model stay ~100 kB
+
+
+def _round(values: np.ndarray) -> list:
+    return np.vectorize(lambda x: float(f"{x:.{_OOD_DIGITS}g}"), otypes=[float])(values).tolist()
+
+
+def mahalanobis_scores(features: np.ndarray, class_means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """(N,) squared Mahalanobis distance of each feature row to the nearest class mean (the model's
+    `ood_scores`, computed the same way in float64)."""
+    centred = np.asarray(features, dtype=np.float64)[:, None, :] - np.asarray(class_means, dtype=np.float64)[None]
+    return np.einsum("ncd,de,nce->nc", centred, np.asarray(precision, dtype=np.float64), centred).min(axis=1)
+
+
+def fit_ood_statistics(
+    train_features: np.ndarray, train_labels: Sequence[int], num_labels: int,
+    validation_features: np.ndarray, false_alarm_rate: float = OOD_FALSE_ALARM_RATE,
+) -> dict[str, Any]:  # fmt: skip
+    """Class means and tied precision of the training split's pooled features, and the alarm threshold.
+
+    The covariance of the class-centred features is shrunk towards a scaled identity (Ledoit and Wolf, 2004,
+    through scikit-learn): with a few hundred images per class and a hundred dimensions the empirical one is
+    near-singular. The threshold is the (1 - `false_alarm_rate`) quantile of the validation scores, so that
+    this fraction of in-distribution images raises the alarm. Returns the config fields (`ood_*`, rounded
+    as stored) and the threshold's validation false-alarm rate.
+    """
+    from sklearn.covariance import LedoitWolf
+
+    features = np.asarray(train_features, dtype=np.float64)
+    labels = np.asarray(train_labels)
+    present = [c for c in range(num_labels) if (labels == c).any()]
+    means = np.stack([features[labels == c].mean(axis=0) if c in present else features.mean(axis=0)
+                      for c in range(num_labels)])  # fmt: skip
+    centred = features - means[labels]
+    precision = LedoitWolf(assume_centered=True).fit(centred).precision_
+    stored_means, stored_precision = _round(means), _round((precision + precision.T) / 2)
+    validation = mahalanobis_scores(validation_features, np.asarray(stored_means), np.asarray(stored_precision))
+    # "higher": a score of the set itself, so that at most this fraction lies strictly above it.
+    threshold = float(np.quantile(validation, 1.0 - false_alarm_rate, method="higher"))
+    return {
+        "ood_class_means": stored_means,
+        "ood_precision": stored_precision,
+        "ood_threshold": threshold,
+        "ood_false_alarm_rate": float(false_alarm_rate),
+        "validation_false_alarm_rate": float((validation > threshold).mean()),
+    }
+
+
 def environment() -> dict[str, Any]:
     """What produced the numbers: processor, accelerator, threads and library versions (results are
     bitwise reproducible only on the same CPU model, thread count and versions)."""

@@ -41,6 +41,9 @@ MAPS = {
     "S₀ (semantic map, CAM)": "semantic_maps",
     "F₀ (attention map)": "attention_maps",
 }
+# The overlay titles' names (OpenCV draws ASCII only).
+ASCII_MAP_NAMES = {"coupled_maps": "F0*S0 (coupled)", "semantic_maps": "S0 (semantic, CAM)",
+                   "attention_maps": "F0 (attention)"}  # fmt: skip
 FILE_TYPES = [".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff"]
 # A page, not a batch service: a radiograph is 5-60 MB; larger files and longer lists are refused by name.
 MAX_UPLOAD_MB = 200
@@ -85,6 +88,9 @@ class ImageResult:
     logits: np.ndarray  # (C,)
     probabilities: np.ndarray  # (C,) calibrated: softmax(logits / the model's temperature)
     maps: dict[str, np.ndarray]  # output name -> (C, h, w)
+    # The pipeline's out-of-distribution verdict: {"out_of_distribution", "ood_score", "ood_threshold"}
+    # (values None for a model saved without the statistics).
+    ood: dict[str, Any] = field(default_factory=dict)
     # output name -> `post_process_localization`'s result at original size, filled on first use: the heatmap
     # does not depend on the threshold, so it is warped once per map, not on every slider move.
     localized: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -122,7 +128,10 @@ class Predictor:
                 logger.info("rejected %s: %s", label, error)
                 continue
             probabilities = np.array([found["scores"][self.id2label[i]] for i in range(len(self.id2label))], np.float32)
-            results.append(ImageResult(label, image, found["geometry"], found["logits"], probabilities, found["maps"]))
+            ood = {key: found.get(key) for key in ("out_of_distribution", "ood_score", "ood_threshold")}
+            results.append(
+                ImageResult(label, image, found["geometry"], found["logits"], probabilities, found["maps"], ood)
+            )
         return results, errors
 
     def post_process(self, result: ImageResult, map_name: str, threshold: float) -> tuple[dict[str, Any], dict]:
@@ -155,14 +164,36 @@ class Predictor:
             "boxes": post["boxes"].tolist(),
             "box_scores": [round(float(s), 6) for s in post["box_scores"]],
             "box_format": "xyxy, inclusive, original pixels",
+            **result.ood,
         }
         return record, post
+
+    def overlay(self, result: ImageResult, map_name: str, threshold: float, post: dict[str, Any]) -> np.ndarray:
+        """The heatmap and its boxes on the original image, titled with the map, the threshold and the
+        predicted class."""
+        probability = float(result.probabilities[post["label"]])
+        title = [f"{ASCII_MAP_NAMES[MAPS[map_name]]}, boxes at {threshold:.2f} x max",
+                 f"predicted {post['label_name']} {probability:.0%}"]  # fmt: skip
+        if result.ood.get("out_of_distribution"):
+            title.append("WARNING: unlike the training data")
+        return self.processor.overlay_heatmap(result.image, post["heatmap"], boxes=post["boxes"], title=title)
 
     def render(self, result: ImageResult, map_name: str, threshold: float) -> dict[str, Any]:
         """`post_process` plus the heatmap overlay with the boxes drawn on the original image."""
         record, post = self.post_process(result, map_name, threshold)
-        overlay = self.processor.overlay_heatmap(result.image, post["heatmap"], boxes=post["boxes"])
+        overlay = self.overlay(result, map_name, threshold, post)
         return {"probabilities": record["probabilities"], "overlay": overlay, "record": record}
+
+
+def ood_warning(result: ImageResult) -> str:
+    """The page's warning for an image unlike the training data, or "" (also for a model without the score)."""
+    if not result.ood.get("out_of_distribution"):
+        return ""
+    return (
+        f"\n\n⚠️ **Unlike the training data** (out-of-distribution score {result.ood['ood_score']:.0f}, alarm "
+        f"above {result.ood['ood_threshold']:.0f}). The model has not seen images like this one, so its class "
+        "probabilities and boxes are not reliable, however high they are."
+    )
 
 
 def load_predictor(model: str) -> tuple[Optional[Predictor], str]:
@@ -244,10 +275,11 @@ def _callbacks(predictor: Optional[Predictor], status: str) -> tuple[Callable, C
         # Every image's boxes go into the JSON; only the shown one is drawn (a full-resolution overlay).
         processed = [predictor.post_process(r, map_name, threshold) for r in results]
         record, post = processed[index]
-        overlay = predictor.processor.overlay_heatmap(results[index].image, post["heatmap"], boxes=post["boxes"])
+        overlay = predictor.overlay(results[index], map_name, threshold, post)
         path = write_result([r for r, _ in processed])
         boxes = record["boxes"]
         summary = f"**{names[index]}**: {len(boxes)} box{'es' if len(boxes) != 1 else ''} at threshold {threshold:.2f}"
+        summary += ood_warning(results[index])
         return record["probabilities"], overlay, summary, path, messages
 
     def on_upload(files, map_name, threshold):

@@ -61,10 +61,16 @@ def test_predict_render_and_redraw(model_dir, files):
     assert errors == [] and [r.name for r in results] == ["phantom_1024.png", "RG1_UNCR.dcm"]
     dicom = results[1]
     assert dicom.image.shape == (1955, 1841)  # original pixels, not the model's input size
+    # The real film is unlike the phantoms the model saw: the pipeline's flag travels into the record.
+    assert dicom.ood["out_of_distribution"] is True and dicom.ood["ood_score"] > dicom.ood["ood_threshold"]
+    assert "Unlike the training data" in app.ood_warning(dicom)
     for map_name in app.MAPS:
         low = predictor.render(dicom, map_name, 0.1)
         high = predictor.render(dicom, map_name, 0.9)
-        assert low["overlay"].shape == (1955, 1841, 3)
+        # The film in original pixels under a title strip (map, threshold, predicted class, the warning).
+        overlay = low["overlay"]
+        assert overlay.shape[1:] == (1841, 3) and overlay.shape[0] > 1955
+        assert low["record"]["out_of_distribution"] is True
         assert sum(low["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         for view in (low, high):
             boxes = np.asarray(view["record"]["boxes"]).reshape(-1, 4)
@@ -269,6 +275,7 @@ def test_page_in_a_real_browser(browser, server, files, model_dir, tmp_path):
     _wait_for(lambda: _settled(browser))
     browser.save_screenshot(str(tmp_path / "dicom.png"))
     boxes_before = int(summary.split(": ")[1].split(" ")[0])
+    assert "Unlike the training data" in summary  # the real film, shown first, carries the warning
 
     # Move the threshold: the page redraws without rerunning the model and reports the new count.
     number = browser.find_element(By.CSS_SELECTOR, "#threshold input[type=number]")
