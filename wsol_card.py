@@ -146,8 +146,7 @@ detector = pipeline(model="path/or/hub-id", trust_remote_code=True)  # task: che
 result = detector("patient.dcm")  # DICOM, PNG, JPEG, bytes, PIL images, arrays; or a list
 print(result["label"], result["score"])  # calibrated probability (temperature scaling)
 heatmap, boxes = result["heatmap"], result["boxes"]  # original pixels
-if result["out_of_distribution"]:  # unlike the training data: do not trust the above
-    print("warning: out-of-distribution score", result["ood_score"])
+result["out_of_distribution"]  # True: the image is unlike the training data, trust none of the above
 ```
 
 Step by step, with the processor and the model:

@@ -76,7 +76,7 @@ def predict_split(settings: EvaluationSettings, parts: EvaluationParts, split: P
     for pixels, labels, indices in tqdm(
         loader, desc=f"evaluating {split.name}", disable=not accelerator.is_local_main_process, leave=False
     ):
-        outputs = model(parts.normalizer(pixels), labels=labels)
+        outputs = model(parts.normalizer(pixels), labels=labels, output_pooled_features=True)
         # The model's own loss (its class weights and label smoothing: the training objective), one copy
         # per sample so that gather_for_metrics drops the padding and the mean weighs batches by size.
         per_sample_loss = outputs.loss.detach().float().expand(labels.shape[0])

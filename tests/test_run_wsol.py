@@ -54,8 +54,10 @@ def test_smoke_run_writes_every_output(smoke_run):
     for row in methods.values():
         assert set(row) == {
             "calibrated_on_validation", "test_oracle_max_over_thresholds", "validation", "PxAP", "box_measures", "ci95",
+            "pointing_game",
         }  # fmt: skip
-        assert set(row["ci95"]) == {"MaxBoxAcc", "MaxBoxAccV2", "PxAP"}
+        assert set(row["ci95"]) == {"MaxBoxAcc", "MaxBoxAccV2", "PxAP", "pointing_game"}
+        assert 0.0 <= row["pointing_game"] <= 100.0
         assert {"mean_iou", "mean_giou", "mean_hausdorff", "mean_average_boundary_distance"} <= set(row["box_measures"])
     assert results["localization"]["frame"] == [224, 224]
     assert results["localization"]["threshold_step"] == pytest.approx(0.001)

@@ -11,8 +11,13 @@ import pytest
 import torch
 
 from configuration_deit_scm import DeiTSCMConfig
-from localization import GROUND_TRUTH_BOX_COLOR, PREDICTED_BOX_COLOR, boxes_with_scores, overlay_heatmap
-from localization import scoremap_to_boxes
+from localization import (
+    GROUND_TRUTH_BOX_COLOR,
+    PREDICTED_BOX_COLOR,
+    boxes_with_scores,
+    overlay_heatmap,
+    scoremap_to_boxes,
+)
 from modeling_deit_scm import DeiTSCMForImageClassification, couple
 from wsol_metrics import pointing_hits
 from wsol_reporting import fit_ood_statistics, mahalanobis_scores
@@ -176,7 +181,10 @@ def test_model_ood_scores_follow_its_config():
     pixels = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         plain = model(pixels)
-    assert plain.ood_scores is None and plain.pooled_features.shape == (3, 8)
+        asked = model(pixels, output_pooled_features=True)
+    # No statistics: no score, and the features only when asked for (inference spends nothing on them).
+    assert plain.ood_scores is None and plain.pooled_features is None
+    assert asked.ood_scores is None and asked.pooled_features.shape == (3, 8)
     means = [[0.0] * 8, [1.0] * 8, [-1.0] * 8]
     model.config.update({"ood_class_means": means, "ood_precision": np.eye(8).tolist(), "ood_threshold": 5.0})
     with torch.no_grad():
@@ -209,9 +217,8 @@ def test_config_refuses_broken_ood_statistics(fields, fragment):
 
 def test_a_run_fits_the_score_and_the_pipeline_flags_a_real_film(tmp_path):
     from pydicom.data import get_testdata_file
-    from transformers import pipeline
-
     from tiny_run import train_tiny
+    from transformers import pipeline
 
     run = train_tiny(tmp_path / "run", 3)
     results = json.loads((run / "all_results.json").read_text())
