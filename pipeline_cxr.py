@@ -19,6 +19,7 @@ import logging
 from typing import Any, Optional
 
 import numpy as np
+import torch
 from transformers import Pipeline
 
 logger = logging.getLogger(__name__)
@@ -49,13 +50,29 @@ class ChestXrayLocalizationPipeline(Pipeline):
     per region above the threshold, default True; False keeps the largest region's box only),
     `return_maps` (also return `maps`: every map at the model's grid, {output name: (C, h, w)}, with the
     `logits` and the processor's `geometry` row, to redraw another map or threshold without rerunning the
-    model, as the demo does).
+    model, as the demo does), `on_error` (`"raise"` or `"record"`: see `__call__`), and the pipelines'
+    `batch_size`. Any other option is refused (`TypeError`), so that a misspelled one cannot be ignored.
     """
 
     _load_image_processor = True
     _load_processor = False
     _load_feature_extractor = False
     _load_tokenizer = False
+    # The model outputs the pipeline keeps, batched along dim 0 (a ModelOutput is not unbatched by transformers).
+    _OUTPUTS = ("logits", "probabilities", "coupled_maps", "semantic_maps", "attention_maps", "ood_scores")
+
+    def __call__(self, inputs: Any, **kwargs: Any) -> Any:
+        """One result per image: a dict for one input, a list of dicts for a list (an empty list gives []).
+
+        `on_error` says what a file the processor refuses (`CXRImageError`) does: `"raise"` (the default for
+        one input) raises it; `"record"` (the default for a list) gives that item `{"error": message}` and
+        keeps every other result."""
+        if isinstance(inputs, (list, tuple)):
+            if not inputs:
+                return []
+            kwargs.setdefault("on_error", "record")
+        self._failures: list[str] = []
+        return super().__call__(inputs, **kwargs)
 
     def _sanitize_parameters(
         self,
@@ -63,8 +80,19 @@ class ChestXrayLocalizationPipeline(Pipeline):
         localization_map: Optional[str] = None,
         multi_contour: Optional[bool] = None,
         return_maps: Optional[bool] = None,
+        on_error: Optional[str] = None,
         **kwargs: Any,
     ) -> tuple[dict, dict, dict]:
+        if kwargs:  # a misspelled option would otherwise be ignored without a word
+            raise TypeError(
+                f"{type(self).__name__} got unknown option(s) {sorted(kwargs)}; it takes threshold, "
+                "localization_map, multi_contour, return_maps, on_error, batch_size and num_workers"
+            )
+        pre: dict[str, Any] = {}
+        if on_error is not None:
+            if on_error not in ("raise", "record"):
+                raise ValueError(f'on_error must be "raise" or "record", got {on_error!r}')
+            pre["on_error"] = on_error
         post: dict[str, Any] = {}
         if return_maps is not None:
             post["return_maps"] = bool(return_maps)
@@ -74,15 +102,30 @@ class ChestXrayLocalizationPipeline(Pipeline):
             post["localization_map"] = localization_map
         if multi_contour is not None:
             post["multi_contour"] = bool(multi_contour)
-        return {}, {}, post
+        return pre, {}, post
 
-    def preprocess(self, image: Any) -> dict[str, Any]:
-        inputs = self.image_processor([image])
-        return {"pixel_values": inputs["pixel_values"], "geometry": inputs["geometry"]}
+    def preprocess(self, image: Any, on_error: str = "raise") -> dict[str, Any]:
+        try:
+            inputs = self.image_processor([image])
+        except ValueError as error:  # CXRImageError and the processor's other typed refusals
+            if on_error == "raise":
+                raise
+            # A placeholder of the batch's shape, so that it batches with the others; the message is kept
+            # here and handed back by postprocess in this item's place.
+            self._failures.append(f"{type(error).__name__}: {error}")
+            size = self.image_processor.size
+            return {
+                "pixel_values": torch.zeros(1, 3, int(size["height"]), int(size["width"])),
+                "geometry": torch.zeros(1, 8, dtype=torch.int64),
+                "failure": torch.tensor([len(self._failures)]),
+            }
+        return {"pixel_values": inputs["pixel_values"], "geometry": torch.as_tensor(inputs["geometry"]),
+                "failure": torch.tensor([0])}  # fmt: skip
 
     def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
         outputs = self.model(model_inputs["pixel_values"])
-        return {"outputs": outputs, "geometry": model_inputs["geometry"]}
+        kept = {name: outputs[name] for name in self._OUTPUTS if outputs.get(name) is not None}
+        return {**kept, "geometry": model_inputs["geometry"], "failure": model_inputs["failure"]}
 
     def postprocess(
         self,
@@ -92,11 +135,15 @@ class ChestXrayLocalizationPipeline(Pipeline):
         multi_contour: bool = True,
         return_maps: bool = False,
     ) -> dict[str, Any]:
-        outputs = model_outputs["outputs"]
+        failure = int(model_outputs["failure"].reshape(-1)[0])
+        if failure:
+            return {"error": self._failures[failure - 1]}
+        outputs = model_outputs
         id2label = {int(k): v for k, v in self.model.config.id2label.items()}
+        geometry = np.asarray(model_outputs["geometry"]).reshape(-1, 8)
         result = self.image_processor.post_process_localization(
             outputs,
-            geometry=model_outputs["geometry"],
+            geometry=geometry,
             threshold=threshold,
             multi_contour=multi_contour,
             id2label=id2label,
@@ -113,7 +160,7 @@ class ChestXrayLocalizationPipeline(Pipeline):
                 for name in ("coupled_maps", "semantic_maps", "attention_maps")
             }
             extra["logits"] = outputs["logits"][0].detach().float().cpu().numpy()
-            extra["geometry"] = np.asarray(model_outputs["geometry"][0])
+            extra["geometry"] = geometry[0]
         return {
             **self._out_of_distribution(outputs),
             "label": result["label_name"],
@@ -129,7 +176,7 @@ class ChestXrayLocalizationPipeline(Pipeline):
 
     def _out_of_distribution(self, outputs: Any) -> dict[str, Any]:
         config = self.model.config
-        scores = outputs.get("ood_scores") if hasattr(outputs, "get") else None
+        scores = outputs.get("ood_scores")
         if scores is None or getattr(config, "ood_threshold", None) is None:
             return {"out_of_distribution": None, "ood_score": None, "ood_threshold": None}
         score, threshold = float(scores[0]), float(config.ood_threshold)

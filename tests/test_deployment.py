@@ -114,3 +114,34 @@ def test_onnx_export_matches_pytorch(model_dir, phantom_png, tmp_path):
     check = export_onnx.parity(model, tmp_path / "model.onnx", pixels)
     assert set(check) == set(export_onnx.OUTPUT_NAMES)
     assert max(check.values()) <= 1e-4, check
+
+
+def test_pipeline_batches_lists_and_keeps_the_good_items(model_dir, phantom_png):
+    """Issue 33: any batch_size crashed; one bad item lost every result; an empty list raised IndexError; a
+    misspelled option was ignored."""
+    from transformers import pipeline
+
+    detector = pipeline(model=str(model_dir), trust_remote_code=True)
+    rng = np.random.default_rng(0)
+    images = [str(phantom_png), *[(rng.random((90, 70)) * 255).astype(np.uint8) for _ in range(4)]]
+    one_by_one = [detector(image) for image in images]
+    for batch_size in (2, 3):
+        batched = detector(images, batch_size=batch_size)
+        assert len(batched) == len(images)
+        for alone, together in zip(one_by_one, batched):
+            assert together["label"] == alone["label"] and together["boxes"].tolist() == alone["boxes"].tolist()
+            assert together["score"] == pytest.approx(alone["score"], abs=1e-5)
+            np.testing.assert_allclose(together["heatmap"], alone["heatmap"], atol=1e-5)
+    mixed = detector([images[0], "missing.png", images[1]], batch_size=2)
+    assert [set(r) == {"error"} for r in mixed] == [False, True, False]
+    assert "missing.png" in mixed[1]["error"] and mixed[2]["label"] == one_by_one[1]["label"]
+    assert detector([]) == []
+    # One input: the error itself (the remote-code copy of CXRImageError, a ValueError).
+    for call in (lambda: detector("missing.png"), lambda: detector(["missing.png"], on_error="raise")):
+        with pytest.raises(ValueError, match="missing.png: no such file") as raised:
+            call()
+        assert type(raised.value).__name__ == "CXRImageError"
+    with pytest.raises(TypeError, match="treshold"):
+        detector(images[0], treshold=0.3)
+    with pytest.raises(ValueError, match="on_error"):
+        detector(images[0], on_error="skip")
