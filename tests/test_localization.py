@@ -254,6 +254,13 @@ def test_evaluate_wrapper_loads_offline_and_agrees():
     expected = LocalizationScores.from_maps(maps, [np.array(t) for t in truth]).oracle()
     assert result["MaxBoxAcc"] == expected["MaxBoxAcc"] == 50
     assert math.isclose(result["MaxBoxAccV2"], expected["MaxBoxAccV2"])
+    assert result["pointing_game"] == 50  # the first blob peaks inside its box, the second outside
+    # Issue 33: a zero step divided by zero, an empty map raised numpy's error; both are typed now.
+    for step in (0, -0.01, float("nan"), 2.0):
+        with pytest.raises(LocalizationInputError, match="threshold_step"):
+            metric.compute(scoremaps=maps, gt_boxes=truth, correct_class=[True, True], threshold_step=step)
+    with pytest.raises(LocalizationInputError, match="image 1: a score map must be a non-empty 2-D array"):
+        metric.compute(scoremaps=[maps[0], np.zeros((0, 0))], gt_boxes=truth, correct_class=[True, True])
 
 
 # ----------------------------------------------------------------------------- reference conventions

@@ -13,9 +13,9 @@ import evaluate
 import numpy as np
 
 import datasets
-from localization import normalize_scoremap
+from localization import LocalizationInputError, check_scoremap, normalize_scoremap
 from wsol_boxes import DEFAULT_THRESHOLDS
-from wsol_metrics import LocalizationScores
+from wsol_metrics import LocalizationScores, pointing_hits
 
 _CITATION = """\
 @inproceedings{choe2020wsol,
@@ -29,10 +29,12 @@ Args:
     scoremaps: per image an (H, W) score map in the frame of its boxes (min-max normalized here).
     gt_boxes: per image a list of [x0, y0, x1, y1] inclusive pixel boxes.
     correct_class: optional per image bool, the predicted class is right (for top-1 Loc).
-    threshold_step: spacing of the threshold grid (default 0.01).
+    threshold_step: spacing of the threshold grid, in (0, 1] (default 0.01).
 Returns:
     MaxBoxAcc (delta 0.5, largest contour), MaxBoxAccV2 (mean over delta 0.3/0.5/0.7, all contours),
-    top1_loc, gt_known_loc, the best threshold; all maxima over thresholds of this very set.
+    top1_loc, gt_known_loc, the best threshold; all maxima over thresholds of this very set. And
+    pointing_game: the percentage of images whose map's maximum lies inside a box (no threshold).
+    A map that is not a non-empty finite 2-D array, or a step outside (0, 1], raises `LocalizationInputError`.
 """
 
 
@@ -53,8 +55,14 @@ class WsolLocalization(evaluate.Metric):
         )
 
     def _compute(self, scoremaps, gt_boxes, correct_class, threshold_step: float = 0.01):
-        thresholds = DEFAULT_THRESHOLDS if threshold_step == 0.01 else np.arange(0, 1, threshold_step)
-        maps = [normalize_scoremap(np.asarray(m, dtype=np.float32)) for m in scoremaps]
+        step = float(threshold_step)
+        if not (np.isfinite(step) and 0.0 < step <= 1.0):
+            raise LocalizationInputError(f"threshold_step must be in (0, 1], got {threshold_step!r}")
+        thresholds = DEFAULT_THRESHOLDS if step == 0.01 else np.arange(0, 1, step)
+        maps = [
+            normalize_scoremap(check_scoremap(np.asarray(m, dtype=np.float32), index, normalized=False))
+            for index, m in enumerate(scoremaps)
+        ]
         boxes = [np.asarray(b, dtype=np.float64).reshape(-1, 4) for b in gt_boxes]
         scores = LocalizationScores.from_maps(maps, boxes, correct_class, thresholds=thresholds)
-        return scores.oracle()
+        return {**scores.oracle(), "pointing_game": float(pointing_hits(maps, boxes).mean() * 100.0)}
