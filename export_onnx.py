@@ -27,6 +27,8 @@ import torch
 logger = logging.getLogger("export_onnx")
 
 OPSET = 18
+# torch.onnx.export (dynamo) translates to opset 18 and converts upwards; below it the converter fails and keeps 18.
+MIN_OPSET = 18
 OUTPUT_NAMES = ("logits", "probabilities", "coupled_maps", "semantic_maps", "attention_maps")
 
 
@@ -70,6 +72,14 @@ def export(model: torch.nn.Module, output: str | Path, image_size: Sequence[int]
     return output
 
 
+def written_opset(onnx_path: str | Path) -> int:
+    """The default-domain opset the file declares (what a runtime will hold it to)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return next(int(entry.version) for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+
+
 def parity(model: torch.nn.Module, onnx_path: str | Path, pixel_values: torch.Tensor) -> dict[str, float]:
     """Max absolute difference per output between onnxruntime (CPU) and PyTorch on the same inputs."""
     import onnxruntime
@@ -90,12 +100,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not Path(args.model, "config.json").is_file():
         parser.error(f"--model {args.model}: no config.json (not a saved model folder)")
+    if args.opset < MIN_OPSET:
+        parser.error(f"--opset {args.opset}: torch's exporter writes opset {MIN_OPSET} or later")
     model = load_model(args.model)
     size = model.config.image_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     path = export(model, args.output, size, args.opset)
+    written = written_opset(path)
+    if written != args.opset:  # the converter may fall back to another version: say so, never the asked one
+        sys.stderr.write(f"export_onnx.py: error: asked for opset {args.opset}, the file holds opset {written}\n")
+        raise SystemExit(1)
     check = parity(model, path, torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(0)))
-    report = {"onnx": str(path), "opset": args.opset, "image_size": list(size), "max_abs_difference": check}
+    report = {"onnx": str(path), "opset": written, "image_size": list(size), "max_abs_difference": check}
     print(json.dumps(report))
     if max(check.values()) > 1e-4:
         sys.stderr.write(f"export_onnx.py: error: ONNX and PyTorch differ by more than 1e-4: {check}\n")

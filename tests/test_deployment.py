@@ -114,6 +114,16 @@ def test_onnx_export_matches_pytorch(model_dir, phantom_png, tmp_path):
     check = export_onnx.parity(model, tmp_path / "model.onnx", pixels)
     assert set(check) == set(export_onnx.OUTPUT_NAMES)
     assert max(check.values()) <= 1e-4, check
+    # The opset reported is the file's own (read back with onnx), never merely the one asked for.
+    assert export_onnx.written_opset(tmp_path / "model.onnx") == report["opset"] == 18
+
+
+def test_onnx_export_refuses_an_opset_it_cannot_write(model_dir, tmp_path, capsys):
+    """Issue 33: --opset 7 exited 0 and reported opset 7 for an opset-18 file, after a converter traceback."""
+    with pytest.raises(SystemExit) as exited:
+        export_onnx.main(["--model", str(model_dir), "--output", str(tmp_path / "old.onnx"), "--opset", "7"])
+    assert exited.value.code == 2 and "--opset 7" in capsys.readouterr().err
+    assert not (tmp_path / "old.onnx").exists()
 
 
 def test_pipeline_batches_lists_and_keeps_the_good_items(model_dir, phantom_png):
