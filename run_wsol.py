@@ -579,10 +579,14 @@ def run(settings: RunSettings) -> dict[str, Any]:
         results.update(evaluation.results)
         predictions = evaluation.predictions
         processor.localization_threshold, processor.localization_map = evaluation.threshold, evaluation.map_output
-        # Probabilities leave the model calibrated: the temperature travels in its config.
-        accelerator.unwrap_model(parts.model).config.calibration_temperature = evaluation.temperature
-        # So does the out-of-distribution score's training statistics and its alarm threshold.
-        accelerator.unwrap_model(parts.model).config.update(evaluation.ood)
+        # Probabilities leave the model calibrated: the temperature travels in its config; so do the
+        # out-of-distribution score's training statistics and its alarm threshold.
+        trained_config = accelerator.unwrap_model(parts.model).config
+        trained_config.calibration_temperature = evaluation.temperature
+        trained_config.update(evaluation.ood)
+        # What was fitted after training is recorded as saved (the statistics' arrays stay in config.json).
+        results["model_config"] = {key: value for key, value in trained_config.to_dict().items()
+                                   if key not in ("ood_class_means", "ood_precision")}  # fmt: skip
     results["environment"] = environment()
     if accelerator.is_main_process and needs_data:
         write_run_outputs(settings.card, settings.do_eval, accelerator, parts.model, processor, results, state,

@@ -4,6 +4,7 @@ results): what it says about the data, the results tables, the demo and the usag
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -61,6 +62,7 @@ def _card_metadata(card: CardSettings, results: dict[str, Any], released: str) -
         eval_results=[
             EvalResult(**task, **common, metric_type=kind, metric_value=round(float(value), 4), metric_name=name)
             for task, kind, value, name in metrics
+            if math.isfinite(float(value))  # a split too small for a measure has none to index
         ],
     )
 
@@ -210,7 +212,11 @@ def model_card(card: CardSettings, results: dict[str, Any]) -> str:
         "and its threshold there, both stored in the processor (`localization_map`, `localization_threshold`).",
     ]
     metadata = _card_metadata(card, results, released)
-    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(body) + "\n"))
+    text, undefined = re.subn(r"\bnan\b", "n/a", "\n".join(body))
+    if undefined:  # a tiny or one-class evaluation split leaves some measures undefined: say so, once
+        text += ("\n\n*n/a*: not measured, or not defined on this run's evaluation split (no evaluation, too few "
+                 "images, a class or a box missing from it). Evaluate on more images for these figures.")
+    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + text + "\n"))
 
 
 def try_it_lines(card: CardSettings) -> list[str]:

@@ -131,3 +131,13 @@ def test_pxap_ignore_region_yields_to_the_foreground():
     assert pixel_average_precision([scoremap], [box], ignore_masks=[foreground_only_ignored]) == pytest.approx(
         pixel_average_precision([scoremap], [box])
     )
+
+
+def test_a_card_of_undefined_figures_says_so_instead_of_nan():
+    """Issue 33: with one or two evaluation images the card showed bare `nan` cells."""
+    from wsol_card import CardSettings, empty_results, model_card
+
+    card = model_card(CardSettings(output_dir="run"), empty_results())
+    metadata, body = card.split("---")[1], card.split("---", 2)[2]
+    assert "nan" not in body and "| n/a" in body and "*n/a*: not measured" in body
+    assert "nan" not in metadata.lower()  # no undefined value indexed on the Hub

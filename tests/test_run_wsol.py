@@ -49,6 +49,11 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert results["training"]["steps"] == 2
     test = results["classification"]["test"]
     assert {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "roc_auc_ovr", "confusion_matrix"} <= set(test)
+    # Issue 33: the recorded configuration is the saved one, with what was fitted after training.
+    saved = json.loads((smoke_run / "config.json").read_text())
+    assert results["model_config"]["calibration_temperature"] == saved["calibration_temperature"]
+    assert results["model_config"]["ood_threshold"] == saved["ood_threshold"] is not None
+    assert "ood_precision" not in results["model_config"] and len(saved["ood_precision"]) == saved["hidden_size"]
     methods = results["localization"]["methods"]
     assert set(methods) == {"attention", "semantic", "coupled", "random", "full_image", "train_mean_box"}
     for row in methods.values():
