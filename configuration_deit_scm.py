@@ -318,6 +318,10 @@ class DeiTSCMConfig(PretrainedConfig):
         """SCM constants, the attention locality, loss weights, dropout rates and class weights."""
         if not 0.0 < self.scm_schulz_alpha:
             raise ValueError(f"scm_schulz_alpha must be positive, got {self.scm_schulz_alpha!r}")
+        for name in ("scm_lambda_init", "scm_beta_init", "scm_schulz_alpha", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.scm_beta_init == 0:
             raise ValueError("scm_beta_init must be non-zero (it divides the diffused map)")
         temperature = self.calibration_temperature
@@ -341,8 +345,8 @@ class DeiTSCMConfig(PretrainedConfig):
                 raise ValueError(
                     f"class_weights has {len(self.class_weights)} entries but num_labels is {self.num_labels}"
                 )
-            if any(w < 0 for w in self.class_weights):
-                raise ValueError(f"class_weights must be non-negative, got {self.class_weights}")
+            if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in self.class_weights):
+                raise ValueError(f"class_weights must be finite and non-negative, got {self.class_weights}")
         self._validate_ood()
 
     def _validate_ood(self) -> None:

@@ -220,6 +220,9 @@ def load_backbone_weights(
     else:
         state = read_state_dict(source)
     converted, unused, resized = convert_state_dict(state, backbone.config)
+    for key, value in converted.items():  # NaN weights would load and give NaN logits without a word
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise WeightConversionError(f"{key}: the checkpoint holds NaN or infinite values")
     expected = backbone.state_dict()
     for key, value in converted.items():
         if key in expected and expected[key].shape != value.shape:

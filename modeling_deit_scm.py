@@ -439,6 +439,20 @@ class DeiTSCMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, DeiTSCMClassPooling) and module.log_r is not None:
             init.constant_(module.log_r, math.log(module.initial_r))
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.from_pretrained`, then every weight checked: a NaN or infinite value, or a floating
+        weight stored as integers (a retyped safetensors header, which loading would cast without a word),
+        raises `ValueError` naming the folder and the weight."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        check_weights(model, str(pretrained_model_name_or_path))
+        folder = Path(str(pretrained_model_name_or_path))
+        for name in ("model.safetensors",) if folder.is_dir() else ():
+            if (folder / name).is_file():
+                check_stored_dtypes(folder / name)
+        return loaded
+
     def set_fused_attention(self, fused: bool = True) -> None:
         """Switch every attention layer between the fused kernel and the explicit (testing) path."""
         for module in self.modules():
@@ -640,6 +654,25 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
         ]
 
 
+def check_weights(module: nn.Module, source: str) -> None:
+    """Raise `ValueError` naming `source` and the first weight (parameter or buffer) with a NaN or infinite value."""
+    for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{source}: weight {name} holds NaN or infinite values (a damaged or diverged model)")
+
+
+def check_stored_dtypes(path: Union[str, Path]) -> None:
+    """Raise `ValueError` when a safetensors file stores a weight as anything but floating point: every weight of
+    this model is floating, and an integer header would be cast silently into garbage on load."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            dtype = handle.get_slice(key).get_dtype()
+            if dtype not in ("F16", "BF16", "F32", "F64"):
+                raise ValueError(f"{path}: weight {key} is stored as {dtype}, not as floating point (a damaged file)")
+
+
 def couple(attention: torch.Tensor, semantic: torch.Tensor, coupling: str) -> torch.Tensor:
     """The coupled map: F0 `(B, 1, h, w)` with S0 `(B, C, h, w)` -> `(B, C, h, w)`.
 
@@ -691,6 +724,8 @@ __all__ = [
     "minmax_normalize",
     "select_class_maps",
     "couple",
+    "check_weights",
+    "check_stored_dtypes",
     "interpolate_position_embeddings",
     "token_distances",
 ]

@@ -4,11 +4,13 @@ may prune, what a failing prediction file may lose (tiny model, CPU)."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tiny_run import TINY, train_tiny
 
@@ -623,3 +625,77 @@ def test_a_run_killed_while_saving_its_model_can_resume(tmp_path, monkeypatch):
         wsol_outputs.save_model(accelerator, model, CXRImageProcessor(), tmp_path)
     assert (tmp_path / "modeling_deit_scm.py").is_file()  # the kill came after the code copy
     assert wsol_checkpoints.foreign_outputs(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- weights checked at load (issue 33)
+
+
+def _tiny_model():
+    from configuration_deit_scm import DeiTSCMConfig
+    from modeling_deit_scm import DeiTSCMForImageClassification
+
+    torch.manual_seed(0)
+    return DeiTSCMForImageClassification(DeiTSCMConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8
+    ))  # fmt: skip
+
+
+def _saved_tiny_model(folder):
+    model = _tiny_model()
+    model.save_pretrained(folder)
+    return model
+
+
+def test_nan_weights_and_retyped_headers_are_refused_at_load(tmp_path):
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    from modeling_deit_scm import DeiTSCMForImageClassification
+
+    good = tmp_path / "good"
+    _saved_tiny_model(good)
+    DeiTSCMForImageClassification.from_pretrained(good)  # a sound folder loads
+    # A NaN in one weight.
+    broken = tmp_path / "nan"
+    shutil.copytree(good, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    state["head.bias"][1] = float("nan")
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"nan: weight head\.bias holds NaN or infinite values"):
+        DeiTSCMForImageClassification.from_pretrained(broken)
+    # The header of one weight retyped F32 -> I32 (same size: the file stays readable).
+    retyped = tmp_path / "retyped"
+    shutil.copytree(good, retyped)
+    raw = (retyped / "model.safetensors").read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + length])
+    header["head.weight"]["dtype"] = "I32"
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+    (retyped / "model.safetensors").write_bytes(raw[:8] + text + raw[8 + length :])
+    with pytest.raises(ValueError, match=r"weight head\.weight is stored as I32"):
+        DeiTSCMForImageClassification.from_pretrained(retyped)
+
+
+def test_nan_in_converted_timm_weights_is_refused():
+    from convert_deit_weights import WeightConversionError, load_backbone_weights
+
+    model = _tiny_model()
+    timm_state = {  # a timm-named checkpoint of the backbone, with one NaN
+        "cls_token": torch.zeros(1, 1, 16), "pos_embed": torch.zeros(1, 5, 16),
+        "patch_embed.proj.weight": torch.zeros(16, 3, 8, 8), "patch_embed.proj.bias": torch.full((16,), float("nan")),
+    }  # fmt: skip
+    with pytest.raises(WeightConversionError, match="NaN or infinite"):
+        load_backbone_weights(model, timm_state, allow_missing=True)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("class_weights", [1.0, float("nan"), 1.0]), ("scm_lambda_init", float("nan")), ("scm_beta_init", float("inf")),
+     ("initializer_range", float("nan"))],
+)  # fmt: skip
+def test_config_refuses_non_finite_constants(field, value):
+    from configuration_deit_scm import DeiTSCMConfig
+
+    with pytest.raises(ValueError, match=field):
+        DeiTSCMConfig(**{field: value})
