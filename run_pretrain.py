@@ -124,6 +124,29 @@ class PretrainArguments:
             raise ValueError(f"--patch_cam_lse_r must be in (0, 1000], got {self.patch_cam_lse_r}")
         if not 0 < self.held_out_fraction < 0.5:
             raise ValueError(f"--held_out_fraction must be in (0, 0.5), got {self.held_out_fraction}")
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Counts, sizes and rates a run cannot use: each one line naming the flag (a NaN rate would train a
+        NaN model and save it with exit 0)."""
+        minimums = {"num_images": 2, "phantom_size": 16, "image_size": 1, "patch_size": 1, "embed_dim": 1, "depth": 1,
+                    "num_heads": 1, "num_train_epochs": 1, "per_device_train_batch_size": 1, "dino_out_dim": 1,
+                    "warmup_epochs": 0, "dino_local_crops": 0}  # fmt: skip
+        for name, low in minimums.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}")
+        positive = ("mlp_ratio", "dino_teacher_temperature", "dino_student_temperature", "patch_cam_lse_r")
+        for name in positive + (("learning_rate",) if self.learning_rate is not None else ()):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name} must be a finite number > 0, got {value!r}")
+        for name in ("weight_decay", "dino_teacher_momentum"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name} must be a finite number >= 0, got {value!r}")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ValueError(f"--output_dir {self.output_dir} is a file, not a folder")
 
     def peak_learning_rate(self) -> float:
         """The learning rate given, else the objective's default (DINO scales 5e-4 linearly with the batch,
@@ -413,15 +436,52 @@ def score_attention(directory: str | os.PathLike, split: PreparedSplit, random_s
 # --------------------------------------------------------------------------------------------------
 
 
-def finished_run(args: PretrainArguments) -> bool:
-    """Whether `output_dir` already holds a checkpoint made with exactly these settings."""
-    config_path = Path(args.output_dir, CONFIG_FILE)
-    if args.overwrite or not config_path.is_file() or not Path(args.output_dir, CHECKPOINT_FILE).is_file():
+def finished_run(args: PretrainArguments, attention_check: bool = True) -> bool:
+    """Whether `output_dir` already holds a whole run made with exactly these settings: its config, its
+    results (with the attention check when one is due: a run killed after saving but before the check is not
+    finished) and a checkpoint whose every weight has the shape these settings build."""
+    output = Path(args.output_dir)
+    config_path, results_path = output / CONFIG_FILE, output / RESULTS_FILE
+    if args.overwrite or not all(p.is_file() for p in (config_path, results_path, output / CHECKPOINT_FILE)):
         return False
     try:
-        return json.loads(config_path.read_text()).get("run") == args.run_key()
+        config = json.loads(config_path.read_text())
+        results = json.loads(results_path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    if config.get("run") != args.run_key():
+        return False
+    if attention_check and args.dataset == "phantoms" and "attention_check" not in results:
+        return False
+    return checkpoint_fits(output / CHECKPOINT_FILE, config.get("timm_kwargs", {}))
+
+
+def checkpoint_fits(path: Path, timm_kwargs: dict[str, Any]) -> bool:
+    """Whether the checkpoint holds exactly the weights, of the same shapes, as the backbone `timm_kwargs` build."""
+    from safetensors import safe_open
+
+    try:
+        expected = {k: tuple(v.shape) for k, v in create_backbone(timm_kwargs).state_dict().items()}
+        with safe_open(str(path), framework="pt") as handle:
+            stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception:  # an unreadable file or unusable kwargs: not a run to reuse
+        return False
+    return stored == expected
+
+
+def check_output_dir(args: PretrainArguments) -> None:
+    """Refuse a folder holding files this job did not write: only a pretraining run of its own (its config
+    file present) may be replaced, and only with --overwrite. A user's model or notes are never touched."""
+    output = Path(args.output_dir)
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not (output / CONFIG_FILE).is_file():
+        names = sorted(p.name for p in output.iterdir())[:4]
+        raise ValueError(f"--output_dir {output} already holds files that are not a pretraining run ({', '.join(names)}"
+                         "); choose an empty or new folder")  # fmt: skip
+    if not args.overwrite:
+        raise ValueError(f"--output_dir {output} holds a pretraining run with other settings (or an unfinished one); "
+                         "pass --overwrite to replace it, or choose another folder")  # fmt: skip
 
 
 def save_backbone(
@@ -454,9 +514,10 @@ def pretrain(args: PretrainArguments, attention_check_seed: Optional[int] = 42) 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    if finished_run(args):
+    if finished_run(args, attention_check=attention_check_seed is not None):
         logger.info("%s already holds this pretraining run; reusing it (--overwrite to retrain)", args.output_dir)
         return json.loads(Path(args.output_dir, RESULTS_FILE).read_text())
+    check_output_dir(args)
     accelerator = Accelerator()
     set_seed(args.seed)
     processor = CXRImageProcessor(size={"height": args.image_size, "width": args.image_size})
@@ -483,6 +544,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = HfArgumentParser(PretrainArguments)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+        if not finished_run(args):
+            check_output_dir(args)
     except ValueError as error:
         sys.stderr.write(f"run_pretrain.py: error: {error}\n")
         raise SystemExit(2) from error

@@ -104,8 +104,50 @@ def test_a_finished_run_is_reused_not_retrained(supervised, monkeypatch):
     first = json.loads((supervised / run_pretrain.RESULTS_FILE).read_text())
     again = run_pretrain.main([*TINY, "--attention_mil_weight", "1", "--output_dir", str(supervised)])
     assert again == first
-    with pytest.raises(AssertionError, match="retrained"):  # other settings: not the same run
+    # Other settings: not the same run, and the finished one is not replaced unless asked for.
+    with pytest.raises(SystemExit) as refused:
         run_pretrain.main([*TINY, "--attention_mil_weight", "0.5", "--output_dir", str(supervised)])
+    assert refused.value.code == 2
+    with pytest.raises(AssertionError, match="retrained"):
+        run_pretrain.main([*TINY, "--attention_mil_weight", "0.5", "--overwrite", "--output_dir", str(supervised)])
+
+
+def test_a_folder_of_someone_elses_files_is_never_replaced(tmp_path, capsys):
+    """Issue 33: --output_dir pointed at a user's model.safetensors replaced it without --overwrite."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"the user's weights")
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as refused:
+            run_pretrain.main([*TINY, "--output_dir", str(folder), *extra])
+        assert refused.value.code == 2 and "not a pretraining run" in capsys.readouterr().err
+    assert (folder / "model.safetensors").read_bytes() == b"the user's weights"
+
+
+def test_an_unfinished_or_misshapen_run_is_not_reused(supervised, tmp_path, monkeypatch):
+    """Issue 33: a run killed after saving but before its checks, or weights of the wrong shape, were reused."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import HfArgumentParser
+
+    flags = [*TINY, "--attention_mil_weight", "1", "--output_dir", str(supervised)]
+    (args,) = HfArgumentParser(run_pretrain.PretrainArguments).parse_args_into_dataclasses(args=flags)
+    assert run_pretrain.finished_run(args)
+    killed = tmp_path / "killed"
+    shutil.copytree(supervised, killed)
+    results = json.loads((killed / run_pretrain.RESULTS_FILE).read_text())
+    results.pop("attention_check")
+    (killed / run_pretrain.RESULTS_FILE).write_text(json.dumps(results))
+    args.output_dir = str(killed)
+    assert not run_pretrain.finished_run(args)
+    misshapen = tmp_path / "misshapen"
+    shutil.copytree(supervised, misshapen)
+    state = load_file(str(misshapen / run_pretrain.CHECKPOINT_FILE))
+    state["cls_token"] = torch.zeros(1, 1, 7)
+    save_file(state, str(misshapen / run_pretrain.CHECKPOINT_FILE))
+    args.output_dir = str(misshapen)
+    assert not run_pretrain.finished_run(args)
 
 
 def test_bad_flags_are_one_line(capsys):
@@ -119,6 +161,15 @@ def test_bad_flags_are_one_line(capsys):
         with pytest.raises(SystemExit) as raised:
             run_pretrain.main(flags)
         assert raised.value.code == 2
+    # Issue 33: these ended in tracebacks, or in a NaN run saved with exit 0.
+    a_file = Path("a_file")
+    a_file.write_text("x")
+    for flag, value in (("--num_images", "0"), ("--num_images", "1"), ("--per_device_train_batch_size", "0"),
+                        ("--depth", "-1"), ("--learning_rate", "nan"), ("--mlp_ratio", "0"),
+                        ("--output_dir", str(a_file))):  # fmt: skip
+        with pytest.raises(SystemExit) as raised:
+            run_pretrain.main([flag, value])
+        assert raised.value.code == 2 and flag[2:] in capsys.readouterr().err
 
 
 def test_patch_cam_and_guidance_terms_follow_their_formulas():
