@@ -450,7 +450,7 @@ class DeiTSCMPreTrainedModel(PreTrainedModel):
         folder = Path(str(pretrained_model_name_or_path))
         for name in ("model.safetensors",) if folder.is_dir() else ():
             if (folder / name).is_file():
-                check_stored_dtypes(folder / name)
+                check_stored_dtypes(folder / name, model)
         return loaded
 
     def set_fused_attention(self, fused: bool = True) -> None:
@@ -661,15 +661,17 @@ def check_weights(module: nn.Module, source: str) -> None:
             raise ValueError(f"{source}: weight {name} holds NaN or infinite values (a damaged or diverged model)")
 
 
-def check_stored_dtypes(path: Union[str, Path]) -> None:
-    """Raise `ValueError` when a safetensors file stores a weight as anything but floating point: every weight of
-    this model is floating, and an integer header would be cast silently into garbage on load."""
+def check_stored_dtypes(path: Union[str, Path], model: nn.Module) -> None:
+    """Raise `ValueError` when a safetensors file stores a weight that `model` holds in floating point as anything
+    else: an integer header (a retyped or damaged file) would be cast silently into garbage on load. Integer
+    buffers (BatchNorm's batch counter) stay integers."""
     from safetensors import safe_open
 
+    floating = {name for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
     with safe_open(str(path), framework="pt") as handle:
         for key in handle.keys():
             dtype = handle.get_slice(key).get_dtype()
-            if dtype not in ("F16", "BF16", "F32", "F64"):
+            if key in floating and dtype not in ("F16", "BF16", "F32", "F64"):
                 raise ValueError(f"{path}: weight {key} is stored as {dtype}, not as floating point (a damaged file)")
 
 

@@ -15,6 +15,7 @@ threshold calibrated on a validation split and the test-set oracle reported besi
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -32,10 +33,13 @@ from cxr_data import CLASS_NAMES
 from modeling_deit_scm import DeiTSCMForImageClassification
 from wsol_card import CardSettings
 from wsol_checkpoints import (
+    LOCK_FILE,
     TrainState,
+    acquire_output_lock,
     clear_run_outputs,
     foreign_outputs,
     load_model_folder,
+    release_output_lock,
 )
 from wsol_data import (
     DataSettings,
@@ -63,6 +67,8 @@ from wsol_recipes import (
 from wsol_reporting import environment
 from wsol_training import TrainingSettings, build_components, resume_and_train
 
+# What a failed write that is the user's to fix looks like: no space or quota left, a read-only or foreign folder.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 logger = logging.getLogger("run_wsol")
 
 
@@ -537,9 +543,14 @@ def start_run(settings: RunSettings) -> tuple[Any, Path]:
     set_seed(settings.seed)
     if accelerator.is_main_process:
         fresh = settings.do_train and not settings.resume_from_checkpoint
-        if settings.overwrite_output_dir and fresh and output_dir.exists():
-            clear_run_outputs(output_dir, settings.inputs())
         output_dir.mkdir(parents=True, exist_ok=True)
+        lock = acquire_output_lock(output_dir)  # before anything is cleared or written: one run per folder
+        if settings.overwrite_output_dir and fresh:
+            try:
+                clear_run_outputs(output_dir, settings.inputs())
+            except BaseException:  # refused: the folder is left as it was found
+                release_output_lock(lock)
+                raise
     accelerator.wait_for_everyone()
     if settings.report_to != "none":
         scalars = {k: v for k, v in settings.flags.items() if isinstance(v, (int, float, str, bool))}
@@ -555,11 +566,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     except RunInputError as error:
         sys.stderr.write(f"run_wsol.py: error: {error}\n")
         raise SystemExit(2) from None
+    except OSError as error:
+        if error.errno not in WRITE_ERRORS:
+            raise
+        # A full disk, a read-only or foreign folder: the user's to fix, said in one line.
+        sys.stderr.write(f"run_wsol.py: error: cannot write {error.filename or settings.output_dir}: "
+                         f"{error.strerror}\n")  # fmt: skip
+        raise SystemExit(2) from None
 
 
 def run(settings: RunSettings) -> dict[str, Any]:
     """Train, evaluate, predict and publish as the settings say; returns what all_results.json holds."""
     accelerator, output_dir = start_run(settings)
+    try:
+        return _run_in(settings, accelerator, output_dir)
+    finally:  # the folder is free again however the run ends (a killed run's stale lock is taken over)
+        release_output_lock(output_dir / LOCK_FILE)
+
+
+def _run_in(settings: RunSettings, accelerator: Any, output_dir: Path) -> dict[str, Any]:
+    """`run` after the output folder is set up and locked."""
     processor = build_processor(settings.model.model_name_or_path, settings.image_size)
     results: dict[str, Any] = {"args": dict(settings.flags), "num_processes": accelerator.num_processes}
     needs_data = settings.do_train or settings.do_eval

@@ -8,7 +8,9 @@ import fnmatch
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -231,6 +233,48 @@ def _remove_run_folder(folder: Path) -> list[Path]:
     if not kept:
         folder.rmdir()
     return kept
+
+
+LOCK_FILE = ".run.lock"
+
+
+def acquire_output_lock(output_dir: Path) -> Path:
+    """Mark `output_dir` as being written by this process, so that a second run started into it is refused
+    (two runs at once would leave one's model beside the other's processor). The lock is a file created
+    exclusively, holding the host and pid; one left by a process that no longer exists (kill -9) is taken over,
+    so a killed run still resumes. Returns the lock's path, for `release_output_lock`."""
+    lock = output_dir / LOCK_FILE
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _json_field(lock, "pid")
+            host = _json_field(lock, "host")
+            if host == socket.gethostname() and isinstance(holder, int) and not _process_alive(holder):
+                lock.unlink(missing_ok=True)  # stale: its run died without releasing it
+                continue
+            refuse(f"--output_dir {output_dir} is being written by another run (pid {holder} on {host}); "
+                   f"wait for it, or choose another folder (delete {lock} if that run is gone)")  # fmt: skip
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, handle)
+        return lock
+    refuse(f"--output_dir {output_dir}: could not take the run lock {lock}")
+
+
+def release_output_lock(lock: Path) -> None:
+    """Remove the lock if it is still this process's."""
+    if _json_field(lock, "pid") == os.getpid():
+        lock.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
 
 
 def clear_run_outputs(output_dir: Path, keep: list[Path]) -> list[Path]:

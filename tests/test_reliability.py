@@ -699,3 +699,44 @@ def test_config_refuses_non_finite_constants(field, value):
 
     with pytest.raises(ValueError, match=field):
         DeiTSCMConfig(**{field: value})
+
+
+# ---------------------------------------------------------------- one run per folder, I/O faults (issue 33)
+
+
+def test_a_folder_being_written_refuses_a_second_run_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
+    import os
+    import socket
+
+    output = tmp_path / "run"
+    output.mkdir()
+    lock = output / wsol_checkpoints.LOCK_FILE
+    # A live holder (this very process stands in for the other run): the second run is refused, nothing written.
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    with pytest.raises(SystemExit) as refused:
+        train_tiny(output, 1)
+    assert refused.value.code == 2 and "being written by another run" in capsys.readouterr().err
+    assert sorted(p.name for p in output.iterdir()) == [wsol_checkpoints.LOCK_FILE]
+    # A holder that no longer exists (kill -9): its lock is taken over, the run completes and frees the folder.
+    dead = 2**22 + 12345
+    while wsol_checkpoints._process_alive(dead):
+        dead += 1
+    lock.write_text(json.dumps({"pid": dead, "host": socket.gethostname()}))
+    train_tiny(output, 1)
+    assert (output / "model.safetensors").is_file() and not lock.exists()
+
+
+def test_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "model.safetensors"))
+
+    monkeypatch.setattr(wsol_outputs, "save_model", full)
+    with pytest.raises(SystemExit) as failed:
+        train_tiny(tmp_path / "run", 1)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert failed.value.code == 2 and err[-1].startswith("run_wsol.py: error: cannot write")
+    assert "No space left on device" in err[-1] and "model.safetensors" in err[-1]
+    assert not (tmp_path / "run" / wsol_checkpoints.LOCK_FILE).exists()  # the folder is free again

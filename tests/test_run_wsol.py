@@ -760,13 +760,14 @@ def test_checkpoint_limit_and_a_failed_write_named(tmp_path, monkeypatch):
     assert not list((tmp_path / "full_disk" / "checkpoints").glob("step_2*"))
 
 
-def test_model_is_saved_before_plots_and_overlays(tmp_path, monkeypatch):
+def test_model_is_saved_before_plots_and_overlays(tmp_path, monkeypatch, capsys):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(wsol_outputs, "write_plots", disk_full)
     output = tmp_path / "run"
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(SystemExit) as failed:  # one line, not a traceback (issue 33)
         run_wsol.main([*TINY, "--max_train_steps", "2", "--output_dir", str(output)])
+    assert failed.value.code == 2 and "No space left on device" in capsys.readouterr().err
     assert (output / "model.safetensors").is_file() and (output / "preprocessor_config.json").is_file()
     assert json.loads((output / "all_results.json").read_text())["classification"]["test"]["num_samples"] > 0
