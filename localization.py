@@ -366,7 +366,7 @@ def _with_title(picture: np.ndarray, lines: list[str], legend: list[tuple[str, t
     rows = lines + (["boxes: " + ", ".join(label for label, _ in legend)] if legend else [])
     font, weight = cv2.FONT_HERSHEY_SIMPLEX, 1
     widest = max(cv2.getTextSize(text, font, 1.0, weight)[0][0] for text in rows)
-    scale = min(0.6, (width - 8) / widest)  # every line fits the picture's width
+    scale = min(max(0.6, width / 900), (width - 8) / widest)  # legible on a large film; every line fits
     line_height = int(round(30 * scale)) + 4
     strip = np.zeros((line_height * len(rows) + 4, width, 3), dtype=np.uint8)
     for row, text in enumerate(rows):
