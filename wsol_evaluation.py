@@ -5,6 +5,7 @@ chosen there too (`choose_localization_map`)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
@@ -174,15 +175,29 @@ class Evaluation:
 def predict_splits(
     settings: EvaluationSettings, parts: EvaluationParts, splits: dict[str, PreparedSplit]
 ) -> dict[str, Predictions]:
-    """Predictions of the evaluation splits; a split serving twice (phantom validation = loc_validation) is
-    predicted once."""
+    """Predictions of the evaluation splits by the model being trained (`predict_each_split`)."""
+    return predict_each_split(splits, lambda split: predict_split(settings, parts, split))
+
+
+def predict_each_split(
+    splits: dict[str, PreparedSplit], predict: Callable[[PreparedSplit], Predictions]
+) -> dict[str, Predictions]:
+    """`predict` over validation, test and the box splits; a split serving twice (phantom validation =
+    loc_validation) is predicted once."""
     by_split: dict[int, Predictions] = {}
     predictions = {}
     for name in ("validation", "test", "loc_validation", "loc_test"):
         if id(splits[name]) not in by_split:
-            by_split[id(splits[name])] = predict_split(settings, parts, splits[name])
+            by_split[id(splits[name])] = predict(splits[name])
         predictions[name] = by_split[id(splits[name])]
     return predictions
+
+
+def boxed_patients(split: PreparedSplit, predictions: Predictions) -> list[str]:
+    """The patient of each predicted image of `split` that has a box, in prediction order (the groups of the
+    localization bootstrap)."""
+    return [patient for patient, index in zip(patients(split, predictions), predictions.indices)
+            if len(split.frame_boxes[index])]  # fmt: skip
 
 
 def classification_results(
@@ -218,15 +233,10 @@ def localization_results(
     test_boxed = evaluation_split(splits["loc_test"], predictions["loc_test"])
     prior = mean_prior_box(splits["train" if settings.dataset == "phantoms" else "loc_validation"])
     frame_maps: dict[str, list[np.ndarray]] = {}
-    loc_test = splits["loc_test"]
-    boxed_patients = [
-        patient
-        for patient, index in zip(patients(loc_test, predictions["loc_test"]), predictions["loc_test"].indices)
-        if len(loc_test.frame_boxes[index])
-    ]
+    groups = boxed_patients(splits["loc_test"], predictions["loc_test"])
     table = localization_table(
         val_boxed, test_boxed, prior, seed=settings.seed, thresholds=FINE_THRESHOLDS, upsampled_test_maps=frame_maps,
-        resample_weights=resample_weights(boxed_patients, seed=settings.seed),
+        resample_weights=resample_weights(groups, seed=settings.seed),
     )  # fmt: skip
     chosen = choose_localization_map(table)
     threshold = table[chosen]["calibrated_on_validation"]["threshold"]

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from configuration_deit_scm import SCM_VARIANTS
 from cxr_data import CLASS_NAMES
 from wsol_boxes import FINE_THRESHOLDS
 from wsol_data import (
@@ -44,15 +45,15 @@ from wsol_data import (
     make_loader,
     prepare_all,
 )
-from wsol_evaluation import Predictions, evaluation_split, mean_prior_box, patients
+from wsol_evaluation import Predictions, boxed_patients, evaluation_split, mean_prior_box, predict_each_split
 from wsol_metrics import classification_metrics, localization_table
 from wsol_reporting import resample_weights, softmax
 
 logger = logging.getLogger("peer_cam")
 PEER_MAPS = {"cam": "CAM (ResNet)", "gradcam": "Grad-CAM (ResNet)"}
 # The `cxr` variant's loss, so that the peer learns the same imbalanced task the DeiT arms do.
-CLASS_WEIGHTS = (0.7045, 0.1181, 0.1774)
-LABEL_SMOOTHING = 0.1
+CLASS_WEIGHTS = SCM_VARIANTS["cxr"]["class_weights"]
+LABEL_SMOOTHING = SCM_VARIANTS["cxr"]["label_smoothing"]
 
 
 def build_peer(arch: str, num_labels: int, output_stride: int, width: float) -> torch.nn.Module:
@@ -129,24 +130,14 @@ def evaluate(model: torch.nn.Module, splits: dict[str, PreparedSplit], normalize
              batch_size: int) -> dict[str, Any]:  # fmt: skip
     """Classification on validation and test, and localization of both maps with every baseline, thresholds
     from validation: the code and the frame `run_wsol.py` reports with."""
-    names = ("validation", "test", "loc_validation", "loc_test")
-    by_split: dict[int, Predictions] = {}
-    predictions = {}
-    for name in names:
-        if id(splits[name]) not in by_split:
-            by_split[id(splits[name])] = predict(model, splits[name], normalizer, batch_size)
-        predictions[name] = by_split[id(splits[name])]
+    predictions = predict_each_split(splits, lambda split: predict(model, split, normalizer, batch_size))
     results: dict[str, Any] = {"classification": {}}
     for name in ("validation", "test"):
         scores = classification_metrics(predictions[name].labels, softmax(predictions[name].logits), CLASS_NAMES)
         results["classification"][name] = {**scores, "num_samples": int(len(predictions[name].labels))}
     val_boxed = evaluation_split(splits["loc_validation"], predictions["loc_validation"])
     test_boxed = evaluation_split(splits["loc_test"], predictions["loc_test"])
-    loc_test = splits["loc_test"]
-    boxed_patients = [patient for patient, index in zip(patients(loc_test, predictions["loc_test"]),
-                                                         predictions["loc_test"].indices)
-                      if len(loc_test.frame_boxes[index])]  # fmt: skip
-    weights = resample_weights(boxed_patients, seed=seed)
+    weights = resample_weights(boxed_patients(splits["loc_test"], predictions["loc_test"]), seed=seed)
     table = localization_table(val_boxed, test_boxed, mean_prior_box(splits["train"]), seed=seed,
                                thresholds=FINE_THRESHOLDS, resample_weights=weights)  # fmt: skip
     chosen = max(PEER_MAPS, key=lambda name: table[name]["validation"]["MaxBoxAccV2"])
