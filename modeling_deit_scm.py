@@ -599,8 +599,11 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
         the config holds no statistics (`run_wsol.py` fits them after training)."""
         if self.config.ood_threshold is None:
             return None
-        key = (id(self.config.ood_class_means), id(self.config.ood_precision), features.device)
-        if self._ood_statistics is None or self._ood_statistics[0] != key:
+        # The config's lists themselves are the key (held, so compared by identity): an id() alone could be
+        # reused by a new list once the old one is freed, and stale statistics would be scored silently.
+        key = (self.config.ood_class_means, self.config.ood_precision, features.device)
+        cached = self._ood_statistics
+        if cached is None or not (cached[0][0] is key[0] and cached[0][1] is key[1] and cached[0][2] == key[2]):
             means = torch.tensor(self.config.ood_class_means, dtype=torch.float64, device=features.device)
             precision = torch.tensor(self.config.ood_precision, dtype=torch.float64, device=features.device)
             self._ood_statistics = (key, means, precision)
