@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from localization import MAP_LABELS, current_map_names
+from deit_scm_cxr.hub.localization import MAP_LABELS, current_map_names
 
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("ablation")
@@ -49,6 +49,12 @@ ARMS: dict[str, list[str]] = {
     "cxr_cls": ["--scm_variant", "cxr", "--config_overrides", "cls_loss_weight=1.0"],
     # SCM cxr with a learnable distance penalty on the attention logits (local attention from scratch).
     "cxr_local": ["--scm_variant", "cxr", "--config_overrides", "attention_locality=1.0"],
+    # Issue 31's levers, each within the default's budget and on the default's evaluation images:
+    # twice the distinct training phantoms at half the epochs (the same optimizer steps);
+    "cxr_data2x": ["--scm_variant", "cxr", "--num_phantoms", "2400", "--num_eval_phantoms", "1200",
+                   "--num_train_epochs", "20"],
+    # the official code's GAP pooling and all-layer attention with the cxr recipe's other settings.
+    "cxr_gap": ["--scm_variant", "cxr", "--config_overrides", "scm_pooling=mean,scm_attention_layers=all"],
 }
 # Peers: what a practitioner would train instead, on the same seeds' data and budget (`bench/peer_cam.py`).
 PEERS: dict[str, list[str]] = {

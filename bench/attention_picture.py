@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from run_pretrain import deit_scm_model, phantom_validation_split
-from wsol_data import EVALUATION_FRAME, PixelNormalizer
+from deit_scm_cxr.data.prepare import EVALUATION_FRAME, PixelNormalizer
+from deit_scm_cxr.pretraining.run import deit_scm_model, phantom_validation_split
 
 VARIANTS = (("cxr", "last layer"), ("paper", "all layers"))
 
@@ -37,7 +37,7 @@ def draw(backbones: dict[str, Path], output: Path, count: int, seed: int, image_
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from image_processing_cxr import CXRImageProcessor
+    from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor
 
     split = phantom_validation_split(seed, image_size)
     boxed = [i for i, boxes in enumerate(split.frame_boxes) if len(boxes)][:count]

@@ -15,8 +15,8 @@ import time
 import cv2
 import numpy as np
 
-from wsol_boxes import DEFAULT_THRESHOLDS
-from wsol_metrics import IOU_THRESHOLDS_V2, LocalizationScores
+from deit_scm_cxr.evaluation.boxes import DEFAULT_THRESHOLDS
+from deit_scm_cxr.evaluation.metrics import IOU_THRESHOLDS_V2, LocalizationScores
 
 
 def cam_like_maps(count: int, seed: int, size: int = 224) -> list[np.ndarray]:

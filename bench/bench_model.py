@@ -29,11 +29,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timing import timed
 
-from configuration_deit_scm import BACKBONE_PRESETS, DeiTSCMConfig
-from modeling_deit_scm import DeiTSCMForImageClassification
-from scm_diffusion import resolve_solver
+from deit_scm_cxr.hub.configuration_deit_scm import BACKBONE_PRESETS, DeiTSCMConfig
+from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
+from deit_scm_cxr.hub.scm_diffusion import resolve_solver
+from timing import timed
 
 logger = logging.getLogger("bench_model")
 
@@ -237,7 +237,7 @@ def count_operations(model: torch.nn.Module, pixels: torch.Tensor, labels: torch
 def operation_table(device: str, preset: str, image_size: int) -> dict:
     """`--count_ops`: operations per step of timm's DeiT and of ours with every solver (DeiT-S
     dimensions unless --preset, batch 2), and each one's ratio to timm's."""
-    from configuration_deit_scm import SCM_SOLVERS
+    from deit_scm_cxr.hub.configuration_deit_scm import SCM_SOLVERS
 
     preset = preset if preset != "deit-tiny" or device.startswith("cuda") else "deit-small"
     generator = torch.Generator().manual_seed(0)

@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from timing import timed
 
-import export_onnx
+import deit_scm_cxr.export_onnx as export_onnx
+from timing import timed
 
 
 def main(argv: list[str] | None = None) -> dict:

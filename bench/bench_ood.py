@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from image_processing_cxr import CXRImageError, CXRImageProcessor
-from modeling_deit_scm import DeiTSCMForImageClassification
-from wsol_data import DataSettings, load_raw_splits
+from deit_scm_cxr.data.prepare import load_raw_splits
+from deit_scm_cxr.hub.image_processing_cxr import CXRImageError, CXRImageProcessor
+from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
+from deit_scm_cxr.training.run import settings_for
 
 logger = logging.getLogger("bench_ood")
 IN_DISTRIBUTION = ("phantoms_held_out", "phantoms_other_series")
@@ -38,7 +39,8 @@ OTHER_SERIES_SEED = 12345
 
 def phantoms(seed: int, num_phantoms: int, phantom_size: int) -> list[np.ndarray]:
     """The test split of a phantom series (`run_wsol.py --seed seed`'s), as grayscale arrays."""
-    settings = DataSettings(num_phantoms=num_phantoms, phantom_size=phantom_size, seed=seed)
+    settings = settings_for("--num_phantoms", str(num_phantoms), "--phantom_size", str(phantom_size),
+                            "--seed", str(seed), "--output_dir", "unused").data  # fmt: skip
     return [np.asarray(item["image"].convert("L")) for item in load_raw_splits(settings)["test"]]
 
 

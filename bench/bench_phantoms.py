@@ -9,7 +9,7 @@ import time
 
 import cv2
 
-import cxr_datasets
+from deit_scm_cxr.data import load_dataset_module
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bits", type=int, default=8)
     args = parser.parse_args(argv)
     cv2.setNumThreads(1)
-    phantoms = cxr_datasets.load_dataset_module("phantoms")
+    phantoms = load_dataset_module("phantoms")
     phantoms.generate_phantom(0, size=args.size, bits=args.bits)  # warm-up
     start = time.perf_counter()
     for index in range(args.images):

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from image_processing_cxr import CXRImageProcessor
+from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor
 
 logger = logging.getLogger("bench_processor")
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)

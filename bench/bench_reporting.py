@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 
-import wsol_reporting as reporting
-from wsol_boxes import FINE_THRESHOLDS
-from wsol_metrics import LocalizationScores, localization_intervals
+from deit_scm_cxr.evaluation import reporting
+from deit_scm_cxr.evaluation.boxes import FINE_THRESHOLDS
+from deit_scm_cxr.evaluation.metrics import LocalizationScores, localization_intervals
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,8 +15,8 @@ import json
 
 import torch
 
-from configuration_deit_scm import DeiTSCMConfig
-from modeling_deit_scm import DeiTSCMSpatialCalibration
+from deit_scm_cxr.hub.configuration_deit_scm import DeiTSCMConfig
+from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMSpatialCalibration
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:

@@ -22,13 +22,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from timing import timed
 
-import wsol_data
-from configuration_deit_scm import DeiTSCMConfig
-from cxr_datasets import load_dataset_module
-from image_processing_cxr import CXRImageProcessor
-from modeling_deit_scm import DeiTSCMForImageClassification
+import deit_scm_cxr.data.prepare as wsol_data
+from deit_scm_cxr.data import load_dataset_module
+from deit_scm_cxr.hub.configuration_deit_scm import DeiTSCMConfig
+from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor
+from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
+from timing import timed
 
 
 @dataclass(frozen=True)

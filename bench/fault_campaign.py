@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from image_processing_cxr import CXRImageError, CXRImageProcessor
-from localization import LocalizationInputError
-from wsol_metrics import ClassificationInputError, LocalizationScores, pixel_average_precision
+from deit_scm_cxr.evaluation.metrics import ClassificationInputError, LocalizationScores, pixel_average_precision
+from deit_scm_cxr.hub.image_processing_cxr import CXRImageError, CXRImageProcessor
+from deit_scm_cxr.hub.localization import LocalizationInputError
 
 OUTCOMES = ("handled", "typed_error", "other_exception", "silent_wrong")
 
@@ -205,7 +205,7 @@ def metric_argument_cases():
 
 
 def localization_metric_cases():
-    from wsol_metrics import box_measures, cxr_protocol
+    from deit_scm_cxr.evaluation.metrics import box_measures, cxr_protocol
 
     rng = np.random.default_rng(1)
     maps = [rng.random((32, 32)).astype(np.float32) for _ in range(2)]
@@ -232,7 +232,7 @@ def localization_metric_cases():
 
 
 def classification_metric_cases():
-    from wsol_metrics import classification_metrics
+    from deit_scm_cxr.evaluation.metrics import classification_metrics
 
     probabilities = np.full((4, 3), 1 / 3)
     bad_classification = [

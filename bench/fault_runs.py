@@ -356,8 +356,8 @@ def checkpoint_damage_cases(shop: Workshop) -> Iterator[Case]:
 
 def _prepared_pixels(paths: list[str], processor: Any, cache: Optional[Path]) -> Any:
     """The training pixels `wsol_data.prepare_split` gives for these files (through `cache` when given)."""
-    import wsol_data
-    from cxr_data import records_to_dataset
+    import deit_scm_cxr.data.prepare as wsol_data
+    from deit_scm_cxr.data.cxr import records_to_dataset
 
     fixed = {"boxes": [], "findings": [], "age": 40, "sex": "F", "view": "PA"}
     records = [{"image": {"path": path, "bytes": None}, "label": i % 3, "image_id": f"img{i}", "patient_id": str(i),
@@ -369,7 +369,7 @@ def cache_cases(shop: Workshop) -> Iterator[Case]:
     """A preprocessed cache gives the arrays of its images and settings, or is rebuilt: never stale bytes."""
     import torch
 
-    from image_processing_cxr import CXRImageProcessor
+    from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor
 
     processor = CXRImageProcessor(size={"height": 32, "width": 32})
     images = shop.fresh("cache-images")
@@ -523,7 +523,7 @@ def nih_cases(shop: Workshop) -> Iterator[Case]:
     """NIH metadata, box lists and image folders that cannot be right are refused when read, naming them."""
     import pandas as pd
 
-    from cxr_datasets import load_dataset_module
+    from deit_scm_cxr.data import load_dataset_module
 
     nih = load_dataset_module("nih")
     fixtures = ROOT / "tests" / "fixtures" / "nih"  # real NIH metadata rows and the published box list
@@ -617,7 +617,7 @@ CATEGORIES: dict[str, Callable[[Workshop], Iterable[Case]]] = {
 
 def run_categories(names: Iterable[str], folder: Optional[Path] = None) -> list[dict]:
     """Tally each named category in a scratch folder (removed afterwards unless given)."""
-    from cxr_datasets import load_dataset_module
+    from deit_scm_cxr.data import load_dataset_module
 
     scratch = folder or Path(tempfile.mkdtemp(prefix="fault-runs-"))
     shop = Workshop(scratch)

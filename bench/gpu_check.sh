@@ -44,7 +44,7 @@ if ls bench/wheels/transformers-*.whl >/dev/null 2>&1; then
     export PYTHONPATH="/tmp/site_tf:${PYTHONPATH:-}"
   fi
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export HF_HOME=/tmp/hf_home
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1

@@ -34,11 +34,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import wsol_data
-import wsol_evaluation
-from modeling_deit_scm import DeiTSCMForImageClassification
-from wsol_boxes import DEFAULT_THRESHOLDS, upsample_scoremap
-from wsol_metrics import LocalizationScores, calibrated_report
+import deit_scm_cxr.data.prepare as wsol_data
+import deit_scm_cxr.evaluation.evaluator as wsol_evaluation
+from deit_scm_cxr.evaluation.boxes import DEFAULT_THRESHOLDS, upsample_scoremap
+from deit_scm_cxr.evaluation.metrics import LocalizationScores, calibrated_report
+from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
+from deit_scm_cxr.training.run import settings_for
 
 
 def candidate_maps(attention: torch.Tensor, semantic: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
@@ -83,9 +84,12 @@ def score_run(run: Path, thresholds, offsets: tuple[int, ...] = ()) -> dict:
     from accelerate import Accelerator
 
     saved = json.loads((run / "all_results.json").read_text())["args"]
-    data = wsol_data.DataSettings(seed=saved["seed"], num_phantoms=saved["num_phantoms"],
-                                  phantom_size=saved["phantom_size"], cache_dir=saved.get("cache_dir"))  # fmt: skip
-    evaluation = wsol_evaluation.EvaluationSettings(batch_size=saved["per_device_eval_batch_size"], seed=saved["seed"])
+    flags = ["--seed", str(saved["seed"]), "--num_phantoms", str(saved["num_phantoms"]), "--phantom_size",
+             str(saved["phantom_size"]), "--per_device_eval_batch_size", str(saved["per_device_eval_batch_size"]),
+             "--output_dir", str(run / "rescored")]  # fmt: skip
+    flags += ["--cache_dir", saved["cache_dir"]] if saved.get("cache_dir") else []
+    settings = settings_for(*flags)
+    data, evaluation = settings.data, settings.evaluation
     processor = wsol_data.build_processor(str(run), saved["image_size"])
     accelerator = Accelerator(cpu=True)
     splits = wsol_data.prepare_all(data, processor, accelerator)

@@ -33,11 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from configuration_deit_scm import SCM_VARIANTS
-from cxr_data import CLASS_NAMES
-from wsol_boxes import FINE_THRESHOLDS
-from wsol_data import (
-    DataSettings,
+from deit_scm_cxr.data.cxr import CLASS_NAMES
+from deit_scm_cxr.data.prepare import (
     PixelNormalizer,
     PreparedSplit,
     augment_batch,
@@ -45,9 +42,18 @@ from wsol_data import (
     make_loader,
     prepare_all,
 )
-from wsol_evaluation import Predictions, boxed_patients, evaluation_split, mean_prior_box, predict_each_split
-from wsol_metrics import classification_metrics, localization_table
-from wsol_reporting import resample_weights, softmax
+from deit_scm_cxr.evaluation.boxes import FINE_THRESHOLDS
+from deit_scm_cxr.evaluation.evaluator import (
+    Predictions,
+    boxed_patients,
+    evaluation_split,
+    mean_prior_box,
+    predict_each_split,
+)
+from deit_scm_cxr.evaluation.metrics import classification_metrics, localization_table
+from deit_scm_cxr.evaluation.reporting import resample_weights, softmax
+from deit_scm_cxr.hub.configuration_deit_scm import SCM_VARIANTS
+from deit_scm_cxr.training.run import settings_for
 
 logger = logging.getLogger("peer_cam")
 PEER_MAPS = {"cam": "CAM (ResNet)", "gradcam": "Grad-CAM (ResNet)"}
@@ -169,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     processor = build_processor(None, args.image_size)
-    data = DataSettings(num_phantoms=args.num_phantoms, seed=args.seed, cache_dir=args.cache_dir)
+    flags = ["--num_phantoms", str(args.num_phantoms), "--seed", str(args.seed), "--output_dir", str(output_dir)]
+    data = settings_for(*flags, *(["--cache_dir", args.cache_dir] if args.cache_dir else [])).data
     splits = prepare_all(data, processor, Accelerator(cpu=True))
     normalizer = PixelNormalizer(processor)
     model = build_peer(args.arch, len(CLASS_NAMES), args.output_stride, args.width)

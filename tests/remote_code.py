@@ -10,8 +10,10 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The package, and the remote-code files' own names (a saved folder's code must not import from elsewhere).
 PROJECT_MODULES = (
-    "configuration_deit_scm", "modeling_deit_scm", "image_processing_cxr", "localization", "cxr_data", "pipeline_cxr",
+    "deit_scm_cxr", "configuration_deit_scm", "modeling_deit_scm", "image_processing_cxr", "localization",
+    "pipeline_cxr",
 )  # fmt: skip
 
 
@@ -22,7 +24,7 @@ def run_outside_repo(script: str, cwd: Path, timeout: int = 300) -> subprocess.C
         f"""
         import sys
         from pathlib import Path
-        sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != Path({str(ROOT)!r})]
+        sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() not in ({str(ROOT)!r}, {str(ROOT / 'src')!r})]
         for _name in {PROJECT_MODULES!r}:
             sys.modules[_name] = None
         """

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from configuration_deit_scm import DeiTSCMConfig
-from modeling_deit_scm import DeiTSCMForImageClassification
+from deit_scm_cxr.hub.configuration_deit_scm import DeiTSCMConfig
+from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
 
 TINY = dict(
     image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64

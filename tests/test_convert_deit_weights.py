@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import ViTConfig, ViTModel
 
-from configuration_deit_scm import DeiTSCMConfig
-from convert_deit_weights import WeightConversionError, load_backbone_weights, main, read_state_dict
-from modeling_deit_scm import DeiTSCMForImageClassification
+from deit_scm_cxr.convert import WeightConversionError, load_backbone_weights, main, read_state_dict
+from deit_scm_cxr.hub.configuration_deit_scm import DeiTSCMConfig
+from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
 
 
 def test_timm_deit_tiny_gives_identical_final_tokens():

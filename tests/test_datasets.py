@@ -12,21 +12,21 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import cxr_data
-import cxr_datasets
+import deit_scm_cxr.data.cxr as cxr_data
+from deit_scm_cxr.data import load_dataset_module
 
 ROOT = Path(__file__).resolve().parents[1]
 NIH = ROOT / "tests" / "fixtures" / "nih"  # copied from ../shared/data/nih, see its README
 METADATA, BOXES = NIH / "Data_Entry_2017_sample.csv", NIH / "BBox_List_2017.csv"
-nih = cxr_datasets.load_dataset_module("nih")
-phantoms = cxr_datasets.load_dataset_module("phantoms")
+nih = load_dataset_module("nih")
+phantoms = load_dataset_module("phantoms")
 
 
 # ----------------------------------------------------------------------------- the datasets folder
 
 
-def test_datasets_folder_does_not_shadow_the_library():
-    assert not (ROOT / "datasets" / "__init__.py").exists()
+def test_nothing_on_the_import_path_shadows_the_datasets_library():
+    assert not [p for p in (ROOT / "src").rglob("datasets") if p.is_dir()] and not (ROOT / "datasets").exists()
     result = subprocess.run(
         [
             sys.executable,
@@ -40,7 +40,7 @@ def test_datasets_folder_does_not_shadow_the_library():
     )
     location, has_api = result.stdout.split()
     assert "site-packages" in location and has_api == "True"
-    assert not Path(location).is_relative_to(ROOT / "datasets")
+    assert not Path(location).is_relative_to(ROOT / "src") and "site-packages" in Path(location).parts
 
 
 # ----------------------------------------------------------------------------- NIH: real metadata
@@ -161,7 +161,7 @@ def test_view_filter(raw_metadata):
 def test_manifest_cli(tmp_path):
     manifest_csv, summary_json = tmp_path / "manifest.csv", tmp_path / "summary.json"
     command = [
-        sys.executable, str(ROOT / "datasets" / "nih_cxr14" / "nih_cxr14.py"),
+        sys.executable, "-m", "deit_scm_cxr.data.nih_cxr14",
         "--metadata_csv", str(METADATA), "--bbox_csv", str(BOXES),
         "--manifest_csv", str(manifest_csv), "--summary_json", str(summary_json), "--view", "PA",
     ]  # fmt: skip
@@ -178,7 +178,7 @@ def test_manifest_cli(tmp_path):
         for n in sex.values()
     )
     assert nested == len(table)
-    bad = subprocess.run(command[:2] + ["--metadata_csv", str(tmp_path / "nope.csv")], capture_output=True, text=True)
+    bad = subprocess.run(command[:3] + ["--metadata_csv", str(tmp_path / "nope.csv")], capture_output=True, text=True)
     assert bad.returncode == 2 and "nope.csv" in bad.stderr
 
 
@@ -301,7 +301,8 @@ def test_phantom_cli_contact_sheet(tmp_path):
     subprocess.run(
         [
             sys.executable,
-            str(ROOT / "datasets" / "cxr_phantoms" / "cxr_phantoms.py"),
+            "-m",
+            "deit_scm_cxr.data.phantoms",
             "--contact_sheet",
             str(sheet),
             "--size",

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from tiny_run import train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "demo"))
-import app  # noqa: E402
+from deit_scm_cxr.demo import app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    from cxr_datasets import load_dataset_module
+    from deit_scm_cxr.data import load_dataset_module
 
     folder = tmp_path_factory.mktemp("files")
     phantom = load_dataset_module("phantoms").generate_phantom(3, seed=11, label=0, size=1024)
@@ -49,7 +49,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 def test_the_demo_names_the_maps_as_the_package_does():
     """The Space carries app.py alone, so its map names are written out there: they must be the package's
     vocabulary (`localization.MAP_LABELS`, outputs `<name>_maps`), in its order."""
-    from localization import MAP_LABELS, map_output
+    from deit_scm_cxr.hub.localization import MAP_LABELS, map_output
 
     assert list(app.MAPS.items()) == [(label, map_output(name)) for name, label in MAP_LABELS.items()]
 
@@ -144,10 +144,10 @@ def test_missing_model_says_how_to_make_one(tmp_path, monkeypatch):
 
 def test_space_push_offline_fails_with_one_line():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(ROOT / "demo" / "push_space.py"), "--model_id", "o/m", "--space_id", "o/s"]
+    command = [sys.executable, "-m", "deit_scm_cxr.demo.push_space", "--model_id", "o/m", "--space_id", "o/s"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "offline" in done.stderr and "Traceback" not in done.stderr
-    header = (ROOT / "demo" / "README.md").read_text().split("---")[1]
+    header = (ROOT / "src" / "deit_scm_cxr" / "demo" / "README.md").read_text().split("---")[1]
     assert "sdk: gradio" in header and "app_file: app.py" in header
 
 
@@ -201,10 +201,10 @@ def browser():
 @pytest.fixture
 def server(model_dir, tmp_path):
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT / "src")}
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "demo" / "app.py"), "--model", str(model_dir), "--port", str(port)],
+        [sys.executable, "-m", "deit_scm_cxr.demo", "--model", str(model_dir), "--port", str(port)],
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"

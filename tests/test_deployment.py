@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
+
+import deit_scm_cxr.export_onnx as export_onnx
+from deit_scm_cxr.data import load_dataset_module
+from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor
+from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
 from remote_code import run_outside_repo
 from tiny_run import train_tiny
-
-import export_onnx
-from cxr_datasets import load_dataset_module
-from image_processing_cxr import CXRImageProcessor
-from modeling_deit_scm import DeiTSCMForImageClassification
 
 
 @pytest.fixture(scope="module")

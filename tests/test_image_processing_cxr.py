@@ -15,9 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
-from remote_code import run_outside_repo
 
-from image_processing_cxr import GEOMETRY_FIELDS, CXRImageError, CXRImageProcessor, Geometry, overlay_heatmap
+from deit_scm_cxr.hub.image_processing_cxr import (
+    GEOMETRY_FIELDS,
+    CXRImageError,
+    CXRImageProcessor,
+    Geometry,
+    overlay_heatmap,
+)
+from remote_code import run_outside_repo
 
 pydicom = pytest.importorskip("pydicom", reason="DICOM tests need pydicom")
 
@@ -269,8 +275,8 @@ def test_post_processing_localizes_with_the_configured_map(tmp_path):
 
 
 def test_real_dicom_through_model_and_back_to_original_pixels():
-    from configuration_deit_scm import DeiTSCMConfig
-    from modeling_deit_scm import DeiTSCMForImageClassification
+    from deit_scm_cxr.hub.configuration_deit_scm import DeiTSCMConfig
+    from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
 
     path = _real_radiograph()
     processor = CXRImageProcessor(resize_mode="pad")

@@ -11,15 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from localization import (
-    LocalizationInputError,
-    boxes_at_threshold,
-    normalize_scoremap,
-    quantize_scoremap,
-    scoremap_to_boxes,
-)
-from wsol_boxes import DEFAULT_THRESHOLDS, FINE_THRESHOLDS, boxes_over_thresholds, upsample_scoremap
-from wsol_metrics import (
+from deit_scm_cxr.evaluation.boxes import DEFAULT_THRESHOLDS, FINE_THRESHOLDS, boxes_over_thresholds, upsample_scoremap
+from deit_scm_cxr.evaluation.metrics import (
     EvaluationSplit,
     LocalizationScores,
     box_boundary_distances,
@@ -33,6 +26,13 @@ from wsol_metrics import (
     pairwise_iobb,
     pairwise_iou,
     pixel_average_precision,
+)
+from deit_scm_cxr.hub.localization import (
+    LocalizationInputError,
+    boxes_at_threshold,
+    normalize_scoremap,
+    quantize_scoremap,
+    scoremap_to_boxes,
 )
 
 # ----------------------------------------------------------------------------- per-image measures
@@ -237,7 +237,7 @@ def test_harness_table_with_baselines(tmp_path):
     )
     assert table["full_image"]["calibrated_on_validation"]["MaxBoxAcc"] == 0  # the boxes are small
     path = tmp_path / "table.png"
-    from wsol_plots import plot_localization_table
+    from deit_scm_cxr.outputs.plots import plot_localization_table
 
     plot_localization_table(table, str(path))
     assert path.stat().st_size > 1000
@@ -247,7 +247,7 @@ def test_evaluate_wrapper_loads_offline_and_agrees():
     evaluate = pytest.importorskip("evaluate", reason="the evaluate wrapper needs the evaluate package")
     os.environ["HF_EVALUATE_OFFLINE"] = "1"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    metric = evaluate.load(os.path.join(root, "metrics", "wsol_localization"))
+    metric = evaluate.load(os.path.join(root, "src", "deit_scm_cxr", "evaluation", "wsol_localization.py"))
     maps = [_blob_map(blobs=((20, 20, 8, 1.0),)), _blob_map(blobs=((40, 40, 6, 1.0),))]
     truth = [[[12, 12, 28, 28]], [[0, 0, 10, 10]]]
     result = metric.compute(scoremaps=maps, gt_boxes=truth, correct_class=[True, True])
@@ -388,7 +388,7 @@ def test_a_nan_grid_map_is_refused_before_normalization():
 def test_results_of_earlier_versions_read_with_the_current_map_names():
     """all_results.json written before the maps were renamed ("scm" for F0 * S0, output "localization_maps")
     reads with today's names; everything else is left as it was."""
-    from localization import MAP_LABELS, current_map_names
+    from deit_scm_cxr.hub.localization import MAP_LABELS, current_map_names
 
     old = {
         "localization": {

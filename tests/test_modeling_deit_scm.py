@@ -9,18 +9,18 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from remote_code import run_outside_repo
 
-from configuration_deit_scm import BACKBONE_PRESETS, SCM_SOLVERS, DeiTSCMConfig
-from modeling_deit_scm import (
+from deit_scm_cxr.hub.configuration_deit_scm import BACKBONE_PRESETS, SCM_SOLVERS, DeiTSCMConfig
+from deit_scm_cxr.hub.modeling_deit_scm import (
     DeiTSCMForImageClassification,
     DeiTSCMModel,
     interpolate_position_embeddings,
     select_class_maps,
     token_distances,
 )
-from scm_diffusion import DeiTSCMSpatialCalibration, GridOperator, minmax_normalize, resolve_solver
-from scm_diffusion import grid_laplacian as model_grid_laplacian
+from deit_scm_cxr.hub.scm_diffusion import DeiTSCMSpatialCalibration, GridOperator, minmax_normalize, resolve_solver
+from deit_scm_cxr.hub.scm_diffusion import grid_laplacian as model_grid_laplacian
+from remote_code import run_outside_repo
 
 
 def tiny_config(**overrides) -> DeiTSCMConfig:

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import cxr_datasets
-import pretrain_objectives
-import run_pretrain
-from convert_deit_weights import load_backbone_weights
-from modeling_deit_scm import DeiTSCMModel
+import deit_scm_cxr.pretraining.objectives as pretrain_objectives
+import deit_scm_cxr.pretraining.run as run_pretrain
+from deit_scm_cxr.convert import load_backbone_weights
+from deit_scm_cxr.data import load_dataset_module
+from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMModel
 
 ROOT = Path(__file__).resolve().parents[1]
 NIH_FIXTURES = ROOT / "tests" / "fixtures" / "nih"
@@ -226,7 +226,7 @@ def _png_bytes(split) -> set[bytes]:
 
 
 def test_pretraining_phantoms_are_in_no_fine_tuning_split():
-    phantoms = cxr_datasets.load_dataset_module("phantoms")
+    phantoms = load_dataset_module("phantoms")
     pretraining = phantoms.build_pretraining_dataset(6, size=64, seed=run_pretrain.PRETRAIN_SERIES)
     fine_tuning = phantoms.build_phantom_dataset(20, 6, 6, size=64, seed=run_pretrain.PRETRAIN_SERIES)
     assert not _png_bytes(pretraining) & set().union(*(_png_bytes(split) for split in fine_tuning.values()))
@@ -260,14 +260,14 @@ def test_the_nih_pretraining_command_on_stand_in_images(tmp_path):
     results = run_pretrain.main(["--dataset", "nih", "--data_dir", str(tmp_path / "nih"), *tiny,
                                  "--output_dir", str(output)])  # fmt: skip
     config = json.loads((output / run_pretrain.CONFIG_FILE).read_text())
-    nih = cxr_datasets.load_dataset_module("nih")
+    nih = load_dataset_module("nih")
     assert config["label_names"] == list(nih.NIH_FINDINGS) and config["timm_kwargs"]["num_classes"] == 14
     assert _timm_model(output).head.out_features == 14
     assert len(results["history"]) == 2 and "attention_check" not in results  # no boxes to score on NIH here
 
 
 def test_nih_pretraining_keeps_out_validation_test_and_boxed_patients(tmp_path):
-    nih = cxr_datasets.load_dataset_module("nih")
+    nih = load_dataset_module("nih")
     subset = _nih_stand_in(tmp_path)
     boxes = pd.read_csv(tmp_path / "BBox_List_2017.csv")
     boxed_patients = set(subset.loc[subset["Image Index"].isin(boxes["Image Index"]), "Patient ID"])

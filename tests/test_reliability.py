@@ -12,16 +12,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_run import TINY, train_tiny
 
-import cxr_decoding
-import image_processing_cxr
-import run_wsol
-import wsol_checkpoints
-import wsol_data
-import wsol_outputs
-import wsol_recipes
-from cxr_datasets import load_dataset_module
+import deit_scm_cxr.data.prepare as wsol_data
+import deit_scm_cxr.hub.cxr_decoding as cxr_decoding
+import deit_scm_cxr.hub.image_processing_cxr as image_processing_cxr
+import deit_scm_cxr.outputs.writer as wsol_outputs
+import deit_scm_cxr.training.checkpoints as wsol_checkpoints
+import deit_scm_cxr.training.run as run_wsol
+from deit_scm_cxr import predict
+from deit_scm_cxr.data import load_dataset_module
+from deit_scm_cxr.errors import RunInputError
+from deit_scm_cxr.training.arguments import ModelArguments
+from tiny_run import TINY, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,7 @@ def test_overwrite_refuses_to_delete_files_it_predicts(trained, tmp_path):
     (output / "all_results.json").write_text("{}")
     image = output / "predictions" / "patient.png"
     Image.fromarray(np.full((64, 64), 90, np.uint8)).save(image)
-    with pytest.raises(wsol_recipes.RunInputError, match="nothing was deleted"):
+    with pytest.raises(RunInputError, match="nothing was deleted"):
         wsol_checkpoints.clear_run_outputs(output, [image])
     assert image.is_file() and (output / "all_results.json").is_file()
     # Without inputs inside, exactly the run's entries go.
@@ -125,7 +127,7 @@ def test_resume_latest_refuses_a_finished_run_without_checkpoints(trained, tmp_p
     folder.mkdir()
     for name in ("config.json", "model.safetensors"):
         (folder / name).write_bytes((trained / name).read_bytes())
-    with pytest.raises(wsol_recipes.RunInputError, match="finished run"):
+    with pytest.raises(RunInputError, match="finished run"):
         wsol_checkpoints.resolve_checkpoint("latest", folder)
     # An empty folder is a first start: nothing to protect, training starts from scratch.
     assert wsol_checkpoints.resolve_checkpoint("latest", tmp_path / "new") is None
@@ -163,10 +165,10 @@ def test_a_damaged_checkpoint_is_never_resumed(tmp_path, capsys, caplog):
     with caplog.at_level("WARNING"):
         assert wsol_checkpoints.resolve_checkpoint("latest", output) == step_2
     assert "step_4 is damaged" in caplog.text and "falling back" in caplog.text
-    with pytest.raises(wsol_recipes.RunInputError, match="is damaged"):
+    with pytest.raises(RunInputError, match="is damaged"):
         wsol_checkpoints.resolve_checkpoint(str(step_4), output)
     (step_2 / "train_state.json").unlink()
-    with pytest.raises(wsol_recipes.RunInputError, match="every checkpoint"):
+    with pytest.raises(RunInputError, match="every checkpoint"):
         wsol_checkpoints.resolve_checkpoint("latest", output)
 
 
@@ -208,14 +210,14 @@ def test_prediction_survives_long_names_and_failed_overlays(trained, tmp_path, m
     assert all(Path(r["overlay"]).is_file() for r in records)
     assert len(Path(records[0]["overlay"]).name) < 120
 
-    real_save = wsol_outputs.save_png
+    real_save = predict.save_png
 
     def fail_for_other(path, rgb):
         if "other" in path.name:
             raise OSError(28, "No space left on device")
         real_save(path, rgb)
 
-    monkeypatch.setattr(wsol_outputs, "save_png", fail_for_other)
+    monkeypatch.setattr(predict, "save_png", fail_for_other)
     records = _predict(trained, tmp_path / "out2", [long_name, other])
     assert "overlay" in records[0] and records[1]["label"] and "No space" in records[1]["overlay_error"]
 
@@ -243,8 +245,8 @@ def test_prediction_reads_each_file_once(trained, tmp_path, monkeypatch):
     records = _predict(trained, tmp_path / "out", [image])
     assert opened.count(str(image)) == 1
     # The single read gives the processor path's answer.
-    from image_processing_cxr import CXRImageProcessor
-    from modeling_deit_scm import DeiTSCMForImageClassification
+    from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor
+    from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
 
     processor = CXRImageProcessor.from_pretrained(trained)
     model = DeiTSCMForImageClassification.from_pretrained(trained).eval()
@@ -274,7 +276,7 @@ def test_training_checkpoints_every_epoch_by_default(trained):
 def test_exif_orientation_is_honoured(tmp_path):
     """A photo of a film stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view)
     decodes upright, as viewers show it: the bright marker lands on the viewer's right."""
-    from image_processing_cxr import CXRImageProcessor
+    from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor
 
     stored = np.zeros((40, 60), np.uint8)
     stored[0:8, 0:8] = 255  # top-left as stored
@@ -288,7 +290,7 @@ def test_exif_orientation_is_honoured(tmp_path):
 
 
 def test_processor_takes_an_int_size():
-    from image_processing_cxr import CXRImageProcessor
+    from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor
 
     assert CXRImageProcessor(size=96).size == {"height": 96, "width": 96}
 
@@ -299,7 +301,7 @@ def test_processor_takes_an_int_size():
      ("scm_lse_r", 1e6, "scm_lse_r"), ("calibration_temperature", 0.0, "calibration_temperature")],
 )  # fmt: skip
 def test_config_values_that_make_nan_are_refused(field, value, fragment):
-    from configuration_deit_scm import DeiTSCMConfig
+    from deit_scm_cxr.hub.configuration_deit_scm import DeiTSCMConfig
 
     with pytest.raises(ValueError, match=fragment):
         DeiTSCMConfig(**{field: value})
@@ -441,8 +443,8 @@ def _campaign(name: str = "fault_campaign"):
 
 def test_bad_metric_and_post_processing_arguments_raise_typed_errors():
     """Before: 15 untyped crashes and 32 silent results out of 52 cases (bench/RESULTS.md)."""
-    from localization import LocalizationInputError
-    from wsol_metrics import ClassificationInputError
+    from deit_scm_cxr.evaluation.metrics import ClassificationInputError
+    from deit_scm_cxr.hub.localization import LocalizationInputError
 
     campaign = _campaign()
     row = campaign.tally("metric_arguments", campaign.metric_argument_cases(),
@@ -452,7 +454,7 @@ def test_bad_metric_and_post_processing_arguments_raise_typed_errors():
 
 
 def test_a_huge_box_is_measured_on_a_bounded_outline():
-    from wsol_metrics import MAX_OUTLINE_POINTS, box_measures, box_outline
+    from deit_scm_cxr.evaluation.metrics import MAX_OUTLINE_POINTS, box_measures, box_outline
 
     huge = np.array([[0.0, 0.0, 1e7, 10.0]])
     assert len(box_outline(huge)) <= 4 * MAX_OUTLINE_POINTS
@@ -463,7 +465,7 @@ def test_a_huge_box_is_measured_on_a_bounded_outline():
 
 
 def _path_dataset(folder: Path, count: int = 4):
-    from cxr_data import records_to_dataset
+    from deit_scm_cxr.data.cxr import records_to_dataset
 
     folder.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
@@ -585,19 +587,22 @@ def test_flags_a_saved_model_fixes_are_refused_with_it(trained, tmp_path, capsys
             run_wsol.parse_args(["--model_name_or_path", str(trained), "--output_dir", str(tmp_path / "x"), *flags])
         assert raised.value.code == 2 and f"{flags[0]} cannot apply" in capsys.readouterr().err
     args = run_wsol.parse_args(["--output_dir", str(tmp_path / "x")])
-    assert args.image_size == run_wsol.DEFAULT_IMAGE_SIZE  # a new model still gets the default size
+    assert args.image_size == ModelArguments().image_size  # a new model still gets the default size
 
 
 def test_a_checkpoint_recorded_before_the_renames_resumes(tmp_path):
     """Flags a checkpoint recorded before `--config_overrides` was parsed at the command line (its text) and
     before the recipes were renamed ("cxr") compare equal to today's; a flag really changed is still refused."""
-    now = {"config_overrides": {"hidden_size": 32, "num_hidden_layers": 2}, "recipe": "cxr_finetune", "seed": 1}
-    recorded = wsol_checkpoints.run_settings({**now, "config_overrides": "hidden_size=32,num_hidden_layers=2",
+    now = {"config_overrides": {"hidden_size": 32, "num_hidden_layers": 2}, "recipe": "cxr_finetune", "seed": 1,
+           "scm_warmup_fraction": 0.0}  # fmt: skip
+    # Recorded before --scm_warmup_fraction was a flag: the recipe's share (none for cxr_finetune) stands in.
+    old = {k: v for k, v in now.items() if k != "scm_warmup_fraction"}
+    recorded = wsol_checkpoints.run_settings({**old, "config_overrides": "hidden_size=32,num_hidden_layers=2",
                                               "recipe": "cxr"})  # fmt: skip
     wsol_checkpoints.check_resumed_settings(recorded, now, tmp_path)
-    with pytest.raises(wsol_recipes.RunInputError, match="config_overrides"):
+    with pytest.raises(RunInputError, match="config_overrides"):
         wsol_checkpoints.check_resumed_settings(recorded, {**now, "config_overrides": {"hidden_size": 64}}, tmp_path)
-    with pytest.raises(wsol_recipes.RunInputError, match="recipe"):
+    with pytest.raises(RunInputError, match="recipe"):
         wsol_checkpoints.check_resumed_settings(recorded, {**now, "recipe": "official"}, tmp_path)
 
 
@@ -608,9 +613,9 @@ def test_a_run_killed_while_saving_its_model_can_resume(tmp_path, monkeypatch):
     config.json is now on disk before any code file."""
     import transformers
 
-    from configuration_deit_scm import DeiTSCMConfig
-    from image_processing_cxr import CXRImageProcessor
-    from modeling_deit_scm import DeiTSCMForImageClassification
+    from deit_scm_cxr.hub.configuration_deit_scm import DeiTSCMConfig
+    from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor
+    from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
 
     class Killed(BaseException):
         pass
@@ -631,8 +636,8 @@ def test_a_run_killed_while_saving_its_model_can_resume(tmp_path, monkeypatch):
 
 
 def _tiny_model():
-    from configuration_deit_scm import DeiTSCMConfig
-    from modeling_deit_scm import DeiTSCMForImageClassification
+    from deit_scm_cxr.hub.configuration_deit_scm import DeiTSCMConfig
+    from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
 
     torch.manual_seed(0)
     return DeiTSCMForImageClassification(DeiTSCMConfig(
@@ -651,7 +656,7 @@ def test_nan_weights_and_retyped_headers_are_refused_at_load(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from modeling_deit_scm import DeiTSCMForImageClassification
+    from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
 
     good = tmp_path / "good"
     _saved_tiny_model(good)
@@ -678,7 +683,7 @@ def test_nan_weights_and_retyped_headers_are_refused_at_load(tmp_path):
 
 
 def test_nan_in_converted_timm_weights_is_refused():
-    from convert_deit_weights import WeightConversionError, load_backbone_weights
+    from deit_scm_cxr.convert import WeightConversionError, load_backbone_weights
 
     model = _tiny_model()
     timm_state = {  # a timm-named checkpoint of the backbone, with one NaN
@@ -695,7 +700,7 @@ def test_nan_in_converted_timm_weights_is_refused():
      ("initializer_range", float("nan"))],
 )  # fmt: skip
 def test_config_refuses_non_finite_constants(field, value):
-    from configuration_deit_scm import DeiTSCMConfig
+    from deit_scm_cxr.hub.configuration_deit_scm import DeiTSCMConfig
 
     with pytest.raises(ValueError, match=field):
         DeiTSCMConfig(**{field: value})

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-import wsol_reporting as reporting
-from wsol_metrics import pixel_average_precision
+from deit_scm_cxr.evaluation import reporting
+from deit_scm_cxr.evaluation.metrics import pixel_average_precision
 
 
 def test_ece_and_brier_by_hand():
@@ -135,9 +135,10 @@ def test_pxap_ignore_region_yields_to_the_foreground():
 
 def test_a_card_of_undefined_figures_says_so_instead_of_nan():
     """Issue 33: with one or two evaluation images the card showed bare `nan` cells."""
-    from wsol_card import CardSettings, empty_results, model_card
+    from deit_scm_cxr.outputs.card import empty_results, model_card
+    from deit_scm_cxr.training.run import settings_for
 
-    card = model_card(CardSettings(output_dir="run"), empty_results())
+    card = model_card(settings_for("--output_dir", "run").card, empty_results())
     metadata, body = card.split("---")[1], card.split("---", 2)[2]
     assert "nan" not in body and "| n/a" in body and "*n/a*: not measured" in body
     assert "nan" not in metadata.lower()  # no undefined value indexed on the Hub

@@ -13,27 +13,27 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from remote_code import run_outside_repo
 from safetensors.torch import load_file
-from tiny_run import TINY
 
-import run_wsol
-import wsol_card
-import wsol_checkpoints
-import wsol_data
-import wsol_evaluation
-import wsol_outputs
-import wsol_training
-from cxr_data import CLASS_NAMES
-from image_processing_cxr import CXRImageProcessor
-from localization import map_output
+import deit_scm_cxr.data.prepare as wsol_data
+import deit_scm_cxr.evaluation.evaluator as wsol_evaluation
+import deit_scm_cxr.outputs.card as wsol_card
+import deit_scm_cxr.outputs.writer as wsol_outputs
+import deit_scm_cxr.training.checkpoints as wsol_checkpoints
+import deit_scm_cxr.training.loop as wsol_training
+import deit_scm_cxr.training.run as run_wsol
+from deit_scm_cxr.data.cxr import CLASS_NAMES
+from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor
+from deit_scm_cxr.hub.localization import map_output
+from remote_code import run_outside_repo
+from tiny_run import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = str(ROOT / "src")
     return env
 
 
@@ -223,7 +223,7 @@ def test_model_card_python_example_runs_as_written(smoke_run, tmp_path):
 def test_model_card_try_it_points_to_the_demo(smoke_run, tmp_path):
     card = (smoke_run / "README.md").read_text()
     try_it = card.split("## Try it")[1].split("## Usage")[0]
-    assert f"python demo/app.py --model {smoke_run}" in try_it
+    assert f"deit-scm-demo --model {smoke_run}" in try_it
     args = run_wsol.parse_args(
         ["--push_to_hub", "--hub_model_id", "o/m", "--hub_space_id", "o/m-demo", "--output_dir", str(tmp_path / "x")]
     )
@@ -340,8 +340,8 @@ def test_bad_nih_metadata_is_one_line(tmp_path, capsys):
 
 
 def test_preprocessing_cache_is_keyed_by_content_and_settings(tmp_path):
-    from cxr_datasets import load_dataset_module
-    from image_processing_cxr import CXRImageProcessor
+    from deit_scm_cxr.data import load_dataset_module
+    from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor
 
     dataset = load_dataset_module("phantoms").build_phantom_dataset(
         num_train=40, num_validation=0, num_test=0, size=64
@@ -399,8 +399,9 @@ def test_nih_run_with_stand_in_images(tmp_path):
     )  # fmt: skip
     assert results["localization"]["images_validation"] + results["localization"]["images_test"] == len(boxed_images)
     assert results["classification"]["test"]["num_samples"] > 0
+    flags = ("--dataset", "nih", "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "x"))
     splits = wsol_data.prepare_all(
-        wsol_data.DataSettings(dataset="nih", data_dir=str(data_dir), report_dir=str(tmp_path / "x")),
+        run_wsol.settings_for(*flags).data,
         CXRImageProcessor(size={"height": 64, "width": 64}),
         _MainProcess(),
     )

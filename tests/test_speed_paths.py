@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import wsol_data
+import deit_scm_cxr.data.prepare as wsol_data
 
 ROOT = Path(__file__).resolve().parents[1]
 

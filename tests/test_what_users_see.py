@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from configuration_deit_scm import DeiTSCMConfig
-from localization import (
+from deit_scm_cxr.evaluation.metrics import pointing_hits
+from deit_scm_cxr.evaluation.reporting import fit_ood_statistics, mahalanobis_scores
+from deit_scm_cxr.hub.configuration_deit_scm import DeiTSCMConfig
+from deit_scm_cxr.hub.localization import (
     GROUND_TRUTH_BOX_COLOR,
     PREDICTED_BOX_COLOR,
     boxes_with_scores,
     overlay_heatmap,
     scoremap_to_boxes,
 )
-from modeling_deit_scm import DeiTSCMForImageClassification, couple
-from wsol_metrics import pointing_hits
-from wsol_reporting import fit_ood_statistics, mahalanobis_scores
+from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification, couple
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,8 +217,9 @@ def test_config_refuses_broken_ood_statistics(fields, fragment):
 
 def test_a_run_fits_the_score_and_the_pipeline_flags_a_real_film(tmp_path):
     from pydicom.data import get_testdata_file
-    from tiny_run import train_tiny
     from transformers import pipeline
+
+    from tiny_run import train_tiny
 
     run = train_tiny(tmp_path / "run", 3)
     results = json.loads((run / "all_results.json").read_text())

@@ -13,7 +13,7 @@ TINY = [
 
 def train_tiny(output: Path, steps: int = 2, *extra: str) -> Path:
     """`run_wsol.main` with the tiny flags for `steps` steps into `output` (returned)."""
-    import run_wsol
+    import deit_scm_cxr.training.run as run_wsol
 
     run_wsol.main([*TINY, "--output_dir", str(output), "--max_train_steps", str(steps), *extra])
     return output
