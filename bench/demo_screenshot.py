@@ -13,8 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 
 
 def wait_for(condition, timeout: float = 300.0, every: float = 0.5):

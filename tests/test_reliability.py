@@ -82,7 +82,33 @@ def test_overwrite_refuses_to_delete_files_it_predicts(trained, tmp_path):
     (output / "keep.me").write_text("x")
     removed = wsol_checkpoints.clear_run_outputs(output, [])
     assert sorted(p.name for p in removed) == ["all_results.json", "predictions"]
+    # Set aside, not deleted, until the replacement completes (issue 33).
+    assert sorted(p.name for p in output.iterdir()) == [".previous_run", "keep.me"]
+    assert (output / ".previous_run" / "predictions" / "patient.png").is_file()
+    wsol_checkpoints.discard_previous_run(output)
     assert sorted(p.name for p in output.iterdir()) == ["keep.me"]
+
+
+def test_a_finished_run_survives_a_replacement_that_fails(trained, tmp_path, monkeypatch):
+    """Issue 33: with --overwrite_output_dir the finished run was deleted before the new one failed (a full
+    disk). It is now set aside and removed only once the replacement is complete."""
+    import deit_scm_cxr.training.run as run_module
+
+    output = tmp_path / "run"
+    shutil.copytree(trained, output)
+    weights = (output / "model.safetensors").read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_module, "train_and_save", disk_full)
+    with pytest.raises(SystemExit):
+        run_wsol.main([*TINY, "--output_dir", str(output), "--overwrite_output_dir", "--max_train_steps", "1"])
+    assert (output / ".previous_run" / "model.safetensors").read_bytes() == weights
+    monkeypatch.undo()
+    # The next replacement completes: the set-aside run goes, the new one is in place.
+    run_wsol.main([*TINY, "--output_dir", str(output), "--overwrite_output_dir", "--max_train_steps", "1"])
+    assert not (output / ".previous_run").exists() and (output / "model.safetensors").is_file()
 
 
 # --- 2. bad boxes are refused before training; the model is saved before evaluation ----------------------
@@ -398,6 +424,27 @@ def test_a_deflated_dicom_is_measured_before_it_is_inflated():
         small.decode(data[:400] + b"\xff" * 64 + data[464:], "corrupt.dcm")
 
 
+def test_a_deflated_dicom_too_large_by_its_header_is_refused_before_it_is_inflated():
+    """Issue 33: a deflated file whose pixel data fits the inflate limit but whose Rows x Columns do not was
+    inflated whole (twice: once counted, once by pydicom) before its header was read."""
+    import tracemalloc
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    big = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    big.Rows, big.Columns = 4000, 4000  # 16 MP, over the limit below; its 32 MB of pixels within the byte limit
+    big.PixelData = bytes(4000 * 4000 * 2)
+    data = _deflated(big)
+    processor = image_processing_cxr.CXRImageProcessor(max_image_pixels=10_000_000)
+    tracemalloc.start()
+    with pytest.raises(image_processing_cxr.CXRImageError, match="big.dcm: 16,000,000 pixels, more than max_image"):
+        processor.decode(data, "big.dcm")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20, peak  # the first inflated chunks at most, not the 32 MB of pixels
+
+
 def test_nih_rows_that_disagree_about_an_image_are_refused(tmp_path):
     import pandas as pd
 
@@ -680,6 +727,39 @@ def test_nan_weights_and_retyped_headers_are_refused_at_load(tmp_path):
     (retyped / "model.safetensors").write_bytes(raw[:8] + text + raw[8 + length :])
     with pytest.raises(ValueError, match=r"weight head\.weight is stored as I32"):
         DeiTSCMForImageClassification.from_pretrained(retyped)
+
+
+def test_an_edited_config_is_refused_at_load_naming_the_problem(tmp_path):
+    """Issue 33: a saved model whose config.json was edited (fewer or more layers, another model type, JSON
+    nested too deeply to parse) loaded and predicted without a word, or ended in RecursionError."""
+    from transformers import AutoModelForImageClassification
+
+    from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
+
+    good = tmp_path / "good"
+    _saved_tiny_model(good)
+    saved = json.loads((good / "config.json").read_text())
+    layers, blocks = saved["num_hidden_layers"], saved["scm_num_blocks"]
+    assert blocks >= 1
+    for name, edit, fragment in (
+        ("fewer", {"scm_num_blocks": blocks - 1}, "holds weights this configuration has no place for"),
+        ("more", {"num_hidden_layers": layers + 1}, "lacks weights this configuration needs"),
+        ("other_type", {"model_type": "vit"}, "model_type 'vit', not 'deit_scm'"),
+    ):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        config = {**json.loads((folder / "config.json").read_text()), **edit}
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=fragment):
+            DeiTSCMForImageClassification.from_pretrained(folder)
+        if name != "other_type":  # as remote code too (the Auto classes map model types before our code runs)
+            with pytest.raises(ValueError, match=fragment):
+                AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
+    nested = tmp_path / "nested"
+    shutil.copytree(good, nested)
+    (nested / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    with pytest.raises(ValueError, match="nests too deeply"):
+        DeiTSCMForImageClassification.from_pretrained(nested)
 
 
 def test_nan_in_converted_timm_weights_is_refused():

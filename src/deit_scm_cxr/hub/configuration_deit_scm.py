@@ -376,6 +376,23 @@ class DeiTSCMConfig(PretrainedConfig):
         return image_hw[0] // patch_hw[0], image_hw[1] // patch_hw[1]
 
     @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """`PretrainedConfig.from_dict`, refusing a dictionary of another model type (transformers only warns,
+        then builds this configuration from fields it does not have)."""
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"the configuration is for model_type {model_type!r}, not {cls.model_type!r}")
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: Any) -> Any:
+        # json raises RecursionError on deeply nested input, which transformers does not catch.
+        try:
+            return super()._dict_from_json_file(json_file)
+        except RecursionError:
+            raise ValueError(f"{json_file}: the JSON nests too deeply to be a configuration") from None
+
+    @classmethod
     def from_preset(cls, backbone: str = "deit-small", scm_variant: str = "paper", **overrides: Any) -> DeiTSCMConfig:
         """Build a configuration from a named backbone and SCM variant.
 

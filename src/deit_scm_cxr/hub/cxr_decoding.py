@@ -14,7 +14,7 @@ import os
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import cv2
 import numpy as np
@@ -240,11 +240,24 @@ def _check_deflated_size(data: bytes, source: str, options: DecodeOptions) -> No
     limit = options.max_image_pixels * 6 + (16 << 20)
     inflater, inflated, view = zlib.decompressobj(-zlib.MAX_WBITS), 0, memoryview(data)[meta_end:]
     step = 1 << 22  # at most 4 MiB of inflated bytes held at a time
+    head: Optional[bytearray] = bytearray()  # the first inflated bytes, where Rows and Columns are
+
+    def take(chunk: bytes) -> int:
+        """Count a chunk (then dropped); check Rows x Columns as soon as both are in."""
+        nonlocal head
+        if head is not None and len(head) < _HEADER_BYTES:
+            head += chunk[: _HEADER_BYTES - len(head)]
+            size = _rows_and_columns(bytes(head))
+            if size is not None:
+                _check_pixel_count(size[0] * size[1], source, options)
+                head = None
+        return len(chunk)
+
     try:
         for start in range(0, len(view), 1 << 16):
-            inflated += len(inflater.decompress(view[start : start + (1 << 16)], step))
+            inflated += take(inflater.decompress(view[start : start + (1 << 16)], step))
             while inflater.unconsumed_tail and inflated <= limit:
-                inflated += len(inflater.decompress(inflater.unconsumed_tail, step))
+                inflated += take(inflater.decompress(inflater.unconsumed_tail, step))
             if inflated > limit:
                 raise CXRImageError(
                     source, f"deflated DICOM inflates to more than {limit:,} bytes, more than max_image_pixels "
@@ -252,6 +265,21 @@ def _check_deflated_size(data: bytes, source: str, options: DecodeOptions) -> No
                 )  # fmt: skip
     except zlib.error as error:
         raise CXRImageError(source, f"deflated DICOM is corrupt ({error})") from error
+
+
+# Explicit VR little endian (the deflated syntax's): (0028,0010) Rows and (0028,0011) Columns, US, length 2.
+_ROWS_TAG, _COLUMNS_TAG = b"\x28\x00\x10\x00US\x02\x00", b"\x28\x00\x11\x00US\x02\x00"
+_HEADER_BYTES = 1 << 16
+
+
+def _rows_and_columns(head: bytes) -> Optional[tuple[int, int]]:
+    """Rows and Columns from the first inflated bytes of a deflated dataset, once both are in; else None."""
+    rows_at, columns_at = head.find(_ROWS_TAG), head.find(_COLUMNS_TAG)
+    if rows_at < 0 or columns_at < 0 or columns_at + 10 > len(head) or rows_at + 10 > len(head):
+        return None
+    rows = int.from_bytes(head[rows_at + 8 : rows_at + 10], "little")
+    columns = int.from_bytes(head[columns_at + 8 : columns_at + 10], "little")
+    return rows, columns
 
 
 def _from_dicom(data: bytes, source: str, options: DecodeOptions) -> np.ndarray:

@@ -442,17 +442,25 @@ class DeiTSCMPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
-        """`PreTrainedModel.from_pretrained`, then every weight checked: a NaN or infinite value, or a floating
-        weight stored as integers (a retyped safetensors header, which loading would cast without a word),
-        raises `ValueError` naming the folder and the weight."""
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        """`PreTrainedModel.from_pretrained`, then every weight checked: a NaN or infinite value, a floating
+        weight stored as integers (a retyped safetensors header, which loading would cast without a word), or
+        weights that do not match the configuration (unused, missing or of another shape) raise `ValueError`
+        naming the folder and the weight. With `output_loading_info=True` the caller gets the report instead
+        of the last check."""
+        asked = bool(kwargs.get("output_loading_info"))
+        kwargs["output_loading_info"] = True
+        loaded: Any = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model, info = loaded
         check_weights(model, str(pretrained_model_name_or_path))
+        if not asked:  # a caller who asked for the loading report judges it; everyone else gets the weights whole
+            # The backbone alone from a classifier's folder (AutoModel) leaves the head's weights unused, rightly.
+            part = cls.__name__ not in (model.config.architectures or [cls.__name__])
+            check_loading_report(info, str(pretrained_model_name_or_path), unused_allowed=part)
         folder = Path(str(pretrained_model_name_or_path))
         for name in ("model.safetensors",) if folder.is_dir() else ():
             if (folder / name).is_file():
                 check_stored_dtypes(folder / name, model)
-        return loaded
+        return loaded if asked else model
 
     def set_fused_attention(self, fused: bool = True) -> None:
         """Switch every attention layer between the fused kernel and the explicit (testing) path."""
@@ -658,6 +666,19 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
             }
             for (is_backbone, no_decay), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))
         ]
+
+
+def check_loading_report(info: dict[str, Any], source: str, unused_allowed: bool = False) -> None:
+    """Raise `ValueError` when the weights file and the configuration disagree: weights the model has no place
+    for (a config edited to fewer layers) or parameters the file lacks (they would stay random), which
+    transformers only logs."""
+    unexpected = [] if unused_allowed else sorted(map(str, info.get("unexpected_keys") or ()))
+    missing = sorted(map(str, info.get("missing_keys") or ())) + sorted(map(str, info.get("mismatched_keys") or ()))
+    for problem, keys in (("holds weights this configuration has no place for", unexpected),
+                          ("lacks weights this configuration needs (they would stay random)", missing)):  # fmt: skip
+        if keys:
+            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            raise ValueError(f"{source}: the weights file {problem}: {shown}; was config.json edited?")
 
 
 def check_weights(module: nn.Module, source: str) -> None:

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from deit_scm_cxr.data.cxr import CLASS_NAMES
-from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor, overlay_heatmap
-from deit_scm_cxr.hub.localization import MAP_LABELS, map_output
 from deit_scm_cxr.data.prepare import PreparedSplit
 from deit_scm_cxr.evaluation.evaluator import Predictions
 from deit_scm_cxr.evaluation.reporting import softmax
+from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor, overlay_heatmap
+from deit_scm_cxr.hub.localization import MAP_LABELS, map_output
 
 OVERLAY_SAMPLES = 8
 # The panel titles' names of the maps: OpenCV's Hershey fonts draw ASCII only (no subscript zero, no odot).

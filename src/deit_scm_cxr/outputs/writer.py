@@ -3,26 +3,21 @@ pictures and the model card; pushing to the Hub; predicting files."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from deit_scm_cxr.hub.image_processing_cxr import CXRImageError, CXRImageProcessor, overlay_heatmap
-from deit_scm_cxr.outputs.card import CardSettings, empty_results, model_card
 from deit_scm_cxr.data.prepare import PreparedSplit
 from deit_scm_cxr.evaluation.evaluator import Predictions
-from deit_scm_cxr.outputs.plots import save_png, write_overlays, write_plots
-from deit_scm_cxr.predict import overlay_name, predict_files
 from deit_scm_cxr.evaluation.reporting import reliability_diagram, softmax
+from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor
+from deit_scm_cxr.outputs.card import CardSettings, empty_results, model_card
+from deit_scm_cxr.outputs.plots import write_overlays, write_plots
 
 logger = logging.getLogger("run_wsol")
 

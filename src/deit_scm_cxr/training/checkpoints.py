@@ -35,8 +35,10 @@ RUN_OUTPUT_PATTERNS = (
     "configuration_deit_scm.py", "modeling_deit_scm.py", "scm_diffusion.py", "image_processing_cxr.py",
     "cxr_decoding.py", "localization.py", "pipeline_cxr.py",
     "metrics_plots", "heatmap_comparisons", "localization_samples", "checkpoints",
-    "predictions", "problem_images_*.csv", "run_wsol",
+    "predictions", "problem_images_*.csv", "run_wsol", "recipe.json",
 )  # fmt: skip
+# Where --overwrite_output_dir sets the finished run aside until its replacement is complete.
+PREVIOUS_RUN_DIR = ".previous_run"
 # Inside the folders above, what a run writes; a user's file kept there survives an overwrite.
 RUN_FOLDER_PATTERNS = {
     "checkpoints": (f"{CHECKPOINT_PREFIX}*", f"{ABANDONED_PREFIX}*"),
@@ -279,8 +281,10 @@ def _process_alive(pid: int) -> bool:
 
 
 def clear_run_outputs(output_dir: Path, keep: list[Path]) -> list[Path]:
-    """--overwrite_output_dir: remove what an earlier run wrote in `output_dir`, nothing else. Refuses (one
-    line, nothing deleted) when a path the new run reads (`keep`: the model to fine-tune, backbone
+    """--overwrite_output_dir: set what an earlier run wrote in `output_dir` aside (`PREVIOUS_RUN_DIR`,
+    nothing else is touched) until the new run completes (`discard_previous_run`): a finished result is never
+    destroyed before its replacement is complete; a replacement that fails or is killed leaves it there. Refuses
+    (one line, nothing moved) when a path the new run reads (`keep`: the model to fine-tune, backbone
     weights, files to predict, data, cache) is `output_dir` itself or lies inside an entry to remove."""
     entries = run_outputs(output_dir)
     root = output_dir.resolve()
@@ -299,17 +303,61 @@ def clear_run_outputs(output_dir: Path, keep: list[Path]) -> list[Path]:
             f"--overwrite_output_dir would delete {', '.join(str(p) for p in foreign)}, which no run wrote; "
             "nothing was deleted: choose another --output_dir"
         )
+    previous = output_dir / PREVIOUS_RUN_DIR
+    if previous.exists():
+        # An earlier replacement never completed: what is here is that unfinished run; the finished one stays
+        # set aside until this replacement completes.
+        _delete_entries(entries)
+        logger.info("--overwrite_output_dir: removed an unfinished run's %s; the finished run stays in %s",
+                    ", ".join(e.name for e in entries) or "nothing", previous)  # fmt: skip
+        return entries
+    kept: list[Path] = []
+    for entry in entries:
+        kept += _move_run_entry(entry, previous / entry.name)
+    if kept:
+        logger.warning("--overwrite_output_dir kept what no run wrote: %s", ", ".join(map(str, kept)))
+    if entries:
+        logger.info("--overwrite_output_dir: the finished run's %s set aside in %s until this run completes",
+                    ", ".join(e.name for e in entries), previous)  # fmt: skip
+    return entries
+
+
+def discard_previous_run(output_dir: Path) -> None:
+    """The replacement is complete: the run set aside by --overwrite_output_dir goes."""
+    previous = output_dir / PREVIOUS_RUN_DIR
+    if previous.is_dir():
+        shutil.rmtree(previous)
+        logger.info("--overwrite_output_dir: the replaced run in %s removed", previous)
+
+
+def _delete_entries(entries: list[Path]) -> list[Path]:
     kept: list[Path] = []
     for entry in entries:
         if entry.is_dir() and not entry.is_symlink():
             kept += _remove_run_folder(entry)
         else:
             entry.unlink()
-    if kept:
-        logger.warning("--overwrite_output_dir kept what no run wrote: %s", ", ".join(map(str, kept)))
-    if entries:
-        logger.info("--overwrite_output_dir: removed %s from %s", ", ".join(e.name for e in entries), output_dir)
-    return entries
+    return kept
+
+
+def _move_run_entry(entry: Path, target: Path) -> list[Path]:
+    """Move what a run wrote at `entry` to `target` (a rename: no space needed); inside a run's folder only
+    the run's files move, a user's stay where they are. Returns what stayed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not entry.is_dir() or entry.is_symlink():
+        os.replace(entry, target)
+        return []
+    patterns = RUN_FOLDER_PATTERNS.get(entry.name)
+    target.mkdir(exist_ok=True)
+    for child in entry.iterdir():
+        ours = (any(fnmatch.fnmatchcase(child.name, p) for p in patterns) if patterns
+                else child.is_file() and child.suffix in RUN_FILE_SUFFIXES)  # fmt: skip
+        if ours:
+            os.replace(child, target / child.name)
+    kept = sorted(entry.iterdir())
+    if not kept:
+        entry.rmdir()
+    return kept
 
 
 def load_checkpoint(

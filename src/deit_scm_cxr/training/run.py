@@ -41,17 +41,18 @@ from deit_scm_cxr.hub.configuration_deit_scm import SCM_VARIANTS, DeiTSCMConfig
 from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
 from deit_scm_cxr.outputs.card import CardSettings
 from deit_scm_cxr.outputs.writer import (
-    predict_files,
     push_to_hub,
     save_model,
     write_run_outputs,
 )
+from deit_scm_cxr.predict import predict_files
 from deit_scm_cxr.training.arguments import model_fields, parse_args
 from deit_scm_cxr.training.checkpoints import (
     LOCK_FILE,
     TrainState,
     acquire_output_lock,
     clear_run_outputs,
+    discard_previous_run,
     load_model_folder,
     release_output_lock,
 )
@@ -120,7 +121,8 @@ class RunSettings:
     def inputs(self) -> list[Path]:
         """Local paths the run reads: what `--overwrite_output_dir` must never delete."""
         model, data = self.model, self.data
-        named = [model.model_name_or_path, model.backbone_weights, data.data_dir, data.cache_dir, *self.predict_files]
+        named = [model.model_name_or_path, model.backbone_weights, data.data_dir, data.cache_dir, self.recipe,
+                 *self.predict_files]  # fmt: skip
         return [Path(p) for p in named if p and Path(p).exists()]
 
 
@@ -280,7 +282,10 @@ def run(settings: RunSettings) -> dict[str, Any]:
     """Train, evaluate, predict and publish as the settings say; returns what all_results.json holds."""
     accelerator, output_dir = start_run(settings)
     try:
-        return _run_in(settings, accelerator, output_dir)
+        results = _run_in(settings, accelerator, output_dir)
+        if accelerator.is_main_process:  # complete: the run --overwrite_output_dir set aside may go now
+            discard_previous_run(output_dir)
+        return results
     finally:  # the folder is free again however the run ends (a killed run's stale lock is taken over)
         release_output_lock(output_dir / LOCK_FILE)
 
