@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 from typing import NoReturn
+
+# A failed write that is the user's to fix: no space, quota or file-size allowance left, a read-only or
+# foreign folder. Entry points say it in one line (exit status 2) instead of a traceback.
+WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class RunInputError(ValueError):
@@ -15,4 +20,4 @@ def refuse(message: str) -> NoReturn:
     raise RunInputError(message)
 
 
-__all__ = ["RunInputError", "refuse"]
+__all__ = ["WRITE_ERRORS", "RunInputError", "refuse"]

@@ -125,7 +125,7 @@ def cli() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
-    from deit_scm_cxr.errors import RunInputError
+    from deit_scm_cxr.errors import WRITE_ERRORS, RunInputError
     from deit_scm_cxr.training.arguments import expand_predict_files
 
     parser = argparse.ArgumentParser(prog="deit-scm-predict", description=__doc__.split("\n\n")[0])
@@ -149,8 +149,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     output = Path(args.output_dir)
     if output.exists() and not output.is_dir():
         parser.exit(2, f"deit-scm-predict: error: --output_dir {output} is a file, not a folder\n")
-    output.mkdir(parents=True, exist_ok=True)
-    rows = predict_files(files, model, processor, output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        rows = predict_files(files, model, processor, output)
+    except OSError as error:
+        if error.errno not in WRITE_ERRORS:
+            raise
+        parser.exit(2, f"deit-scm-predict: error: cannot write {error.filename or output}: {error.strerror}\n")
     sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     return rows
 

@@ -15,7 +15,6 @@ threshold calibrated on a validation split and the test-set oracle reported besi
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ from deit_scm_cxr.data.prepare import (
     build_processor,
     prepare_all,
 )
-from deit_scm_cxr.errors import RunInputError
+from deit_scm_cxr.errors import WRITE_ERRORS, RunInputError
 from deit_scm_cxr.evaluation.evaluator import EvaluationSettings, final_evaluation
 from deit_scm_cxr.evaluation.reporting import environment
 from deit_scm_cxr.hub.configuration_deit_scm import SCM_VARIANTS, DeiTSCMConfig
@@ -58,8 +57,6 @@ from deit_scm_cxr.training.checkpoints import (
 )
 from deit_scm_cxr.training.loop import TrainingSettings, build_components, resume_and_train
 
-# What a failed write that is the user's to fix looks like: no space or quota left, a read-only or foreign folder.
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 logger = logging.getLogger("run_wsol")
 RECIPE_FILE = "recipe.json"
 
