@@ -111,6 +111,23 @@ def test_a_finished_run_survives_a_replacement_that_fails(trained, tmp_path, mon
     assert not (output / ".previous_run").exists() and (output / "model.safetensors").is_file()
 
 
+def test_a_model_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    """Issue 33: safetensors' and torch's own write errors (a file-size limit, a full disk) ended in a traceback."""
+    from safetensors import SafetensorError
+
+    from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
+
+    def too_large(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 27, kind: FileTooLarge })")
+
+    monkeypatch.setattr(DeiTSCMForImageClassification, "save_pretrained", too_large)
+    with pytest.raises(SystemExit) as raised:
+        run_wsol.main([*TINY, "--max_train_steps", "1", "--do_eval", "false", "--output_dir", str(tmp_path / "run")])
+    assert raised.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "could not write the model to" in lines[-1] and "FileTooLarge" in lines[-1]
+
+
 # --- 2. bad boxes are refused before training; the model is saved before evaluation ----------------------
 
 
@@ -755,6 +772,8 @@ def test_an_edited_config_is_refused_at_load_naming_the_problem(tmp_path):
         if name != "other_type":  # as remote code too (the Auto classes map model types before our code runs)
             with pytest.raises(ValueError, match=fragment):
                 AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
+        with pytest.raises(RunInputError):  # and through the main job's --model_name_or_path, in one line
+            wsol_checkpoints.load_model_folder(str(folder), DeiTSCMForImageClassification, {})
     nested = tmp_path / "nested"
     shutil.copytree(good, nested)
     (nested / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -744,7 +745,7 @@ def test_resume_after_a_step_checkpoint_finishes_the_epoch(tmp_path):
     assert [entry["epoch"] for entry in results["training"]["history"]] == [0]
 
 
-def test_checkpoint_limit_and_a_failed_write_named(tmp_path, monkeypatch):
+def test_checkpoint_limit_and_a_failed_write_named(tmp_path, monkeypatch, capsys):
     output = tmp_path / "run"
     common = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "2", "--do_eval", "false"]
     run_wsol.main([*common, "--output_dir", str(output), "--checkpoints_total_limit", "2"])
@@ -756,8 +757,10 @@ def test_checkpoint_limit_and_a_failed_write_named(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1234 vs 1200")
 
     monkeypatch.setattr(Accelerator, "save_state", full_disk)
-    with pytest.raises(RuntimeError, match=r"could not write checkpoint .*step_2.*unexpected pos.*MiB free"):
+    with pytest.raises(SystemExit) as raised:  # one line, exit status 2: the user's to fix (issue 33)
         run_wsol.main([*common, "--output_dir", str(tmp_path / "full_disk")])
+    assert raised.value.code == 2
+    assert re.search(r"could not write checkpoint .*step_2.*unexpected pos.*MiB free", capsys.readouterr().err)
     assert not list((tmp_path / "full_disk" / "checkpoints").glob("step_2*"))
 
 

@@ -15,9 +15,14 @@ class RunInputError(ValueError):
     entry points print it in one line and exit with status 2, as argparse does; a library caller catches it."""
 
 
+class RunWriteError(RuntimeError):
+    """A run could not write what it must (a checkpoint, the model): a full disk, a quota, a file-size limit, a
+    read-only folder. Said in one line with exit status 2 by the entry points; the message names the path."""
+
+
 def refuse(message: str) -> NoReturn:
     """Raise `RunInputError(message)`: the one way the run's modules reject an input."""
     raise RunInputError(message)
 
 
-__all__ = ["WRITE_ERRORS", "RunInputError", "refuse"]
+__all__ = ["WRITE_ERRORS", "RunInputError", "RunWriteError", "refuse"]

@@ -7,12 +7,14 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
 from deit_scm_cxr.data.prepare import PreparedSplit
+from deit_scm_cxr.errors import RunWriteError
 from deit_scm_cxr.evaluation.evaluator import Predictions
 from deit_scm_cxr.evaluation.reporting import reliability_diagram, softmax
 from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor
@@ -29,11 +31,18 @@ def save_model(accelerator, model, processor: CXRImageProcessor, output_dir: Pat
     unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
     # transformers copies the remote-code files before it writes config.json: a run killed in between would
     # leave code files no config.json claims, which a resume refuses as no run's. Ours goes first, whole.
+    from safetensors import SafetensorError
+
     partial = output_dir / "config.json.partial"
-    unwrapped.config.to_json_file(str(partial))
-    os.replace(partial, output_dir / "config.json")
-    unwrapped.save_pretrained(str(output_dir), safe_serialization=True)
-    processor.save_pretrained(str(output_dir))
+    try:
+        unwrapped.config.to_json_file(str(partial))
+        os.replace(partial, output_dir / "config.json")
+        unwrapped.save_pretrained(str(output_dir), safe_serialization=True)
+        processor.save_pretrained(str(output_dir))
+    except (SafetensorError, RuntimeError) as error:  # safetensors' and torch's own words for a failed write
+        free = shutil.disk_usage(output_dir).free / 2**20
+        message = f"could not write the model to {output_dir}: {error} ({free:.0f} MiB free there)"
+        raise RunWriteError(message) from error
 
 
 def push_to_hub(hub_model_id: str, hub_space_id: Optional[str], output_dir: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from deit_scm_cxr.errors import refuse
+from deit_scm_cxr.errors import RunWriteError, refuse
 from deit_scm_cxr.training.recipes import current_flag_values
 
 logger = logging.getLogger("run_wsol")
@@ -142,7 +142,7 @@ def save_checkpoint(
         free = shutil.disk_usage(partial.parent).free / 2**20 if partial.parent.exists() else float("nan")
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
-        raise RuntimeError(
+        raise RunWriteError(
             f"could not write checkpoint {final}: {error} ({free:.0f} MiB free on that disk; "
             "a full disk is the usual cause: free space or lower --checkpoints_total_limit)"
         ) from error
@@ -481,5 +481,12 @@ def load_model_folder(source: str, model_class: Any, overrides: dict[str, Any]) 
     if missing:
         shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         refuse(f"--model_name_or_path {source}: model.safetensors lacks {shown}; they would stay random")
+    # Weights the configuration has no place for: its config.json was edited (with --config_overrides the
+    # user changed the architecture on purpose, and the unused weights are theirs to drop).
+    unused = sorted(map(str, info.get("unexpected_keys", ())))
+    if unused and not overrides:
+        shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+        refuse(f"--model_name_or_path {source}: model.safetensors holds {shown}, which its config.json has no "
+               "place for (was it edited?)")  # fmt: skip
     return model
 

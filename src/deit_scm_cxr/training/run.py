@@ -33,7 +33,7 @@ from deit_scm_cxr.data.prepare import (
     build_processor,
     prepare_all,
 )
-from deit_scm_cxr.errors import WRITE_ERRORS, RunInputError
+from deit_scm_cxr.errors import WRITE_ERRORS, RunInputError, RunWriteError
 from deit_scm_cxr.evaluation.evaluator import EvaluationSettings, final_evaluation
 from deit_scm_cxr.evaluation.reporting import environment
 from deit_scm_cxr.hub.configuration_deit_scm import SCM_VARIANTS, DeiTSCMConfig
@@ -263,7 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     settings = resolve_settings(parse_args(argv))
     try:
         return run(settings)
-    except RunInputError as error:
+    except (RunInputError, RunWriteError) as error:
         sys.stderr.write(f"run_wsol.py: error: {error}\n")
         raise SystemExit(2) from None
     except OSError as error:
