@@ -164,18 +164,23 @@ class RunFailed(RuntimeError):
     """`run_wsol.py` ended with a traceback (an exit status other than 0 and 2)."""
 
 
-def run_cli(*argv: str, timeout: float = 900) -> None:
-    """`python run_wsol.py ARGV` as a user runs it, in its own process: exit status 2 is re-raised as
-    `SystemExit(2)` (the one-line refusal), any other failure as `RunFailed` with the last stderr line.
-    Its stderr (the log) goes to this process's stderr, where a case's check reads it."""
-    done = subprocess.run([sys.executable, str(ROOT / "run_wsol.py"), *argv], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)  # fmt: skip
+def run_process(command: list[str], timeout: float = 900, **popen: Any) -> str:
+    """A command as a user runs it, in its own process: exit status 2 is re-raised as `SystemExit(2)` (the
+    one-line refusal), any other failure as `RunFailed` with the last stderr line; returns its stdout. Its
+    stderr (the log) goes to this process's stderr, where a case's check reads it."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)
     sys.stderr.write(done.stderr)
     if done.returncode == 2:
         raise SystemExit(2)
     if done.returncode:
         lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
         raise RunFailed(lines[-1][:300])
+    return done.stdout
+
+
+def run_cli(*argv: str, timeout: float = 900) -> None:
+    """`python run_wsol.py ARGV` (`run_process`)."""
+    run_process([sys.executable, str(ROOT / "run_wsol.py"), *argv], timeout=timeout)
 
 
 def _main(*argv: str) -> Callable[[], Any]:
@@ -615,17 +620,17 @@ CATEGORIES: dict[str, Callable[[Workshop], Iterable[Case]]] = {
 }
 
 
-def run_categories(names: Iterable[str], folder: Optional[Path] = None) -> list[dict]:
-    """Tally each named category in a scratch folder (removed afterwards unless given)."""
-    from deit_scm_cxr.data import load_dataset_module
-
-    scratch = folder or Path(tempfile.mkdtemp(prefix="fault-runs-"))
+def tally_categories(categories: dict[str, Callable[[Workshop], Iterable[Case]]], names: Iterable[str],
+                     typed: Callable[[str], tuple[type, ...]], prefix: str, folder: Optional[Path] = None,
+                     ) -> list[dict]:  # fmt: skip
+    """Tally each named category (`typed(name)`: the errors that count as typed there) in a scratch folder,
+    removed afterwards unless given; a JSON line per category on stdout."""
+    scratch = folder or Path(tempfile.mkdtemp(prefix=prefix))
     shop = Workshop(scratch)
     rows = []
     try:
         for name in names:
-            typed = (load_dataset_module("nih").NIHMetadataError,) if name == "nih_folders" else ()
-            row = tally_cases(name, CATEGORIES[name](shop), typed)
+            row = tally_cases(name, categories[name](shop), typed(name))
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -634,14 +639,30 @@ def run_categories(names: Iterable[str], folder: Optional[Path] = None) -> list[
     return rows
 
 
-def main(argv: Optional[list[str]] = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--categories", nargs="+", choices=list(CATEGORIES), default=list(CATEGORIES))
+def run_categories(names: Iterable[str], folder: Optional[Path] = None) -> list[dict]:
+    """Tally each named category in a scratch folder (removed afterwards unless given)."""
+    from deit_scm_cxr.data import load_dataset_module
+
+    def typed(name: str) -> tuple[type, ...]:
+        return (load_dataset_module("nih").NIHMetadataError,) if name == "nih_folders" else ()
+
+    return tally_categories(CATEGORIES, names, typed, "fault-runs-", folder)
+
+
+def campaign_main(description: str, categories: dict, run: Callable[[list[str]], list[dict]],
+                  argv: Optional[list[str]] = None) -> list[dict]:  # fmt: skip
+    """A campaign's command line: `--categories` (default all), third-party logs quietened."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--categories", nargs="+", choices=list(categories), default=list(categories))
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("transformers", "accelerate", "datasets", "PIL", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    return run_categories(args.categories)
+    return run(args.categories)
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+    return campaign_main(__doc__.split("\n\n")[0], CATEGORIES, run_categories, argv)
 
 
 if __name__ == "__main__":

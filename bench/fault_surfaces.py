@@ -12,17 +12,13 @@ one-line refusal), the pipelines and loaders in this process (a typed error is t
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import resource
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -31,24 +27,15 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from fault_runs import ROOT, TINY, Case, Workshop, run_cli, tally_cases
+from fault_runs import ROOT, TINY, Case, Workshop, _edit_config, campaign_main, run_cli, run_process, tally_categories
 
 SRC = ROOT / "src"
 ENV = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
 
 
 def run_module(module: str, *argv: str, timeout: float = 900, **popen: Any) -> str:
-    """`python -m MODULE ARGV` in its own process: exit 2 re-raised as SystemExit(2), another failure as a
-    RuntimeError with its last line; returns stdout."""
-    done = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=timeout,
-                          env=ENV, cwd=ROOT, **popen)  # fmt: skip
-    sys.stderr.write(done.stderr)
-    if done.returncode == 2:
-        raise SystemExit(2)
-    if done.returncode:
-        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-        raise RuntimeError(lines[-1][:300])
-    return done.stdout
+    """`python -m MODULE ARGV` in its own process (`fault_runs.run_process`); returns stdout."""
+    return run_process([sys.executable, "-m", module, *argv], timeout=timeout, env=ENV, **popen)
 
 
 def _sixteen_bit_png(path: Path) -> Path:
@@ -261,11 +248,6 @@ def _tampered(shop: Workshop, name: str, edit: Callable[[Path], None]) -> Path:
     return folder
 
 
-def _edit_config(folder: Path, **values: Any) -> None:
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **values}))
-
-
 def _nan_weight(folder: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -333,27 +315,11 @@ def typed_errors() -> tuple[type, ...]:
 
 
 def run_categories(names: Iterable[str], folder: Optional[Path] = None) -> list[dict]:
-    scratch = folder or Path(tempfile.mkdtemp(prefix="fault-surfaces-"))
-    shop = Workshop(scratch)
-    rows = []
-    try:
-        for name in names:
-            row = tally_cases(name, CATEGORIES[name](shop), typed_errors())
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    finally:
-        if folder is None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return rows
+    return tally_categories(CATEGORIES, names, lambda name: typed_errors(), "fault-surfaces-", folder)
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--categories", nargs="+", choices=list(CATEGORIES), default=list(CATEGORIES))
-    args = parser.parse_args(argv)
-    for noisy in ("transformers", "accelerate", "datasets", "PIL", "urllib3", "filelock", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    return run_categories(args.categories)
+    return campaign_main(__doc__.split("\n\n")[0], CATEGORIES, run_categories, argv)
 
 
 if __name__ == "__main__":

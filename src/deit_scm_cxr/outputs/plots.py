@@ -15,6 +15,7 @@ from deit_scm_cxr.evaluation.evaluator import Predictions
 from deit_scm_cxr.evaluation.reporting import softmax
 from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor, overlay_heatmap
 from deit_scm_cxr.hub.localization import MAP_LABELS, map_output
+from deit_scm_cxr.predict import save_png
 
 OVERLAY_SAMPLES = 8
 # The panel titles' names of the maps: OpenCV's Hershey fonts draw ASCII only (no subscript zero, no odot).
@@ -69,12 +70,6 @@ def write_plots(output_dir: Path, state: Any, results: dict[str, Any]) -> None:
     figure.savefig(folder / "confusion_matrix.png", dpi=110)
     plt.close(figure)
     plot_localization_table(results["localization"]["methods"], str(folder / "localization_baselines.png"))
-
-
-def save_png(path: Path, rgb: np.ndarray) -> None:
-    from PIL import Image
-
-    Image.fromarray(rgb).save(path)
 
 
 def write_overlays(

@@ -233,8 +233,8 @@ def build_parser(prog: str = "run_wsol.py") -> ArgumentParser:
     return ArgumentParser(list(ARGUMENT_CLASSES), prog=prog, description="Train, evaluate and predict with DeiT-SCM.")
 
 
-def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    """The destinations of the flags typed in `argv` (not those left at a default)."""
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
+    """The flags typed in `argv` (not those left at a default), by destination, with their parsed values."""
     saved = [action.default for action in parser._actions]  # per action: --x and --no_x share a destination
     try:
         for action in parser._actions:
@@ -243,7 +243,7 @@ def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str
     finally:
         for action, default in zip(parser._actions, saved):
             action.default = default
-    return set(vars(namespace))
+    return vars(namespace)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "run_wsol.py") -> argparse.Namespace:
@@ -254,16 +254,19 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "run_wsol.py") 
     parser = build_parser(prog)
     try:
         given = given_flags(parser, argv)
-        probe, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
-        pretrained = bool(probe.backbone_weights or probe.model_name_or_path)
-        recipe = resolve_recipe(probe.recipe, probe.scm_variant, pretrained)
+
+        def value(name: str) -> Any:  # as typed, else the flag's default (the recipe is not applied yet)
+            return given[name] if name in given else parser.get_default(name)
+
+        pretrained = bool(value("backbone_weights") or value("model_name_or_path"))
+        recipe = resolve_recipe(value("recipe"), value("scm_variant"), pretrained)
         defaults = dict(recipe.training)
         if "learning_rate" in given and "scm_learning_rate" not in given:
             # One flag scales the whole recipe: SCM blocks and head follow the backbone at the recipe's ratio.
-            ratio = defaults.get("scm_learning_rate", _default("scm_learning_rate")) / defaults.get(
-                "learning_rate", _default("learning_rate")
+            ratio = defaults.get("scm_learning_rate", parser.get_default("scm_learning_rate")) / defaults.get(
+                "learning_rate", parser.get_default("learning_rate")
             )
-            defaults["scm_learning_rate"] = probe.learning_rate * ratio
+            defaults["scm_learning_rate"] = given["learning_rate"] * ratio
         parser.set_defaults(**defaults)
         namespace = parser.parse_args(argv)  # --help prints here, with the recipe's values
         parsed = [cls(**{f.name: getattr(namespace, f.name) for f in fields(cls)}) for cls in ARGUMENT_CLASSES]
@@ -271,19 +274,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "run_wsol.py") 
         args.recipe = recipe.name
         args.recipe_values = recipe.resolved({name: getattr(args, name) for name in recipe_flag_names()})
         args.config_overrides = parse_overrides(args.config_overrides)
-        check_arguments(args, given)
+        check_arguments(args, set(given))
     except RunInputError as error:
         sys.stderr.write(f"{prog}: error: {error}\n")
         raise SystemExit(2) from None
     return args
-
-
-def _default(name: str) -> Any:
-    for cls in ARGUMENT_CLASSES:
-        for item in fields(cls):
-            if item.name == name:
-                return item.default
-    raise KeyError(name)
 
 
 def recipe_flag_names() -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from deit_scm_cxr.errors import RunWriteError, refuse
+from deit_scm_cxr.hub.modeling_deit_scm import check_loading_report
 from deit_scm_cxr.training.recipes import current_flag_values
 
 logger = logging.getLogger("run_wsol")
@@ -219,14 +220,20 @@ def foreign_outputs(output_dir: Path) -> list[Path]:
     return [entry for entry in run_outputs(output_dir) if entry.is_file() and not written_by_a_run(entry)]
 
 
+def _written_in_run_folder(child: Path) -> bool:
+    """Whether an entry inside one of a run's folders is the run's (`RUN_FOLDER_PATTERNS`, else a plot, picture
+    or table file), not a user's note kept there."""
+    patterns = RUN_FOLDER_PATTERNS.get(child.parent.name)
+    if patterns:
+        return any(fnmatch.fnmatchcase(child.name, p) for p in patterns)
+    return child.is_file() and child.suffix in RUN_FILE_SUFFIXES
+
+
 def _remove_run_folder(folder: Path) -> list[Path]:
     """A run's folder emptied of what a run writes there; anything else (a user's notes) stays with the
     folder. Returns what was kept."""
-    patterns = RUN_FOLDER_PATTERNS.get(folder.name)
     for child in folder.iterdir():
-        ours = (any(fnmatch.fnmatchcase(child.name, p) for p in patterns) if patterns
-                else child.is_file() and child.suffix in RUN_FILE_SUFFIXES)  # fmt: skip
-        if not ours:
+        if not _written_in_run_folder(child):
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
@@ -347,12 +354,9 @@ def _move_run_entry(entry: Path, target: Path) -> list[Path]:
     if not entry.is_dir() or entry.is_symlink():
         os.replace(entry, target)
         return []
-    patterns = RUN_FOLDER_PATTERNS.get(entry.name)
     target.mkdir(exist_ok=True)
     for child in entry.iterdir():
-        ours = (any(fnmatch.fnmatchcase(child.name, p) for p in patterns) if patterns
-                else child.is_file() and child.suffix in RUN_FILE_SUFFIXES)  # fmt: skip
-        if ours:
+        if _written_in_run_folder(child):
             os.replace(child, target / child.name)
     kept = sorted(entry.iterdir())
     if not kept:
@@ -477,16 +481,11 @@ def load_model_folder(source: str, model_class: Any, overrides: dict[str, Any]) 
     except Exception as error:  # transformers, safetensors and JSON errors alike: the user's folder is wrong
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
         refuse(f"--model_name_or_path {source} cannot be loaded: {type(error).__name__}: {first_line}")
-    missing = sorted(info.get("missing_keys", ())) + sorted(info.get("mismatched_keys", ()))
-    if missing:
-        shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        refuse(f"--model_name_or_path {source}: model.safetensors lacks {shown}; they would stay random")
-    # Weights the configuration has no place for: its config.json was edited (with --config_overrides the
-    # user changed the architecture on purpose, and the unused weights are theirs to drop).
-    unused = sorted(map(str, info.get("unexpected_keys", ())))
-    if unused and not overrides:
-        shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
-        refuse(f"--model_name_or_path {source}: model.safetensors holds {shown}, which its config.json has no "
-               "place for (was it edited?)")  # fmt: skip
+    # The model's own check of its loading report. With --config_overrides the user changed the architecture
+    # on purpose, and the weights it leaves unused are theirs to drop.
+    try:
+        check_loading_report(info, source, unused_allowed=bool(overrides))
+    except ValueError as error:
+        refuse(f"--model_name_or_path {error}")
     return model
 
