@@ -14,6 +14,7 @@ from pydicom.data import get_testdata_file
 
 import deit_scm_cxr.export_onnx as export_onnx
 from deit_scm_cxr.data import load_dataset_module
+from deit_scm_cxr.hub.cxr_decoding import CXRImageError
 from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor
 from deit_scm_cxr.hub.modeling_deit_scm import DeiTSCMForImageClassification
 from remote_code import run_outside_repo
@@ -90,6 +91,46 @@ def test_the_stock_pipeline_never_answers_a_misread_dicom(model_dir):
     with pytest.raises(ValueError, match="no contrast") as raised:
         classifier(get_testdata_file("RG1_UNCR.dcm"))
     assert type(raised.value).__name__ == "CXRImageError"
+
+
+def test_the_stock_pipeline_refuses_a_clipped_16_bit_png_and_agrees_on_the_decoded_array(model_dir, tmp_path):
+    """transformers' image-classification pipeline reads a 16-bit PNG with PIL, whose 8-bit conversion clips
+    every value above 255: the processor refuses that input (it used to be classified, with another top label
+    than the project's path); the same file decoded by the processor gives the stock pipeline the project's
+    answer."""
+    from transformers import pipeline
+
+    phantom = load_dataset_module("phantoms").generate_phantom(7, seed=5, label=0, size=160, bits=16)
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(phantom.image // 16).save(path)  # 12-bit values, as CR files hold them
+    assert Image.open(path).mode == "I;16"
+    classifier = pipeline("image-classification", model=str(model_dir), trust_remote_code=True)
+    with pytest.raises(ValueError, match=r"9\d% of its pixels are pure white \(255\).*clipped") as raised:
+        classifier(str(path))
+    assert type(raised.value).__name__ == "CXRImageError"
+
+    processor = CXRImageProcessor.from_pretrained(model_dir)
+    model = DeiTSCMForImageClassification.from_pretrained(model_dir, use_safetensors=True).eval()
+    for source in (str(path), get_testdata_file("RG1_UNCR.dcm")):
+        decoded = processor.decode(source)
+        assert decoded.dtype != np.uint8  # the bit depth is kept
+        with torch.no_grad():
+            probabilities = model(processor([source])["pixel_values"]).logits.softmax(-1)[0]
+        stock = {row["label"]: row["score"] for row in classifier(decoded, top_k=3)}
+        for index, name in model.config.id2label.items():
+            assert stock[name] == pytest.approx(float(probabilities[index]), abs=1e-5)
+
+
+def test_an_8_bit_image_is_refused_only_when_mostly_pure_white(model_dir):
+    processor = CXRImageProcessor.from_pretrained(model_dir)
+    image = np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8)
+    image.reshape(-1)[: 64 * 31] = 255  # 48 % white: a bright film, kept
+    assert processor([image])["pixel_values"].shape[0] == 1
+    image.reshape(-1)[: 64 * 34] = 255  # 53 %: refused
+    with pytest.raises(CXRImageError, match=r"53% of its pixels are pure white"):
+        processor([image])
+    # The same share at the top of a 16-bit range is a legitimate image (nothing was clipped).
+    assert processor([image.astype(np.uint16) * 257])["pixel_values"].shape[0] == 1
 
 
 def test_pipeline_refuses_a_constant_image(model_dir):
