@@ -87,14 +87,35 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert processor_config["localization_threshold"] == pytest.approx(threshold)
     # The released map is the validation-best one, and its own calibrated threshold goes with it.
     chosen = localization["localization_map"]
-    validation_v2 = {m: methods[m]["validation"]["MaxBoxAccV2"] for m in ("coupled", "semantic", "attention")}
-    assert validation_v2[chosen] == max(validation_v2.values())
+    validation = {m: methods[m]["validation"] for m in ("coupled", "semantic", "attention")}
+    for row in validation.values():
+        assert 0.0 <= row["PxAP"] <= 100.0 and 0.0 <= row["pointing_game"] <= 100.0
+    mean_of_three = {m: (row["MaxBoxAccV2"] + row["PxAP"] + row["pointing_game"]) / 3 for m, row in validation.items()}
+    assert mean_of_three[chosen] == pytest.approx(max(mean_of_three.values()))
     assert threshold == methods[chosen]["calibrated_on_validation"]["threshold"]
     assert processor_config["localization_map"] == map_output(chosen)
 
 
-def _table(validation_v2: dict[str, float]) -> dict[str, dict]:
-    return {name: {"validation": {"MaxBoxAccV2": value}} for name, value in validation_v2.items()}
+def _table(validation_v2: dict[str, float], pxap: float = 10.0, pointing: float = 30.0) -> dict[str, dict]:
+    return {name: {"validation": {"MaxBoxAccV2": value, "PxAP": pxap, "pointing_game": pointing}}
+            for name, value in validation_v2.items()}  # fmt: skip
+
+
+def test_released_map_needs_its_peak_on_the_finding():
+    """The failure issue 31's runs showed: F0 parked on the film's border wins MaxBoxAccV2 on validation (its
+    box as large as the image overlaps the findings) while never pointing at one; S0 is released instead."""
+    table = {
+        "coupled": {"validation": {"MaxBoxAccV2": 9.0, "PxAP": 8.0, "pointing_game": 3.0}},
+        "semantic": {"validation": {"MaxBoxAccV2": 12.0, "PxAP": 20.0, "pointing_game": 45.0}},
+        "attention": {"validation": {"MaxBoxAccV2": 16.0, "PxAP": 9.0, "pointing_game": 0.5}},
+    }
+    assert wsol_evaluation.choose_localization_map(table) == "semantic"
+    # A measure that could not be computed (no boxed validation image) counts as nothing, never as NaN's max.
+    table["attention"]["validation"]["pointing_game"] = float("nan")
+    table["semantic"]["validation"]["PxAP"] = float("nan")
+    assert wsol_evaluation.choose_localization_map(table) == "semantic"  # (12+0+45)/3 = 19 > (16+9+0)/3
+    table["semantic"]["validation"]["pointing_game"] = 10.0
+    assert wsol_evaluation.choose_localization_map(table) == "attention"  # 22/3 < 25/3
 
 
 def test_released_map_is_chosen_on_validation_only():

@@ -620,6 +620,8 @@ def localization_table(
         _add_threshold_free_measures(
             rows[name], test_maps, test.gt_boxes, thresholds, val_scores, test_scores, resample_weights
         )
+        # The same threshold-free measures on validation: what the choice of the released map may look at.
+        rows[name]["validation"].update(threshold_free_measures(val_maps, validation.gt_boxes, thresholds))
         tau = rows[name]["calibrated_on_validation"]["threshold"]
         predicted = [scoremap_to_boxes(m, tau, normalized=True) for m in test_maps]
         rows[name]["box_measures"] = mean_box_measures(predicted, test.gt_boxes, test.frame_size)
@@ -649,6 +651,18 @@ def _fixed_box_row(
     return row
 
 
+def threshold_free_measures(
+    maps: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray], thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+) -> dict[str, float]:
+    """{"PxAP", "pointing_game"} (percent) of maps in the frame against their boxes; NaN without images."""
+    return _pxap_and_pointing(pixel_histograms(maps, gt_boxes, thresholds), pointing_hits(maps, gt_boxes))
+
+
+def _pxap_and_pointing(histograms: tuple[np.ndarray, np.ndarray], hits: np.ndarray) -> dict[str, float]:
+    pxap = float(average_precision_from_histograms(histograms[0].sum(axis=0), histograms[1].sum(axis=0))[0])
+    return {"PxAP": pxap, "pointing_game": float(hits.mean() * 100.0) if len(hits) else float("nan")}
+
+
 def _add_threshold_free_measures(
     row: dict, maps: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray], thresholds: Sequence[float],
     validation: LocalizationScores, test: LocalizationScores, resample_weights: Optional[np.ndarray],
@@ -656,9 +670,8 @@ def _add_threshold_free_measures(
     """PxAP and the pointing game of a row (neither needs a threshold), and the row's bootstrap intervals when
     asked for."""
     histograms = pixel_histograms(maps, gt_boxes, thresholds)
-    row["PxAP"] = float(average_precision_from_histograms(histograms[0].sum(axis=0), histograms[1].sum(axis=0))[0])
     hits = pointing_hits(maps, gt_boxes)
-    row["pointing_game"] = float(hits.mean() * 100.0) if len(hits) else float("nan")
+    row.update(_pxap_and_pointing(histograms, hits))
     if resample_weights is not None:
         row["ci95"] = localization_intervals(
             resample_weights, test, calibrate_thresholds(validation), histograms, hits
