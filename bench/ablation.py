@@ -55,6 +55,12 @@ ARMS: dict[str, list[str]] = {
                    "--num_train_epochs", "20"],
     # the official code's GAP pooling and all-layer attention with the cxr recipe's other settings.
     "cxr_gap": ["--scm_variant", "cxr", "--config_overrides", "scm_pooling=mean,scm_attention_layers=all"],
+    # GAP pooling alone (the cxr recipe's last-layer attention kept): did cxr_gap's classification gain come from
+    # the pooling, and is S0's collapse on seeds 1-2 the pooling's or the all-layer attention's?
+    "cxr_mean": ["--scm_variant", "cxr", "--config_overrides", "scm_pooling=mean"],
+    # Sharper log-sum-exp pooling (r 10 against 5): nearer max pooling, so a class's logit rests on fewer
+    # tokens and its map should peak where the evidence is (the pointing game).
+    "cxr_lse10": ["--scm_variant", "cxr", "--config_overrides", "scm_lse_r=10"],
 }
 # Peers: what a practitioner would train instead, on the same seeds' data and budget (`bench/peer_cam.py`).
 PEERS: dict[str, list[str]] = {
