@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib
 import importlib.util
 import io
 import json
@@ -574,10 +575,13 @@ def nih_cases(shop: Workshop) -> Iterator[Case]:
 
 def demo_cases(shop: Workshop) -> Iterator[Case]:
     """The demo's predictor: every upload is its own result or its own message; no server path is shown."""
-    # By file path, not through sys.path (nor cxr_datasets: this file also runs on older checkouts).
-    spec = importlib.util.spec_from_file_location("fault_runs_demo_app", ROOT / "demo" / "app.py")
-    sys.modules[spec.name] = app = importlib.util.module_from_spec(spec)  # dataclasses look their module up there
-    spec.loader.exec_module(app)
+    legacy = ROOT / "demo" / "app.py"  # before the package (0.1): by file path, so older checkouts run too
+    if legacy.is_file():
+        spec = importlib.util.spec_from_file_location("fault_runs_demo_app", legacy)
+        sys.modules[spec.name] = app = importlib.util.module_from_spec(spec)  # dataclasses look their module up there
+        spec.loader.exec_module(app)
+    else:
+        app = importlib.import_module("deit_scm_cxr.demo.app")
     predictor = app.Predictor(str(shop.trained))
     uploads = shop.fresh("uploads")
     first, second = shop.image(uploads / "a" / "chest.png", seed=5), shop.image(uploads / "b" / "chest.png", seed=6)
