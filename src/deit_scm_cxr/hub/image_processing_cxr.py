@@ -144,9 +144,10 @@ class CXRImageProcessor(BaseImageProcessor):
             radiographs are 10-30 megapixels.
         localization_map (`str`, defaults to `"coupled_maps"`): which model output
             `post_process_localization` localizes with: `"coupled_maps"` (F0 * S0, the paper's
-            inference map), `"semantic_maps"` (S0, plain CAM) or `"attention_maps"` (F0). the main job
-            stores the one that localized best on the validation boxes. The name saved by earlier
-            versions, `"localization_maps"`, is read as `"coupled_maps"`.
+            inference map), `"semantic_maps"` (S0, plain CAM) or `"attention_maps"` (F0). The main job
+            stores the one that localized best on the validation boxes (the best mean of MaxBoxAccV2, PxAP
+            and the pointing game). The name saved by earlier versions, `"localization_maps"`, is read as
+            `"coupled_maps"`.
         localization_threshold (`float`, defaults to 0.5): tau for `post_process_localization`;
             training writes the value calibrated on the validation split here.
     """

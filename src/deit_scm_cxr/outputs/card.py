@@ -208,7 +208,8 @@ def model_card(card: CardSettings, results: dict[str, Any]) -> str:
         "",
         f"`post_process_localization` localizes with the {MAP_LABELS.get(released, released)} "
         f"(`{map_output(released)}`) "
-        f"at a threshold of {threshold:.2f} of the maximum: the map that localized best on the validation boxes, "
+        f"at a threshold of {threshold:.2f} of the maximum: the map that localized best on the validation boxes "
+        "(the best mean of MaxBoxAccV2, PxAP and the pointing game), "
         "and its threshold there, both stored in the processor (`localization_map`, `localization_threshold`).",
     ]
     metadata = _card_metadata(card, results, released)
