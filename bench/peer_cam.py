@@ -47,6 +47,7 @@ from deit_scm_cxr.evaluation.evaluator import (
     Predictions,
     boxed_patients,
     evaluation_split,
+    map_choice_score,
     mean_prior_box,
     predict_each_split,
 )
@@ -146,7 +147,7 @@ def evaluate(model: torch.nn.Module, splits: dict[str, PreparedSplit], normalize
     weights = resample_weights(boxed_patients(splits["loc_test"], predictions["loc_test"]), seed=seed)
     table = localization_table(val_boxed, test_boxed, mean_prior_box(splits["train"]), seed=seed,
                                thresholds=FINE_THRESHOLDS, resample_weights=weights)  # fmt: skip
-    chosen = max(PEER_MAPS, key=lambda name: table[name]["validation"]["MaxBoxAccV2"])
+    chosen = max(PEER_MAPS, key=lambda name: map_choice_score(table[name]["validation"]))  # the DeiT's rule
     results["localization"] = {"methods": table, "localization_map": chosen, "map_names": PEER_MAPS}
     return results
 
