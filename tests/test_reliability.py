@@ -128,6 +128,15 @@ def test_a_model_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsy
     assert "could not write the model to" in lines[-1] and "FileTooLarge" in lines[-1]
 
 
+def test_a_write_error_message_survives_a_folder_that_is_gone(tmp_path):
+    """The free space a write error quotes is read from the folder's disk; a folder removed meanwhile gives
+    NaN, not a second exception that would hide the first."""
+    from deit_scm_cxr.errors import free_mib
+
+    assert free_mib(tmp_path) > 0
+    assert np.isnan(free_mib(tmp_path / "gone"))
+
+
 # --- 2. bad boxes are refused before training; the model is saved before evaluation ----------------------
 
 

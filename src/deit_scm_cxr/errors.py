@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import shutil
 from typing import NoReturn
 
 # A failed write that is the user's to fix: no space, quota or file-size allowance left, a read-only or
@@ -20,9 +22,18 @@ class RunWriteError(RuntimeError):
     read-only folder. Said in one line with exit status 2 by the entry points; the message names the path."""
 
 
+def free_mib(folder: str | os.PathLike[str]) -> float:
+    """Free space on `folder`'s disk in MiB, for a `RunWriteError`'s message; NaN when the folder is gone (a
+    message must not fail in its turn)."""
+    try:
+        return shutil.disk_usage(folder).free / 2**20
+    except OSError:
+        return float("nan")
+
+
 def refuse(message: str) -> NoReturn:
     """Raise `RunInputError(message)`: the one way the run's modules reject an input."""
     raise RunInputError(message)
 
 
-__all__ = ["WRITE_ERRORS", "RunInputError", "RunWriteError", "refuse"]
+__all__ = ["WRITE_ERRORS", "RunInputError", "RunWriteError", "free_mib", "refuse"]

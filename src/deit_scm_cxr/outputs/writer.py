@@ -7,14 +7,13 @@ import json
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
 from deit_scm_cxr.data.prepare import PreparedSplit
-from deit_scm_cxr.errors import RunWriteError
+from deit_scm_cxr.errors import RunWriteError, free_mib
 from deit_scm_cxr.evaluation.evaluator import Predictions
 from deit_scm_cxr.evaluation.reporting import reliability_diagram, softmax
 from deit_scm_cxr.hub.image_processing_cxr import CXRImageProcessor
@@ -40,8 +39,7 @@ def save_model(accelerator, model, processor: CXRImageProcessor, output_dir: Pat
         unwrapped.save_pretrained(str(output_dir), safe_serialization=True)
         processor.save_pretrained(str(output_dir))
     except (SafetensorError, RuntimeError) as error:  # safetensors' and torch's own words for a failed write
-        free = shutil.disk_usage(output_dir).free / 2**20
-        message = f"could not write the model to {output_dir}: {error} ({free:.0f} MiB free there)"
+        message = f"could not write the model to {output_dir}: {error} ({free_mib(output_dir):.0f} MiB free there)"
         raise RunWriteError(message) from error
 
 

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from deit_scm_cxr.errors import RunWriteError, refuse
+from deit_scm_cxr.errors import RunWriteError, free_mib, refuse
 from deit_scm_cxr.hub.modeling_deit_scm import check_loading_report
 from deit_scm_cxr.training.recipes import current_flag_values
 
@@ -140,7 +140,7 @@ def save_checkpoint(
             # The marker holds every file's SHA-256: a resume verifies them before trusting the folder.
             (partial / COMPLETE_MARKER).write_text(json.dumps(folder_checksums(partial), indent=1))
     except (OSError, RuntimeError) as error:
-        free = shutil.disk_usage(partial.parent).free / 2**20 if partial.parent.exists() else float("nan")
+        free = free_mib(partial.parent)
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         raise RunWriteError(
