@@ -61,6 +61,11 @@ ARMS: dict[str, list[str]] = {
     # Sharper log-sum-exp pooling (r 10 against 5): nearer max pooling, so a class's logit rests on fewer
     # tokens and its map should peak where the evidence is (the pointing game).
     "cxr_lse10": ["--scm_variant", "cxr", "--config_overrides", "scm_lse_r=10"],
+    # Softer log-sum-exp pooling (r 3): between r 5 and GAP, which collapses S0.
+    "cxr_lse3": ["--scm_variant", "cxr", "--config_overrides", "scm_lse_r=3"],
+    # A finer token grid: 128-pixel inputs at the same 8-pixel patches give 16x16 tokens instead of 12x12;
+    # a step costs about twice as much, so 24 epochs instead of 40 keep the default's wall clock.
+    "cxr_grid16": ["--scm_variant", "cxr", "--image_size", "128", "--num_train_epochs", "24"],
 }
 # Peers: what a practitioner would train instead, on the same seeds' data and budget (`bench/peer_cam.py`).
 PEERS: dict[str, list[str]] = {

@@ -12,7 +12,8 @@ Same data as `run_wsol.py --seed S` (the phantom series of that seed, the same s
 and augmentation), the same class weights and label smoothing as the `cxr` variant, and a wall-clock budget
 (`--max_seconds`: `bench/ablation.py` passes the `cxr` DeiT arm's wall time on that seed; training stops at
 the end of the epoch that crosses it, a tenth kept for evaluation). Writes
-`all_results.json` in the shape `bench/ablation.py` reads (classification, localization with every baseline)
+`all_results.json` in the shape `bench/ablation.py` reads (each map smoothed on its grid with the width chosen
+on validation, as the DeiT's maps are) (classification, localization with every baseline)
 and `wall_seconds.txt`.
 
     python bench/peer_cam.py --seed 0 --output_dir /tmp/peer --max_seconds 480
@@ -54,6 +55,7 @@ from deit_scm_cxr.evaluation.evaluator import (
 from deit_scm_cxr.evaluation.metrics import classification_metrics, localization_table
 from deit_scm_cxr.evaluation.reporting import resample_weights, softmax
 from deit_scm_cxr.hub.configuration_deit_scm import SCM_VARIANTS
+from deit_scm_cxr.hub.localization import SMOOTHING_SIGMAS
 from deit_scm_cxr.training.run import settings_for
 
 logger = logging.getLogger("peer_cam")
@@ -134,9 +136,10 @@ def train(model: torch.nn.Module, split: PreparedSplit, normalizer: PixelNormali
 
 
 def evaluate(model: torch.nn.Module, splits: dict[str, PreparedSplit], normalizer: PixelNormalizer, seed: int,
-             batch_size: int) -> dict[str, Any]:  # fmt: skip
+             batch_size: int, smoothing_sigmas: tuple[float, ...] = SMOOTHING_SIGMAS) -> dict[str, Any]:  # fmt: skip
     """Classification on validation and test, and localization of both maps with every baseline, thresholds
-    from validation: the code and the frame `run_wsol.py` reports with."""
+    and each map's smoothing width from validation: the code, the choices and the frame `run_wsol.py` reports
+    with."""
     predictions = predict_each_split(splits, lambda split: predict(model, split, normalizer, batch_size))
     results: dict[str, Any] = {"classification": {}}
     for name in ("validation", "test"):
@@ -146,7 +149,8 @@ def evaluate(model: torch.nn.Module, splits: dict[str, PreparedSplit], normalize
     test_boxed = evaluation_split(splits["loc_test"], predictions["loc_test"])
     weights = resample_weights(boxed_patients(splits["loc_test"], predictions["loc_test"]), seed=seed)
     table = localization_table(val_boxed, test_boxed, mean_prior_box(splits["train"]), seed=seed,
-                               thresholds=FINE_THRESHOLDS, resample_weights=weights)  # fmt: skip
+                               thresholds=FINE_THRESHOLDS, resample_weights=weights,
+                               smoothing_sigmas=smoothing_sigmas)  # fmt: skip
     chosen = max(PEER_MAPS, key=lambda name: map_choice_score(table[name]["validation"]))  # the DeiT's rule
     results["localization"] = {"methods": table, "localization_map": chosen, "map_names": PEER_MAPS}
     return results
@@ -167,6 +171,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--cache_dir")
+    parser.add_argument("--evaluate_only", action="store_true",
+                        help="evaluate the weights a finished run left in --output_dir again, without training")
+    parser.add_argument("--map_smoothing_sigmas", type=float, nargs="+", default=list(SMOOTHING_SIGMAS),
+                        help="Gaussian widths (tokens) a map may be smoothed with, chosen on validation (as run_wsol)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from accelerate import Accelerator
@@ -181,15 +189,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     splits = prepare_all(data, processor, Accelerator(cpu=True))
     normalizer = PixelNormalizer(processor)
     model = build_peer(args.arch, len(CLASS_NAMES), args.output_stride, args.width)
-    # What is left of the run's budget goes to training, less a tenth kept for the evaluation passes.
-    train_budget = 0.9 * args.max_seconds - (time.perf_counter() - started)
-    training = train(model, splits["train"], normalizer, args.epochs, args.batch_size, args.learning_rate,
-                     train_budget, args.seed)  # fmt: skip
-    results = evaluate(model, splits, normalizer, args.seed, batch_size=64)
+    weights = output_dir / "peer_weights.pt"
+    if args.evaluate_only:  # score a finished peer again (new evaluation code), its training record kept
+        model.load_state_dict(torch.load(weights, map_location="cpu"))
+        training = json.loads((output_dir / "all_results.json").read_text())["training"]
+    else:
+        # What is left of the run's budget goes to training, less a tenth kept for the evaluation passes.
+        train_budget = 0.9 * args.max_seconds - (time.perf_counter() - started)
+        training = train(model, splits["train"], normalizer, args.epochs, args.batch_size, args.learning_rate,
+                         train_budget, args.seed)  # fmt: skip
+        torch.save(model.state_dict(), weights)
+    results = evaluate(model, splits, normalizer, args.seed, batch_size=64,
+                       smoothing_sigmas=tuple(args.map_smoothing_sigmas))
     results["training"] = training
     results["args"] = vars(args)
     (output_dir / "all_results.json").write_text(json.dumps(results, indent=2, default=float))
-    (output_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}")
+    if not args.evaluate_only:  # the wall time stays the training run's
+        (output_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}")
     logger.info("peer %s: %s", output_dir, json.dumps({k: v for k, v in training.items()}))
     return results
 

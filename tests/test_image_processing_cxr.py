@@ -643,3 +643,38 @@ print("REMOTE_OK")
     assert "REMOTE_OK" in result.stdout
     reloaded = CXRImageProcessor.from_pretrained(saved)
     assert reloaded.to_dict() == processor.to_dict()
+
+
+def test_post_processing_smooths_each_map_with_its_stored_width(tmp_path):
+    """A class map that rings a finding (8 hot neighbours around a cooler centre token): with the width training
+    stored for that map, the heatmap peaks on the centre; the raw map (width 0, or another map's setting) peaks on
+    the ring. The setting survives a save and load; bad settings are refused when the processor is built."""
+    semantic = torch.zeros(1, 3, 12, 12)
+    semantic[0, 1, 4:7, 6:9] = 1.0
+    semantic[0, 1, 5, 7] = 0.6
+    outputs = {"logits": torch.tensor([[0.0, 2.0, 0.0]]), "semantic_maps": semantic}
+    size = [(96, 96)]  # one token = 8 x 8 pixels; the centre token covers rows 40-47, columns 56-63
+
+    def peak(processor: CXRImageProcessor, **kwargs: object) -> tuple[int, int]:
+        heatmap = processor.post_process_localization(outputs, target_sizes=size, **kwargs)[0]["heatmap"]
+        y, x = np.unravel_index(int(heatmap.argmax()), heatmap.shape)
+        return int(y), int(x)
+
+    def on_centre(point: tuple[int, int]) -> bool:
+        return 40 <= point[0] <= 47 and 56 <= point[1] <= 63
+
+    smoothing = {"semantic_maps": 1.0, "coupled_maps": 0.0}
+    processor = CXRImageProcessor(localization_map="semantic_maps", localization_smoothing=smoothing)
+    assert on_centre(peak(processor))
+    assert not on_centre(peak(processor, smoothing=0.0))  # the argument overrides the stored width
+    assert not on_centre(peak(CXRImageProcessor(localization_map="semantic_maps")))  # no width stored: raw
+    processor.save_pretrained(tmp_path)
+    loaded = CXRImageProcessor.from_pretrained(tmp_path)
+    assert loaded.localization_smoothing == smoothing and on_centre(peak(loaded))
+    bad_settings = (({"semantic_maps": -1.0}, "smoothing"), ({"cam": 1.0}, "localization_smoothing"),
+                    ({"semantic_maps": float("nan")}, "smoothing"), ([1.0], "localization_smoothing"))  # fmt: skip
+    for bad, fragment in bad_settings:
+        with pytest.raises(ValueError, match=fragment):
+            CXRImageProcessor(localization_smoothing=bad)
+    with pytest.raises(ValueError, match="smoothing"):
+        processor.post_process_localization(outputs, target_sizes=size, smoothing=-2.0)

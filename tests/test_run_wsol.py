@@ -57,10 +57,11 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert "ood_precision" not in results["model_config"] and len(saved["ood_precision"]) == saved["hidden_size"]
     methods = results["localization"]["methods"]
     assert set(methods) == {"attention", "semantic", "coupled", "random", "full_image", "train_mean_box"}
-    for row in methods.values():
+    for name, row in methods.items():
+        smoothed = set() if name in ("full_image", "train_mean_box") else {"smoothing_sigma", "smoothing_choice"}
         assert set(row) == {
             "calibrated_on_validation", "test_oracle_max_over_thresholds", "validation", "PxAP", "box_measures", "ci95",
-            "pointing_game",
+            "pointing_game", *smoothed,
         }  # fmt: skip
         assert set(row["ci95"]) == {"MaxBoxAcc", "MaxBoxAccV2", "PxAP", "pointing_game"}
         assert 0.0 <= row["pointing_game"] <= 100.0
@@ -94,6 +95,14 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert mean_of_three[chosen] == pytest.approx(max(mean_of_three.values()))
     assert threshold == methods[chosen]["calibrated_on_validation"]["threshold"]
     assert processor_config["localization_map"] == map_output(chosen)
+    # Each map's smoothing width is the validation-best of the widths offered, and the processor carries them all.
+    for name in ("coupled", "semantic", "attention"):
+        choice = methods[name]["smoothing_choice"]
+        assert set(choice) == {"0", "0.5", "0.75", "1", "1.5"}
+        assert choice[f"{methods[name]['smoothing_sigma']:g}"] == pytest.approx(max(choice.values()))
+        assert processor_config["localization_smoothing"][map_output(name)] == methods[name]["smoothing_sigma"]
+    assert localization["smoothing_sigma_from_validation"] == methods[chosen]["smoothing_sigma"]
+    assert methods["random"]["smoothing_sigma"] == 0.0
 
 
 def _table(validation_v2: dict[str, float], pxap: float = 10.0, pointing: float = 30.0) -> dict[str, dict]:

@@ -22,6 +22,7 @@ from deit_scm_cxr.evaluation.metrics import (
     classification_metrics,
     cxr_protocol,
     localization_table,
+    map_choice_score,
 )
 from deit_scm_cxr.evaluation.reporting import (
     calibration_report,
@@ -32,7 +33,7 @@ from deit_scm_cxr.evaluation.reporting import (
     resample_weights,
     softmax,
 )
-from deit_scm_cxr.hub.localization import MAP_LABELS, map_output, scoremap_to_boxes
+from deit_scm_cxr.hub.localization import MAP_LABELS, SMOOTHING_SIGMAS, map_output, scoremap_to_boxes
 from deit_scm_cxr.hub.modeling_deit_scm import select_class_maps
 
 logger = logging.getLogger("run_wsol")
@@ -67,6 +68,8 @@ class EvaluationSettings:
     num_workers: int  # loader workers
     dataset: str  # the prior-box baseline: the training boxes (phantoms) or validation's (NIH)
     seed: int  # the random-map baseline and the bootstrap
+    # the Gaussian widths (tokens) each map may be smoothed with on its grid, chosen per map on validation
+    map_smoothing_sigmas: tuple[float, ...] = SMOOTHING_SIGMAS
 
 
 @torch.no_grad()
@@ -153,19 +156,6 @@ def mean_prior_box(split: PreparedSplit) -> Optional[np.ndarray]:
     return np.concatenate(boxes).mean(axis=0) if boxes else None
 
 
-# What the released map is chosen by, on the validation boxes: all three ask something a map parked on one
-# spot cannot fake together. MaxBoxAccV2 alone did not suffice: an attention map sitting on the film's border,
-# its box as large as the image, won it with a pointing game of 0-0.5 % (bench/RESULTS.md, issue 31).
-CHOICE_MEASURES = ("MaxBoxAccV2", "PxAP", "pointing_game")
-
-
-def map_choice_score(validation: dict[str, float]) -> float:
-    """The mean of `CHOICE_MEASURES` (each in percent) in a map's validation row; NaN measures (no boxed
-    validation image) count as 0."""
-    values = [float(validation.get(name, float("nan"))) for name in CHOICE_MEASURES]
-    return float(np.mean([value if np.isfinite(value) else 0.0 for value in values]))
-
-
 def choose_localization_map(table: dict[str, dict]) -> str:
     """The map the released model localizes with: the best mean of MaxBoxAccV2 (at the thresholds calibrated
     there), PxAP and the pointing game on the validation boxes (`map_choice_score`); F0*S0 -- the paper's --
@@ -183,6 +173,7 @@ class Evaluation:
     predictions: dict[str, Predictions]
     localization_map: str  # "coupled", "semantic" or "attention" (`MAP_LABELS`): the map chosen on the validation boxes
     threshold: float  # its threshold, calibrated on the validation boxes
+    smoothing: dict[str, float]  # model output name -> the smoothing width (tokens) chosen for it on validation
     temperature: float  # temperature scaling of the class probabilities, fitted on validation
     ood: dict[str, Any]  # the out-of-distribution statistics and threshold (`fit_ood_statistics`), config fields
 
@@ -247,8 +238,9 @@ def classification_results(
 def localization_results(
     settings: EvaluationSettings, splits: dict[str, PreparedSplit], predictions: dict[str, Predictions]
 ) -> tuple[dict[str, Any], str, float]:
-    """Localization on the box splits, with baselines, thresholds calibrated on validation; the released
-    map chosen there. Returns (results["localization"], the chosen map, its threshold)."""
+    """Localization on the box splits, with baselines, thresholds and each map's smoothing width calibrated on
+    validation; the released map chosen there. Returns (results["localization"], the chosen map, its
+    threshold); each map's width is under `methods.<map>.smoothing_sigma`."""
     val_boxed = evaluation_split(splits["loc_validation"], predictions["loc_validation"])
     test_boxed = evaluation_split(splits["loc_test"], predictions["loc_test"])
     prior = mean_prior_box(splits["train" if settings.dataset == "phantoms" else "loc_validation"])
@@ -256,7 +248,7 @@ def localization_results(
     groups = boxed_patients(splits["loc_test"], predictions["loc_test"])
     table = localization_table(
         val_boxed, test_boxed, prior, seed=settings.seed, thresholds=FINE_THRESHOLDS, upsampled_test_maps=frame_maps,
-        resample_weights=resample_weights(groups, seed=settings.seed),
+        resample_weights=resample_weights(groups, seed=settings.seed), smoothing_sigmas=settings.map_smoothing_sigmas,
     )  # fmt: skip
     chosen = choose_localization_map(table)
     threshold = table[chosen]["calibrated_on_validation"]["threshold"]
@@ -268,9 +260,12 @@ def localization_results(
         "localization_map": chosen,
         "localization_map_output": map_output(chosen),
         "heatmap_threshold_from_validation": threshold,
+        "smoothing_sigma_from_validation": table[chosen]["smoothing_sigma"],
         "threshold_step": float(FINE_THRESHOLDS[1] - FINE_THRESHOLDS[0]),
         "note": "calibrated_on_validation: thresholds chosen on the validation boxes, applied to test; "
         "test_oracle_max_over_thresholds: the best threshold on test itself, as WSOL papers report; "
+        "smoothing_sigma: the Gaussian width (tokens) each map is smoothed with on its grid, chosen on the "
+        "validation boxes among smoothing_choice's widths; "
         "maps and boxes in the 224x224 frame of wsolevaluation",
         "methods": table,
         "cxr_protocol_at_calibrated_threshold": cxr_protocol(predicted, test_boxed.gt_boxes, test_boxed.gt_findings),
@@ -288,7 +283,9 @@ def final_evaluation(
     # The order all_results.json has always had: classification, calibration, operating points, localization.
     results["localization"] = localization
     ood, results["out_of_distribution"] = out_of_distribution(settings, parts, splits, predictions)
-    return Evaluation(results, predictions, chosen, threshold, float(results["calibration"]["temperature"]), ood)
+    smoothing = {map_output(name): float(localization["methods"][name]["smoothing_sigma"]) for name in MAP_LABELS}
+    temperature = float(results["calibration"]["temperature"])
+    return Evaluation(results, predictions, chosen, threshold, smoothing, temperature, ood)
 
 
 def out_of_distribution(

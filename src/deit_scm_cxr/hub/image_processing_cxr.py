@@ -40,10 +40,12 @@ from .localization import (
     Geometry,
     LocalizationInputError,
     boxes_with_scores,
+    check_smoothing,
     check_thresholds,
     map_output,
     normalize_scoremap,
     overlay_heatmap,
+    smooth_grid_map,
 )
 from .localization import is_finite_number as _finite
 from .localization import is_integer_number as _is_int
@@ -75,6 +77,7 @@ class CXRImageProcessorKwargs(ImagesKwargs, total=False):
     dicom_invert_monochrome1: bool
     strict: bool
     localization_threshold: float
+    localization_smoothing: dict[str, float]
 
 
 @lru_cache(maxsize=8)
@@ -150,6 +153,10 @@ class CXRImageProcessor(BaseImageProcessor):
             `"coupled_maps"`.
         localization_threshold (`float`, defaults to 0.5): tau for `post_process_localization`;
             training writes the value calibrated on the validation split here.
+        localization_smoothing (`dict[str, float]`, *optional*): per model output (`"semantic_maps"`...), the
+            standard deviation in tokens of the Gaussian that `post_process_localization` smooths that map with
+            on the model's grid before upsampling (`smooth_grid_map`); a map not named is not smoothed. Training
+            writes the width chosen for each map on the validation boxes here.
     """
 
     model_input_names = ["pixel_values"]
@@ -182,6 +189,7 @@ class CXRImageProcessor(BaseImageProcessor):
         max_image_pixels: int = 100_000_000,
         localization_threshold: float = 0.5,
         localization_map: str = "coupled_maps",
+        localization_smoothing: Optional[dict[str, float]] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -202,6 +210,7 @@ class CXRImageProcessor(BaseImageProcessor):
         self.dicom_multiframe, self.dicom_invert_monochrome1 = dicom_multiframe, dicom_invert_monochrome1
         self.strict, self.max_image_pixels = strict, max_image_pixels
         self.localization_threshold, self.localization_map = localization_threshold, localization_map
+        self.localization_smoothing: Any = {} if localization_smoothing is None else localization_smoothing
         self._check_settings()
 
     def _check_settings(self) -> None:
@@ -250,6 +259,15 @@ class CXRImageProcessor(BaseImageProcessor):
             raise ValueError(f"localization_map must be one of {LOCALIZATION_MAPS}, got {self.localization_map!r}")
         if not _finite(self.localization_threshold) or not 0 <= self.localization_threshold <= 1:
             raise ValueError(f"localization_threshold must be in [0, 1], got {self.localization_threshold!r}")
+        if not isinstance(self.localization_smoothing, dict):
+            raise ValueError(
+                f"localization_smoothing must map model outputs to widths, got {self.localization_smoothing!r}"
+            )
+        self.localization_smoothing = {LEGACY_MAP_NAMES.get(k, k): v for k, v in self.localization_smoothing.items()}
+        for key, sigma in self.localization_smoothing.items():
+            if key not in LOCALIZATION_MAPS:
+                raise ValueError(f"localization_smoothing names {key!r}, not one of {LOCALIZATION_MAPS}")
+            check_smoothing(sigma, f"localization_smoothing[{key!r}]")
         if not _is_int(self.pad_value) or not 0 <= self.pad_value <= 255:
             raise ValueError(f"pad_value must be an integer in [0, 255], got {self.pad_value!r}")
 
@@ -548,6 +566,7 @@ class CXRImageProcessor(BaseImageProcessor):
         geometry: Optional[Union[torch.Tensor, np.ndarray, BatchFeature]] = None,
         id2label: Optional[dict[int, str]] = None,
         localization_map: Optional[str] = None,
+        smoothing: Optional[float] = None,
     ) -> list[dict[str, Any]]:
         """Model outputs -> per image: label, score, heatmap and boxes in the original pixels.
 
@@ -563,6 +582,8 @@ class CXRImageProcessor(BaseImageProcessor):
             geometry: the processor's `BatchFeature` (or its `geometry`), which undoes padding exactly.
             id2label: class names (e.g. `model.config.id2label`) for `label_name`.
             localization_map: the output to localize with; defaults to `self.localization_map`.
+            smoothing: the Gaussian width (tokens) the map is smoothed with on its grid; defaults to the width
+                stored for that output in `localization_smoothing` (none when it has none). 0: the raw map.
 
         Returns:
             A list of dicts, one per image: `label` (int), `label_name` (from `id2label`, else the
@@ -574,9 +595,10 @@ class CXRImageProcessor(BaseImageProcessor):
         selected, probabilities, chosen = self._localization_inputs(outputs, key, labels)
         rows = self._geometry_rows(geometry, target_sizes, selected.shape[0])
         tau = float(check_thresholds(self.localization_threshold if threshold is None else threshold)[0])
+        sigma = check_smoothing(self.localization_smoothing.get(key, 0.0) if smoothing is None else smoothing)
         results = []
         for i, label in enumerate(chosen.tolist()):
-            heatmap = self.heatmap_to_original(selected[i].numpy(), rows[i])
+            heatmap = self.heatmap_to_original(smooth_grid_map(selected[i].numpy(), sigma), rows[i])
             boxes, box_scores = self.heatmap_boxes(heatmap, tau, multi_contour)
             name = id2label[label] if id2label else str(label)
             results.append({"label": label, "label_name": name, "score": float(probabilities[i, label]),

@@ -59,6 +59,38 @@ def map_output(name: str) -> str:
     return f"{name}_maps"
 
 
+# The Gaussian widths (standard deviations, in tokens of the model's grid) a map may be smoothed with before it
+# is upsampled; each run chooses one per map on the validation boxes (`deit_scm_cxr.evaluation`). 0 = none.
+SMOOTHING_SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5)
+
+
+def check_smoothing(sigma: Any, name: str = "smoothing sigma") -> float:
+    """A smoothing width as a float: finite and >= 0 (tokens), else `ValueError` naming it."""
+    if not is_finite_number(sigma) or sigma < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (tokens), got {sigma!r}")
+    return float(sigma)
+
+
+def smooth_grid_map(grid_map: np.ndarray, sigma: float) -> np.ndarray:
+    """A (h, w) map on the model's token grid smoothed by a Gaussian of standard deviation `sigma` tokens
+    (edges replicated), float32; `sigma` 0 returns the map unchanged.
+
+    Why: a class map trained with log-sum-exp pooling tends to ring a compact finding -- its largest values
+    sit on the tokens at the lesion's edge, where the contrast is, and the lesion's centre is cooler (the
+    pictures of bench/RESULTS.md, issue 31). The ring's maximum then misses the finding (the pointing game)
+    and its contour encloses a cold hole (PxAP). A Gaussian of about one token merges the ring into one peak
+    at its centre. The width is chosen per map on the validation boxes; smoothing on the grid, before the
+    bicubic upsampling, keeps the operation at the resolution the evidence lives on.
+    """
+    sigma = check_smoothing(sigma)
+    grid_map = np.asarray(grid_map, dtype=np.float32)
+    if sigma == 0.0:
+        return grid_map
+    if grid_map.ndim != 2:
+        raise LocalizationInputError(f"a grid map to smooth must be 2-D, got shape {grid_map.shape}")
+    return cv2.GaussianBlur(grid_map, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REPLICATE)
+
+
 # OpenCV 3 returns (image, contours, hierarchy); 4 and later (contours, hierarchy).
 _CONTOUR_INDEX = 1 if cv2.__version__.split(".")[0] == "3" else 0
 
@@ -388,5 +420,7 @@ __all__ = [
     "boxes_at_threshold",
     "scoremap_to_boxes",
     "boxes_with_scores",
+    "smooth_grid_map",
+    "SMOOTHING_SIGMAS",
     "overlay_heatmap",
 ]

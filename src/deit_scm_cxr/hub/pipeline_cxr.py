@@ -177,6 +177,9 @@ class ChestXrayLocalizationPipeline(Pipeline):
             "box_scores": result["box_scores"],
             "localization_map": localization_map or self.processor_.localization_map,
             "threshold": float(self.processor_.localization_threshold if threshold is None else threshold),
+            # the Gaussian width (tokens) the map was smoothed with on its grid, chosen on the validation boxes
+            "smoothing": float(self.processor_.localization_smoothing.get(
+                localization_map or self.processor_.localization_map, 0.0)),
             **extra,
         }
 

@@ -178,6 +178,8 @@ def model_card(card: CardSettings, results: dict[str, Any]) -> str:
     released = results["localization"].get("localization_map", "coupled")
     dataset_name, _ = DATASET_NAMES[card.dataset]
     threshold = results["localization"]["heatmap_threshold_from_validation"]
+    # Results written before maps were smoothed have no width: their maps were not smoothed.
+    sigma = float(results["localization"].get("smoothing_sigma_from_validation", 0.0))
     body = [
         f"{MODEL_CARD_TITLE}{card.preset}, `{card.scm_variant}` SCM) — {dataset_name}",
         "",
@@ -208,9 +210,10 @@ def model_card(card: CardSettings, results: dict[str, Any]) -> str:
         "",
         f"`post_process_localization` localizes with the {MAP_LABELS.get(released, released)} "
         f"(`{map_output(released)}`) "
-        f"at a threshold of {threshold:.2f} of the maximum: the map that localized best on the validation boxes "
-        "(the best mean of MaxBoxAccV2, PxAP and the pointing game), "
-        "and its threshold there, both stored in the processor (`localization_map`, `localization_threshold`).",
+        f"at a threshold of {threshold:.2f} of the maximum, smoothed on the model's token grid by a Gaussian of "
+        f"{sigma:g} tokens: the map that localized best on the validation boxes "
+        "(the best mean of MaxBoxAccV2, PxAP and the pointing game), and its threshold and width there, all stored "
+        "in the processor (`localization_map`, `localization_threshold`, `localization_smoothing`).",
     ]
     metadata = _card_metadata(card, results, released)
     text, undefined = re.subn(r"\bnan\b", "n/a", "\n".join(body))

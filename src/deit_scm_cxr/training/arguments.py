@@ -21,6 +21,7 @@ from transformers import HfArgumentParser
 
 from deit_scm_cxr.errors import RunInputError, refuse
 from deit_scm_cxr.hub.configuration_deit_scm import BACKBONE_PRESETS, DEFAULT_ID2LABEL, SCM_VARIANTS, DeiTSCMConfig
+from deit_scm_cxr.hub.localization import SMOOTHING_SIGMAS
 from deit_scm_cxr.training.recipes import Recipe, parse_overrides, resolve_recipe
 
 PREDICT_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -177,6 +178,11 @@ class RunArguments:
     )
     do_train: bool = field(default=True, metadata=_help("train"))
     do_eval: bool = field(default=True, metadata=_help("evaluate on validation and test"))
+    map_smoothing_sigmas: list[float] = field(
+        default_factory=lambda: list(SMOOTHING_SIGMAS),
+        metadata=_help("Gaussian widths (tokens) each map may be smoothed with on its grid, chosen per map on the "
+                       "validation boxes; 0 alone: no smoothing"),  # fmt: skip
+    )
     do_predict: Optional[bool] = field(default=None, metadata=_help("None: when --predict_files are given"))
     predict_files: list[str] = field(
         default_factory=list, metadata=_help("PNG/JPEG/DICOM files or folders to predict")
@@ -184,6 +190,8 @@ class RunArguments:
 
     def __post_init__(self) -> None:
         _non_negative(self, "checkpoints_total_limit")
+        if not self.map_smoothing_sigmas or not all(math.isfinite(s) and s >= 0 for s in self.map_smoothing_sigmas):
+            refuse(f"--map_smoothing_sigmas must be one or more numbers >= 0, got {self.map_smoothing_sigmas}")
         if self.checkpointing_steps == "none":
             self.checkpointing_steps = None
         steps = self.checkpointing_steps

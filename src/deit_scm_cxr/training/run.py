@@ -136,7 +136,8 @@ def resolve_settings(args: argparse.Namespace) -> RunSettings:
     flags = {k: v for k, v in vars(args).items() if k != "recipe_values"}
     return RunSettings(
         data=_settings(DataSettings, args, report_dir=args.output_dir),
-        evaluation=_settings(EvaluationSettings, args, batch_size=args.per_device_eval_batch_size),
+        evaluation=_settings(EvaluationSettings, args, batch_size=args.per_device_eval_batch_size,
+                              map_smoothing_sigmas=tuple(args.map_smoothing_sigmas)),
         training=_settings(TrainingSettings, args, lr_step_epochs=tuple(args.lr_step_epochs)),
         card=_settings(CardSettings, args),
         model=model_settings(args),
@@ -311,6 +312,7 @@ def _run_in(settings: RunSettings, accelerator: Any, output_dir: Path) -> dict[s
         results.update(evaluation.results)
         predictions = evaluation.predictions
         processor.localization_threshold, processor.localization_map = evaluation.threshold, evaluation.map_output
+        processor.localization_smoothing = evaluation.smoothing
         # Probabilities leave the model calibrated: the temperature travels in its config; so do the
         # out-of-distribution score's training statistics and its alarm threshold.
         trained_config = accelerator.unwrap_model(parts.model).config
