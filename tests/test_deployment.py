@@ -196,3 +196,30 @@ def test_pipeline_batches_lists_and_keeps_the_good_items(model_dir, phantom_png)
         detector(images[0], treshold=0.3)
     with pytest.raises(ValueError, match="on_error"):
         detector(images[0], on_error="skip")
+
+
+def test_the_pipeline_smooths_with_the_stored_width_and_takes_another(model_dir, phantom_png, tmp_path):
+    """The width training stored for the released map (`localization_smoothing`) is what the pipeline applies
+    and reports; `smoothing=` overrides it, as `threshold=` does the threshold."""
+    import shutil
+
+    from transformers import pipeline
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    config_path = folder / "preprocessor_config.json"
+    config = json.loads(config_path.read_text())
+    released = config["localization_map"]
+    config_path.write_text(json.dumps({**config, "localization_smoothing": {released: 1.0}}))
+    detector = pipeline(model=str(folder), trust_remote_code=True)
+    stored, raw = detector(str(phantom_png)), detector(str(phantom_png), smoothing=0.0)
+    assert stored["smoothing"] == 1.0 and raw["smoothing"] == 0.0
+    processor = CXRImageProcessor.from_pretrained(folder)
+    model = DeiTSCMForImageClassification.from_pretrained(folder, use_safetensors=True).eval()
+    inputs = processor([str(phantom_png)])
+    with torch.no_grad():
+        outputs = model(inputs["pixel_values"])
+    for result, sigma in ((stored, 1.0), (raw, 0.0)):
+        expected = processor.post_process_localization(outputs, geometry=inputs, smoothing=sigma)[0]["heatmap"]
+        assert np.allclose(result["heatmap"], expected, atol=1e-6)
+    assert not np.allclose(stored["heatmap"], raw["heatmap"], atol=1e-3)

@@ -87,12 +87,13 @@ class ChestXrayLocalizationPipeline(Pipeline):
         multi_contour: Optional[bool] = None,
         return_maps: Optional[bool] = None,
         on_error: Optional[str] = None,
+        smoothing: Optional[float] = None,
         **kwargs: Any,
     ) -> tuple[dict, dict, dict]:
         if kwargs:  # a misspelled option would otherwise be ignored without a word
             raise TypeError(
                 f"{type(self).__name__} got unknown option(s) {sorted(kwargs)}; it takes threshold, "
-                "localization_map, multi_contour, return_maps, on_error, batch_size and num_workers"
+                "localization_map, smoothing, multi_contour, return_maps, on_error, batch_size and num_workers"
             )
         pre: dict[str, Any] = {}
         if on_error is not None:
@@ -106,6 +107,8 @@ class ChestXrayLocalizationPipeline(Pipeline):
             post["threshold"] = float(threshold)
         if localization_map is not None:
             post["localization_map"] = localization_map
+        if smoothing is not None:
+            post["smoothing"] = smoothing
         if multi_contour is not None:
             post["multi_contour"] = bool(multi_contour)
         return pre, {}, post
@@ -140,6 +143,7 @@ class ChestXrayLocalizationPipeline(Pipeline):
         localization_map: Optional[str] = None,
         multi_contour: bool = True,
         return_maps: bool = False,
+        smoothing: Optional[float] = None,
     ) -> dict[str, Any]:
         failure = int(model_outputs["failure"].reshape(-1)[0])
         if failure:
@@ -154,6 +158,7 @@ class ChestXrayLocalizationPipeline(Pipeline):
             multi_contour=multi_contour,
             id2label=id2label,
             localization_map=localization_map,
+            smoothing=smoothing,
         )[0]
         probabilities = outputs["probabilities"][0].detach().float().cpu().numpy()
         extra: dict[str, Any] = {}
@@ -177,9 +182,9 @@ class ChestXrayLocalizationPipeline(Pipeline):
             "box_scores": result["box_scores"],
             "localization_map": localization_map or self.processor_.localization_map,
             "threshold": float(self.processor_.localization_threshold if threshold is None else threshold),
-            # the Gaussian width (tokens) the map was smoothed with on its grid, chosen on the validation boxes
+            # the Gaussian width (tokens) the map was smoothed with on its grid: chosen on the validation boxes
             "smoothing": float(self.processor_.localization_smoothing.get(
-                localization_map or self.processor_.localization_map, 0.0)),
+                localization_map or self.processor_.localization_map, 0.0) if smoothing is None else smoothing),
             **extra,
         }
 
