@@ -210,9 +210,12 @@ def load_predictor(model: str) -> tuple[Optional[Predictor], str]:
             f"Could not load a model from `{model}` ({type(error).__name__}: {error}). Train one with "
             "`accelerate launch run_wsol.py` (it writes `outputs/wsol`), or pass `--model PATH_OR_HUB_ID`."
         )
+    processor = predictor.processor
+    sigma = processor.localization_smoothing.get(processor.localization_map, 0.0)
     return (
         predictor,
-        f"Model: `{model}` (threshold {predictor.processor.localization_threshold:.2f} chosen on validation boxes).",
+        f"Model: `{model}` (threshold {processor.localization_threshold:.2f} and map smoothing {sigma:g} tokens "
+        "chosen on validation boxes).",
     )
 
 
