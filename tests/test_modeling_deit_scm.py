@@ -731,6 +731,35 @@ def test_cls_loss_adds_a_weighted_cross_entropy_on_the_cls_token():
         DeiTSCMConfig(cls_loss_weight=-1.0)
 
 
+def test_scm_detach_attention_stops_the_scm_gradient_into_f0_only():
+    """With `scm_detach_attention`, the loss through SCM no longer reaches the last layer's CLS query (whose only
+    other use, the CLS token's output, no loss reads here); the forward pass is unchanged."""
+    torch.manual_seed(0)
+    pixels, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+
+    def cls_query_gradient(detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model = tiny_model(scm_detach_attention=detach)
+        model.train()
+        captured = {}
+        layer = model.deit.encoder.layer[-1].attention.qkv
+        handle = layer.register_forward_hook(lambda _m, _i, output: captured.setdefault("qkv", output))
+        outputs = model(pixels, labels=labels)
+        captured["qkv"].retain_grad()
+        outputs.loss.backward()
+        handle.remove()
+        width = model.config.hidden_size
+        return captured["qkv"].grad[:, 0, :width], outputs.logits.detach()
+
+    attached, logits = cls_query_gradient(False)
+    detached, same_logits = cls_query_gradient(True)
+    assert attached.abs().sum() > 0
+    assert torch.equal(detached, torch.zeros_like(detached))
+    torch.testing.assert_close(logits, same_logits, rtol=0, atol=0)
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="scm_detach_attention"):
+            tiny_config(scm_detach_attention=bad)
+
+
 def test_token_distances_are_grid_distances_with_the_cls_token_at_zero():
     distances = token_distances((2, 3))
     assert distances.shape == (7, 7)

@@ -194,6 +194,11 @@ class DeiTSCMConfig(PretrainedConfig):
             spirit of ConViT (d'Ascoli et al., ICML 2021): a head can still learn to look far (its slope
             decays), but from scratch a patch token starts by mixing its neighbours, so a lesion's evidence
             stays near the lesion instead of reaching every token after the first layer.
+        scm_detach_attention (`bool`, defaults to `False`): SCM diffuses a detached copy of F0, so the loss through
+            the SCM blocks trains S0 but not the attention; `False` (the official code) lets it train both.
+            Why: from scratch on the phantoms, the runs with SCM leave F0 at chance (pointing game 4.5 %,
+            random 5.5 %) while the same model without SCM has an F0 that points at findings (38 %): the
+            gradient SCM sends into F0 is what parks it on distractors (bench/RESULTS.md, issue 31).
         head_kernel_size (`int`, defaults to 3): side of the convolution that turns the final patch tokens
             into the class maps S0 (odd; same padding). 3 is TS-CAM's and the SCM code's head. 1 makes S0 a
             per-token linear classifier, the CAM of Zhou et al. (CVPR 2016): a token's class score then
@@ -241,6 +246,7 @@ class DeiTSCMConfig(PretrainedConfig):
         cls_loss_weight: float = 0.0,
         calibration_temperature: float = 1.0,
         attention_locality: float = 0.0,
+        scm_detach_attention: bool = False,
         head_kernel_size: int = 3,
         class_weights: Optional[Sequence[float]] = None,
         label_smoothing: float = 0.0,
@@ -336,6 +342,8 @@ class DeiTSCMConfig(PretrainedConfig):
             raise ValueError(f"cls_loss_weight must be a finite number >= 0, got {self.cls_loss_weight!r}")
         if not (isinstance(self.attention_locality, (int, float)) and 0.0 <= float(self.attention_locality) < 1e3):
             raise ValueError(f"attention_locality must be a number in [0, 1000), got {self.attention_locality!r}")
+        if not isinstance(self.scm_detach_attention, bool):
+            raise ValueError(f"scm_detach_attention must be true or false, got {self.scm_detach_attention!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):

@@ -579,7 +579,8 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
         attention = minmax_normalize(_wide(cls_attention[:, 1:]), short_backward=gpu_path)
         calibrated = None
         if self.training if run_scm is None else run_scm:
-            final_semantic, calibrated = self.scm(semantic, attention)
+            guide = attention.detach() if self.config.scm_detach_attention else attention
+            final_semantic, calibrated = self.scm(semantic, guide)
             logits = self.pooling(final_semantic)
             calibrated = calibrated.view(-1, height, width)
         else:
