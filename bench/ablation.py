@@ -63,8 +63,8 @@ ARMS: dict[str, list[str]] = {
     "cxr_lse10": ["--scm_variant", "cxr", "--config_overrides", "scm_lse_r=10"],
     # Softer log-sum-exp pooling (r 3): between r 5 and GAP, which collapses S0.
     "cxr_lse3": ["--scm_variant", "cxr", "--config_overrides", "scm_lse_r=3"],
-    # SCM diffusing a detached F0: the loss through SCM trains S0 only. The runs with SCM leave F0 at chance,
-    # the same model without SCM has an F0 that points at findings: is SCM's gradient into F0 the cause?
+    # SCM diffusing a detached F0: the loss through SCM trains S0 only. The runs with SCM leave F0 at chance;
+    # without SCM one seed of three grew an F0 that points at findings: is SCM's gradient into F0 the cause?
     "cxr_detach": ["--scm_variant", "cxr", "--config_overrides", "scm_detach_attention=true"],
     # A finer token grid: 128-pixel inputs at the same 8-pixel patches give 16x16 tokens instead of 12x12;
     # a step costs about twice as much, so 24 epochs instead of 40 keep the default's wall clock.

@@ -197,8 +197,9 @@ class DeiTSCMConfig(PretrainedConfig):
         scm_detach_attention (`bool`, defaults to `False`): SCM diffuses a detached copy of F0, so the loss through
             the SCM blocks trains S0 but not the attention; `False` (the official code) lets it train both.
             Why: from scratch on the phantoms, the runs with SCM leave F0 at chance (pointing game 4.5 %,
-            random 5.5 %) while the same model without SCM has an F0 that points at findings (38 %): the
-            gradient SCM sends into F0 is what parks it on distractors (bench/RESULTS.md, issue 31).
+            random 5.5 %), while without SCM one seed of three grew an F0 that points at findings (38 %); if the
+            gradient SCM sends into F0 parks it on distractors, a detached F0 should behave like the latter
+            (measured in bench/RESULTS.md, issue 31).
         head_kernel_size (`int`, defaults to 3): side of the convolution that turns the final patch tokens
             into the class maps S0 (odd; same padding). 3 is TS-CAM's and the SCM code's head. 1 makes S0 a
             per-token linear classifier, the CAM of Zhou et al. (CVPR 2016): a token's class score then
