@@ -214,8 +214,8 @@ def load_predictor(model: str) -> tuple[Optional[Predictor], str]:
     sigma = processor.localization_smoothing.get(processor.localization_map, 0.0)
     return (
         predictor,
-        f"Model: `{model}` (threshold {processor.localization_threshold:.2f} and map smoothing {sigma:g} tokens "
-        "chosen on validation boxes).",
+        f"Model: `{model}` (threshold {processor.localization_threshold:.2f} and map smoothing σ = {sigma:g} "
+        "(in tokens), both chosen on validation boxes).",
     )
 
 
