@@ -562,6 +562,10 @@ def test_the_scratch_recipe_builds_a_token_centred_conv_stem(tmp_path):
     3x3 head on two layers; the paper recipe keeps the patch projection; --config_overrides still wins."""
     scratch = _new_model(run_wsol.parse_args(["--output_dir", str(tmp_path / "a")]))
     assert (scratch.config.patch_embedding, scratch.config.conv_stem_kernel_size) == ("conv_stem", 4)
+    # log-sum-exp pooling at r = 3 (chosen on validation), not the cxr variant's 5; an override still wins
+    assert (scratch.config.scm_pooling, scratch.config.scm_lse_r) == ("lse", 3.0)
+    five = run_wsol.parse_args(["--config_overrides", "scm_lse_r=5", "--output_dir", str(tmp_path / "d")])
+    assert _new_model(five).config.scm_lse_r == 5
     assert scratch.head.kernel_size == (3, 3) and scratch.config.num_hidden_layers == 2  # TS-CAM's head
     convs = [m for m in scratch.deit.embeddings.patch_embeddings.stem if isinstance(m, torch.nn.Conv2d)]
     assert [m.kernel_size for m in convs] == [(4, 4)] * 3 + [(1, 1)]
