@@ -33,7 +33,7 @@ from deit_scm_cxr.evaluation.reporting import (
     resample_weights,
     softmax,
 )
-from deit_scm_cxr.hub.localization import MAP_LABELS, SMOOTHING_SIGMAS, map_output, scoremap_to_boxes
+from deit_scm_cxr.hub.localization import MAP_LABELS, map_output, scoremap_to_boxes
 from deit_scm_cxr.hub.modeling_deit_scm import select_class_maps
 
 logger = logging.getLogger("run_wsol")
@@ -69,7 +69,7 @@ class EvaluationSettings:
     dataset: str  # the prior-box baseline: the training boxes (phantoms) or validation's (NIH)
     seed: int  # the random-map baseline and the bootstrap
     # the Gaussian widths (tokens) each map may be smoothed with on its grid, chosen per map on validation
-    map_smoothing_sigmas: tuple[float, ...] = SMOOTHING_SIGMAS
+    map_smoothing_sigmas: tuple[float, ...]
 
 
 @torch.no_grad()
