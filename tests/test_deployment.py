@@ -210,10 +210,16 @@ def test_the_pipeline_smooths_with_the_stored_width_and_takes_another(model_dir,
     config_path = folder / "preprocessor_config.json"
     config = json.loads(config_path.read_text())
     released = config["localization_map"]
-    config_path.write_text(json.dumps({**config, "localization_smoothing": {released: 1.0}}))
+    other = next(name for name in ("coupled_maps", "semantic_maps") if name != released)
+    config_path.write_text(json.dumps({**config, "localization_smoothing": {released: 1.0, other: 0.5}}))
     detector = pipeline(model=str(folder), trust_remote_code=True)
     stored, raw = detector(str(phantom_png)), detector(str(phantom_png), smoothing=0.0)
     assert stored["smoothing"] == 1.0 and raw["smoothing"] == 0.0
+    # Another map, and the coupled map under its legacy name: reported as applied (the current name, its width).
+    for asked, applied in ((other, other), ("localization_maps", "coupled_maps")):
+        result = detector(str(phantom_png), localization_map=asked)
+        width = 1.0 if applied == released else 0.5
+        assert (result["localization_map"], result["smoothing"]) == (applied, width)
     processor = CXRImageProcessor.from_pretrained(folder)
     model = DeiTSCMForImageClassification.from_pretrained(folder, use_safetensors=True).eval()
     inputs = processor([str(phantom_png)])

@@ -161,6 +161,7 @@ class Predictor:
             "probabilities": {self.id2label[i]: round(p, 6) for i, p in enumerate(probabilities)},
             "map": key,
             "threshold": threshold,
+            "smoothing": post["smoothing"],  # the Gaussian width (tokens) the map was smoothed with on its grid
             "boxes": post["boxes"].tolist(),
             "box_scores": [round(float(s), 6) for s in post["box_scores"]],
             "box_format": "xyxy, inclusive, original pixels",
@@ -210,11 +211,10 @@ def load_predictor(model: str) -> tuple[Optional[Predictor], str]:
             f"Could not load a model from `{model}` ({type(error).__name__}: {error}). Train one with "
             "`accelerate launch run_wsol.py` (it writes `outputs/wsol`), or pass `--model PATH_OR_HUB_ID`."
         )
-    processor = predictor.processor
-    sigma = processor.localization_smoothing.get(processor.localization_map, 0.0)
+    _, tau, sigma = predictor.processor.localization_settings()
     return (
         predictor,
-        f"Model: `{model}` (threshold {processor.localization_threshold:.2f} and map smoothing σ = {sigma:g} "
+        f"Model: `{model}` (threshold {tau:.2f} and map smoothing σ = {sigma:g} "
         "(in tokens), both chosen on validation boxes).",
     )
 

@@ -588,22 +588,34 @@ class CXRImageProcessor(BaseImageProcessor):
         Returns:
             A list of dicts, one per image: `label` (int), `label_name` (from `id2label`, else the
             index as a string), `score` (softmax probability of `label`), `heatmap` (float32 H x W,
-            0-1), `boxes` (K x 4 inclusive xyxy, int64), `box_scores` (K, mean heatmap inside).
+            0-1), `boxes` (K x 4 inclusive xyxy, int64), `box_scores` (K, mean heatmap inside), and the
+            settings applied (`localization_settings`): `localization_map`, `threshold`, `smoothing`.
         """
-        key = self.localization_map if localization_map is None else localization_map
-        key = LEGACY_MAP_NAMES.get(key, key)
+        key, tau, sigma = self.localization_settings(localization_map, threshold, smoothing)
         selected, probabilities, chosen = self._localization_inputs(outputs, key, labels)
         rows = self._geometry_rows(geometry, target_sizes, selected.shape[0])
-        tau = float(check_thresholds(self.localization_threshold if threshold is None else threshold)[0])
-        sigma = check_smoothing(self.localization_smoothing.get(key, 0.0) if smoothing is None else smoothing)
         results = []
         for i, label in enumerate(chosen.tolist()):
             heatmap = self.heatmap_to_original(smooth_grid_map(selected[i].numpy(), sigma), rows[i])
             boxes, box_scores = self.heatmap_boxes(heatmap, tau, multi_contour)
             name = id2label[label] if id2label else str(label)
             results.append({"label": label, "label_name": name, "score": float(probabilities[i, label]),
-                            "heatmap": heatmap, "boxes": boxes, "box_scores": box_scores})  # fmt: skip
+                            "heatmap": heatmap, "boxes": boxes, "box_scores": box_scores,
+                            "localization_map": key, "threshold": tau, "smoothing": sigma})  # fmt: skip
         return results
+
+    def localization_settings(
+        self, localization_map: Optional[str] = None, threshold: Optional[float] = None,
+        smoothing: Optional[float] = None,
+    ) -> tuple[str, float, float]:  # fmt: skip
+        """(model output, tau, smoothing width in tokens) that `post_process_localization` localizes with, given
+        its overrides (None: this processor's stored choices; a legacy map name is read as its current one).
+        The one place these defaults resolve, so that what a caller reports is what was applied."""
+        key = self.localization_map if localization_map is None else localization_map
+        key = LEGACY_MAP_NAMES.get(key, key)
+        tau = float(check_thresholds(self.localization_threshold if threshold is None else threshold)[0])
+        sigma = check_smoothing(self.localization_smoothing.get(key, 0.0) if smoothing is None else smoothing)
+        return key, tau, sigma
 
     @staticmethod
     def _localization_inputs(

@@ -180,11 +180,10 @@ class ChestXrayLocalizationPipeline(Pipeline):
             "heatmap": np.asarray(result["heatmap"], dtype=np.float32),
             "boxes": result["boxes"],
             "box_scores": result["box_scores"],
-            "localization_map": localization_map or self.processor_.localization_map,
-            "threshold": float(self.processor_.localization_threshold if threshold is None else threshold),
-            # the Gaussian width (tokens) the map was smoothed with on its grid: chosen on the validation boxes
-            "smoothing": float(self.processor_.localization_smoothing.get(
-                localization_map or self.processor_.localization_map, 0.0) if smoothing is None else smoothing),
+            # what the processor applied: the map, tau and the Gaussian width (tokens) on its grid
+            "localization_map": result["localization_map"],
+            "threshold": result["threshold"],
+            "smoothing": result["smoothing"],
             **extra,
         }
 
