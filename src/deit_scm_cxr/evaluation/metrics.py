@@ -607,10 +607,16 @@ class _ValidationCandidate:
     row: dict[str, float]  # the measures at thresholds calibrated there, PxAP and the pointing game
 
 
+def frame_maps(grid_maps: np.ndarray, sigma: float, frame_size: Sequence[int]) -> list[np.ndarray]:
+    """Maps on the model's grid, smoothed (`smooth_grid_map`) and upsampled to the evaluation frame: what every
+    box and pixel measure scores."""
+    return [upsample_scoremap(smooth_grid_map(m, sigma), frame_size) for m in grid_maps]
+
+
 def _validation_candidate(
     grid_maps: np.ndarray, validation: EvaluationSplit, sigma: float, thresholds: Sequence[float]
 ) -> _ValidationCandidate:
-    maps = [upsample_scoremap(smooth_grid_map(m, sigma), validation.frame_size) for m in grid_maps]
+    maps = frame_maps(grid_maps, sigma, validation.frame_size)
     scores = LocalizationScores.from_maps(maps, validation.gt_boxes, validation.correct_class, thresholds=thresholds)
     row = scores.at_thresholds(*calibrate_thresholds(scores))
     row.update(threshold_free_measures(maps, validation.gt_boxes, thresholds))
@@ -667,7 +673,7 @@ def localization_table(
         chosen, choice = choose_smoothing(
             val_sets[name], validation, (0.0,) if name == "random" else smoothing_sigmas, thresholds
         )
-        test_maps = [upsample_scoremap(smooth_grid_map(m, chosen.sigma), test.frame_size) for m in map_sets[name]]
+        test_maps = frame_maps(map_sets[name], chosen.sigma, test.frame_size)
         if upsampled_test_maps is not None:  # the caller reuses them instead of upsampling again
             upsampled_test_maps[name] = test_maps
         test_scores = LocalizationScores.from_maps(test_maps, test.gt_boxes, test.correct_class, thresholds=thresholds)
