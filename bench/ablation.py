@@ -146,7 +146,7 @@ def run_all(jobs: list[tuple[str, str, int]], output_dir: Path, extra: list[str]
             else:
                 flags = merge_flags(ARMS[arm], [*regime_flags(regimes, regime), *extra])
                 command = [sys.executable, str(ROOT / "run_wsol.py"), *flags, "--seed", str(seed),
-                           "--overwrite_output_dir"]  # fmt: skip
+                           "--overwrite_output_dir", "--cpu_threads", str(threads)]  # fmt: skip
             command += ["--output_dir", str(folder), "--cache_dir", str(output_dir / "cache" / folder.name)]
             logger.info("running %s", " ".join(command))
             log = open(folder.with_suffix(".log"), "w")  # noqa: SIM115 - closed when the run ends

@@ -55,7 +55,7 @@ from deit_scm_cxr.evaluation.evaluator import (
 from deit_scm_cxr.evaluation.metrics import classification_metrics, localization_table
 from deit_scm_cxr.evaluation.reporting import resample_weights, softmax
 from deit_scm_cxr.hub.configuration_deit_scm import SCM_VARIANTS
-from deit_scm_cxr.hub.localization import SMOOTHING_SIGMAS
+from deit_scm_cxr.hub.localization import SMOOTHING_SIGMAS, check_smoothing
 from deit_scm_cxr.training.run import settings_for
 
 logger = logging.getLogger("peer_cam")
@@ -136,7 +136,7 @@ def train(model: torch.nn.Module, split: PreparedSplit, normalizer: PixelNormali
 
 
 def evaluate(model: torch.nn.Module, splits: dict[str, PreparedSplit], normalizer: PixelNormalizer, seed: int,
-             batch_size: int, smoothing_sigmas: tuple[float, ...] = SMOOTHING_SIGMAS) -> dict[str, Any]:  # fmt: skip
+             batch_size: int, smoothing_sigmas: tuple[float, ...]) -> dict[str, Any]:  # fmt: skip
     """Classification on validation and test, and localization of both maps with every baseline, thresholds
     and each map's smoothing width from validation: the code, the choices and the frame `run_wsol.py` reports
     with."""
@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--map_smoothing_sigmas", type=float, nargs="+", default=list(SMOOTHING_SIGMAS),
                         help="Gaussian widths (tokens) a map may be smoothed with, chosen on validation (as run_wsol)")
     args = parser.parse_args(argv)
+    for sigma in args.map_smoothing_sigmas:  # refused now, not after the training budget is spent
+        try:
+            check_smoothing(sigma, "--map_smoothing_sigmas")
+        except ValueError as error:
+            parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from accelerate import Accelerator
 

@@ -343,6 +343,9 @@ def test_two_processes_gather_every_eval_sample_once(tmp_path):
         (["--report_to", "bogus"], "unknown tracker(s) bogus"),
         (["--num_workers", "-1"], "num_workers"),
         (["--lr_step_epochs", "-3"], "lr_step_epochs"),
+        (["--map_smoothing_sigmas", "0", "-1"], "--map_smoothing_sigmas must be a finite number >= 0"),
+        (["--map_smoothing_sigmas", "nan"], "--map_smoothing_sigmas must be a finite number >= 0"),
+        (["--cpu_threads", "-1"], "cpu_threads"),
     ],
 )
 def test_bad_flags_exit_with_one_line(flags, fragment, tmp_path):
@@ -809,3 +812,34 @@ def test_model_is_saved_before_plots_and_overlays(tmp_path, monkeypatch, capsys)
     assert failed.value.code == 2 and "No space left on device" in capsys.readouterr().err
     assert (output / "model.safetensors").is_file() and (output / "preprocessor_config.json").is_file()
     assert json.loads((output / "all_results.json").read_text())["classification"]["test"]["num_samples"] > 0
+
+
+def test_cpu_threads_use_the_cores_accelerate_launch_leaves_idle(monkeypatch):
+    """0 (the default): every core the process may use, shared among this machine's processes; a number wins."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert run_wsol.cpu_threads_for(0) == 4
+    assert run_wsol.cpu_threads_for(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert run_wsol.cpu_threads_for(0) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert run_wsol.cpu_threads_for(0) == 1
+
+
+def test_a_cpu_run_trains_on_every_core_after_accelerate_set_one(tmp_path):
+    """`accelerate launch` without a config starts the run with OMP_NUM_THREADS=1; the run takes its cores back
+    (recorded in all_results.json), and `--cpu_threads` chooses another count."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        for flags, expected in (([], cores), (["--cpu_threads", "1"], 1)):
+            torch.set_num_threads(1 if not flags else cores)  # what the launcher left, or its opposite
+            output = tmp_path / f"run{len(flags)}"
+            run_wsol.main([*TINY, "--output_dir", str(output), "--max_train_steps", "1", "--do_eval", "false",
+                           *flags])  # fmt: skip
+            assert torch.get_num_threads() == expected
+            assert json.loads((output / "all_results.json").read_text())["environment"]["torch_threads"] == expected
+    finally:
+        torch.set_num_threads(before)

@@ -276,3 +276,18 @@ def test_peer_smoke_run_writes_what_the_ablation_reads(tmp_path):
         assert low <= row[f"{name}/pointing_game"] <= high
     assert results["localization"]["localization_map"] in ("cam", "gradcam")
     assert results["training"]["epochs"] == 1
+
+
+def test_peer_refuses_a_negative_smoothing_width_before_training(tmp_path, capsys):
+    """A bad width is a usage error at once, not a ValueError after the whole training budget is spent."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import peer_cam
+
+    folder = tmp_path / "peer"
+    with pytest.raises(SystemExit) as exit_info:
+        peer_cam.main(["--output_dir", str(folder), "--map_smoothing_sigmas", "0", "-1"])
+    assert exit_info.value.code == 2
+    assert "--map_smoothing_sigmas must be a finite number >= 0" in capsys.readouterr().err
+    assert not (folder / "peer_weights.pt").exists()

@@ -21,7 +21,7 @@ from transformers import HfArgumentParser
 
 from deit_scm_cxr.errors import RunInputError, refuse
 from deit_scm_cxr.hub.configuration_deit_scm import BACKBONE_PRESETS, DEFAULT_ID2LABEL, SCM_VARIANTS, DeiTSCMConfig
-from deit_scm_cxr.hub.localization import SMOOTHING_SIGMAS
+from deit_scm_cxr.hub.localization import SMOOTHING_SIGMAS, check_smoothing
 from deit_scm_cxr.training.recipes import Recipe, parse_overrides, resolve_recipe
 
 PREDICT_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -170,6 +170,12 @@ class RunArguments:
     seed: int = field(default=42, metadata=_help("phantom series, patient split, initialization, shuffling"))
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata=_help("autocast dtype"))
     cpu: bool = field(default=False, metadata=_help("train on CPU (automatic for multi-process runs without a GPU)"))
+    cpu_threads: int = field(
+        default=0,
+        metadata=_help("torch threads of a run on CPU; 0: the cores this process may use, shared among this "
+                       "machine's processes (OMP_NUM_THREADS is not read: accelerate launch sets it to 1 without "
+                       "a config)"),  # fmt: skip
+    )
     report_to: str = field(default="none", metadata=_help('"none", "all", or tracker names (tensorboard, wandb...)'))
     push_to_hub: bool = field(default=False, metadata=_help("upload the model folder to --hub_model_id"))
     hub_model_id: Optional[str] = field(default=None, metadata=_help("the model's Hub id"))
@@ -189,9 +195,14 @@ class RunArguments:
     )
 
     def __post_init__(self) -> None:
-        _non_negative(self, "checkpoints_total_limit")
-        if not self.map_smoothing_sigmas or not all(math.isfinite(s) and s >= 0 for s in self.map_smoothing_sigmas):
-            refuse(f"--map_smoothing_sigmas must be one or more numbers >= 0, got {self.map_smoothing_sigmas}")
+        _non_negative(self, "checkpoints_total_limit", "cpu_threads")
+        if not self.map_smoothing_sigmas:
+            refuse("--map_smoothing_sigmas needs one or more widths (0 alone: no smoothing)")
+        for sigma in self.map_smoothing_sigmas:  # the processor's rule for a width, checked before training
+            try:
+                check_smoothing(sigma, "--map_smoothing_sigmas")
+            except ValueError as error:
+                refuse(str(error))
         if self.checkpointing_steps == "none":
             self.checkpointing_steps = None
         steps = self.checkpointing_steps

@@ -72,7 +72,7 @@ RESUMABLE_CHANGES = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "num_workers",
     "preprocessing_num_workers", "per_device_eval_batch_size", "do_eval", "do_predict", "predict_files",
     "push_to_hub", "hub_model_id", "hub_space_id", "cache_dir", "data_dir", "checkpointing_steps",
-    "checkpoints_total_limit", "cpu", "torch_compile",
+    "checkpoints_total_limit", "cpu", "cpu_threads", "torch_compile", "map_smoothing_sigmas",
 })  # fmt: skip
 
 

@@ -106,6 +106,7 @@ class RunSettings:
     overwrite_output_dir: bool
     seed: int
     cpu: bool
+    cpu_threads: int  # 0: the cores this process may use (`cpu_threads_for`)
     mixed_precision: str
     report_to: str
     flags: Mapping[str, Any]
@@ -132,7 +133,7 @@ def model_settings(args: argparse.Namespace) -> ModelSettings:
 def resolve_settings(args: argparse.Namespace) -> RunSettings:
     """The parsed (and checked) flags as the settings each part of the run takes."""
     run_flags = ("recipe", "image_size", "do_train", "do_eval", "do_predict", "resume_from_checkpoint",
-                 "overwrite_output_dir", "seed", "cpu", "mixed_precision", "report_to")  # fmt: skip
+                 "overwrite_output_dir", "seed", "cpu", "cpu_threads", "mixed_precision", "report_to")  # fmt: skip
     flags = {k: v for k, v in vars(args).items() if k != "recipe_values"}
     return RunSettings(
         data=_settings(DataSettings, args, report_dir=args.output_dir),
@@ -225,6 +226,19 @@ def make_accelerator(
     )
 
 
+def cpu_threads_for(requested: int) -> int:
+    """The torch threads of a run on CPU: `requested`, or with 0 the cores this process may use, shared among
+    this machine's processes (`LOCAL_WORLD_SIZE`).
+
+    Why not torch's own count: `accelerate launch` without a config (the README's command) sets
+    OMP_NUM_THREADS=1 on a machine without a GPU unless told `--cpu`, so the default job trained on one core
+    of two: 1.4x slower than on both (bench/RESULTS.md, issue 31)."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def start_run(settings: RunSettings) -> tuple[Any, Path]:
     """The Accelerator, logging, the seed and a clean (or resumed) output folder."""
     from accelerate.utils import set_seed
@@ -237,6 +251,9 @@ def start_run(settings: RunSettings) -> tuple[Any, Path]:
         format="%(asctime)s %(levelname)s %(message)s",
     )
     set_seed(settings.seed)
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads_for(settings.cpu_threads))
+        logger.info("training on CPU with %d torch threads", torch.get_num_threads())
     if accelerator.is_main_process:
         fresh = settings.do_train and not settings.resume_from_checkpoint
         output_dir.mkdir(parents=True, exist_ok=True)
