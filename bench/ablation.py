@@ -78,8 +78,14 @@ PEERS: dict[str, list[str]] = {
     # Half width (32-256 channels): at one thread the full width takes 1.85 s a step against 0.79 s, so in the
     # DeiT's ~10 minutes it would see 6-7 epochs instead of ~15; the narrower net is the stronger peer there.
     "resnet_cam": ["--arch", "resnet10t", "--output_stride", "8", "--width", "0.5"],
+    # The GPU regime (deit-tiny at 224 with 16-pixel patches: a 14x14 grid): there a practitioner trains a
+    # full ResNet-18, at output stride 16 for the same grid; compute is no longer what limits its epochs.
+    "resnet18_cam": ["--arch", "resnet18", "--output_stride", "16"],
 }
 PEER_BUDGET_ARM = "cxr"  # a peer's wall-clock budget is this arm's time on the same seed
+# run_wsol.py flags a peer takes under the same name (`bench/peer_cam.py`).
+PEER_SHARED_FLAGS = ("--num_phantoms", "--num_eval_phantoms", "--phantom_size", "--image_size", "--max_eval_samples",
+                     "--preprocessing_num_workers", "--per_device_train_batch_size", "--mixed_precision")  # fmt: skip
 MAPS = (*MAP_LABELS, "random", "full_image", "train_mean_box")
 PEER_MAP_NAMES = {"cam": "CAM (ResNet peer)", "gradcam": "Grad-CAM (ResNet peer)"}
 MAP_NAMES = {
@@ -165,10 +171,11 @@ def run_all(jobs: list[tuple[str, str, int]], output_dir: Path, extra: list[str]
 
 
 def data_flags(extra: list[str]) -> list[str]:
-    """The flags of `extra` that choose the data (a peer must see the same images), with their values."""
+    """The flags of `extra` that choose the data (a peer must see the same images) and how it is fed (batch,
+    autocast), with their values."""
     kept, items = [], iter(extra)
     for flag in items:
-        if flag in ("--num_phantoms", "--image_size"):
+        if flag in PEER_SHARED_FLAGS:
             kept += [flag, next(items)]
     return kept
 

@@ -6,7 +6,7 @@
 # `bash bench/fetch_wheels.sh`, then carry "bench/wheels"). Each step has its own time limit and the
 # script goes on when one fails, so that what did finish comes back.
 #
-# Usage: bash bench/gpu_check.sh [all|bench|train]. Writes to $OUT (or bench/gpu_out), at most 9 files:
+# Usage: bash bench/gpu_check.sh [all|bench|train|arms]. Writes to $OUT (or bench/gpu_out), at most 9 files:
 #   machine.txt        card, driver, torch/timm/transformers versions
 #   bench_model.json   DeiT-S, batch 256, bf16: timm vs ours paper/cxr, eager: train and inference img/s,
 #                      peak memory, interleaved rounds; top kernels of one training step
@@ -18,11 +18,16 @@
 #   wsol_sample.png, wsol_maps.png   one heatmap comparison and one F0/S0/F0*S0 sample of that run
 #   arms.tar.gz        with ARMS="a b": bench/ablation.py's runs of those arms, seeds 0-2 (models, results)
 #   logs.txt           every step's log
+# Mode `arms` (issue 31) runs only bench/ablation.py in the foreground: ARMS over seeds 0-2, ARMS_PARALLEL at a
+# time, with ARMS_EXTRA as every run's flags (e.g. the deit-tiny 224 regime; the peers get its data flags);
+# arms.tar.gz then holds results, logs and the table (ablation.md), pictures.tar.gz the first arm's seed-0 pictures.
+# COMPILED_VARIANTS="" skips the compiled timings, BENCH_TRAIN_LIMIT=0 the data-path benchmark.
 set -uo pipefail
 MODE=${1:-all}  # all | bench | train
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu_out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: the arms' pictures are packed from another folder
 START=$(date +%s)
 LOG="$OUT/logs.txt"
 : >"$LOG"
@@ -54,7 +59,7 @@ export HF_HOME=/tmp/hf_home
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" | tee -a "$LOG"
 
-if [ "$MODE" != train ]; then
+if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   # Eager and compiled in separate processes: a compilation that overruns its limit keeps the eager figures.
   step "bench_model eager (timm vs ours), with the top kernels"
   timeout "${BENCH_EAGER_LIMIT:-90}" $PY bench/bench_model.py --variants timm,paper,cxr --rounds 3 --steps 10 \
@@ -63,8 +68,8 @@ if [ "$MODE" != train ]; then
   timeout 120 $PY bench/bench_model.py --count_ops >"$OUT/count_ops.json" 2>>"$LOG" || echo "count_ops failed" | tee -a "$LOG"
   # Each SCM variant compiled in its own process beside a compiled timm (first_step_seconds = compile
   # time): one variant's long compile cannot take the others' figures with it. Then CUDA graphs.
-  : >"$OUT/bench_model_compiled.json"
-  for variant in paper cxr; do
+  [ -n "${COMPILED_VARIANTS-paper cxr}" ] && : >"$OUT/bench_model_compiled.json"
+  for variant in ${COMPILED_VARIANTS-paper cxr}; do
     for mode in default reduce-overhead; do
       step "bench_model compiled: $variant, mode $mode"
       timeout "${BENCH_COMPILED_LIMIT:-150}" $PY bench/bench_model.py --variants "timm_compiled,${variant}_compiled" \
@@ -72,9 +77,29 @@ if [ "$MODE" != train ]; then
         || echo "bench_model compiled $variant $mode failed or timed out" | tee -a "$LOG"
     done
   done
-  step "bench_train (data path)"
-  timeout "${BENCH_TRAIN_LIMIT:-100}" $PY bench/bench_train.py --images 2048 >"$OUT/bench_train.json" 2>>"$LOG" \
-    || echo "bench_train failed or timed out" | tee -a "$LOG"
+  if [ "${BENCH_TRAIN_LIMIT:-100}" != 0 ]; then
+    step "bench_train (data path)"
+    timeout "${BENCH_TRAIN_LIMIT:-100}" $PY bench/bench_train.py --images 2048 >"$OUT/bench_train.json" 2>>"$LOG" \
+      || echo "bench_train failed or timed out" | tee -a "$LOG"
+  fi
+fi
+if [ "$MODE" = arms ]; then
+  ARMS_DIR=/tmp/arms
+  step "bench/ablation.py: $ARMS, seeds 0-2, ${ARMS_PARALLEL:-3} at a time"
+  timeout $(( ${TOTAL_LIMIT:-570} - ($(date +%s) - START) - 15 )) $PY bench/ablation.py --arms $ARMS --seeds 0 1 2 \
+    --parallel "${ARMS_PARALLEL:-3}" --output_dir "$ARMS_DIR" ${ARMS_EXTRA:+-- $ARMS_EXTRA} >"$ARMS_DIR.json" 2>"$ARMS_DIR.log" \
+    || echo "ablation failed or timed out" | tee -a "$LOG"
+  tail -n 40 "$ARMS_DIR.log" >>"$LOG"
+  cp "$ARMS_DIR.json" "$ARMS_DIR.log" "$ARMS_DIR"/ 2>/dev/null
+  # Results, logs and wall times; no weights, caches or pictures (a returned file holds at most 16 MB).
+  tar czf "$OUT/arms.tar.gz" -C /tmp --exclude='*.png' --exclude='*.jpg' --exclude='*.safetensors' --exclude='*.pt' \
+    --exclude='*.bin' --exclude=cache --exclude=checkpoints arms || echo "tar of the arms failed" | tee -a "$LOG"
+  first=$(echo $ARMS | cut -d' ' -f1)
+  ( cd "$ARMS_DIR" && tar czf "$OUT/pictures.tar.gz" $first-seed0/heatmap_comparisons $first-seed0/localization_samples ) \
+    2>>"$LOG" || echo "no pictures" | tee -a "$LOG"
+  step "done"
+  cat "$ARMS_DIR/ablation.md"
+  exit 0
 fi
 [ "$MODE" = bench ] && { step "done"; tail -n 1 "$OUT"/bench_*.json | cut -c1-2500; exit 0; }
 

@@ -89,38 +89,50 @@ def class_maps(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tenso
     return {"logits": logits.detach(), "cam": cam.detach(), "gradcam": gradcam.detach()}
 
 
-def predict(model: torch.nn.Module, split: PreparedSplit, normalizer: PixelNormalizer, batch_size: int) -> Predictions:
+def autocast(device: torch.device, bf16: bool) -> Any:
+    """bf16 autocast where asked for (as `run_wsol.py --mixed_precision bf16`), else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def predict(model: torch.nn.Module, split: PreparedSplit, normalizer: PixelNormalizer, batch_size: int,
+            bf16: bool = False) -> Predictions:  # fmt: skip
     """The peer's `Predictions` of a split: logits and the true class's maps."""
     model.eval()
+    device = normalizer.scale.device
     collected: dict[str, list[np.ndarray]] = {key: [] for key in ("logits", "labels", "indices", *PEER_MAPS)}
     for pixels, labels, indices in make_loader(split, batch_size, shuffle=False, num_workers=0):
-        inputs = normalizer(pixels).requires_grad_(False)
-        with torch.enable_grad():
-            out = class_maps(model, inputs, labels)
+        inputs = normalizer(pixels.to(device, non_blocking=True)).requires_grad_(False)
+        with torch.enable_grad(), autocast(device, bf16):
+            out = class_maps(model, inputs, labels.to(device))
         for key, value in (("labels", labels), ("indices", indices), *((k, out[k]) for k in ("logits", *PEER_MAPS))):
-            collected[key].append(value.float().numpy() if key not in ("labels", "indices") else value.numpy())
+            collected[key].append(value.float().cpu().numpy() if key not in ("labels", "indices") else value.numpy())
     merged = {key: np.concatenate(value) for key, value in collected.items()}
     return Predictions(merged["logits"], merged["labels"], merged["indices"],
                        {name: merged[name] for name in PEER_MAPS}, float("nan"))  # fmt: skip
 
 
 def train(model: torch.nn.Module, split: PreparedSplit, normalizer: PixelNormalizer, epochs: int, batch_size: int,
-          learning_rate: float, max_seconds: float, seed: int) -> dict[str, Any]:  # fmt: skip
-    """AdamW with a cosine schedule, the phantoms' affine jitter; stops at `epochs` or at `max_seconds`."""
+          learning_rate: float, max_seconds: float, seed: int, bf16: bool = False) -> dict[str, Any]:  # fmt: skip
+    """AdamW with a cosine schedule, the phantoms' affine jitter; stops at `epochs` or at `max_seconds`. Runs on
+    the device the normalizer is on (the model there too)."""
+    device = normalizer.scale.device
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.05)
     steps_per_epoch = math.ceil(len(split) / batch_size)
     total = epochs * steps_per_epoch
     cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-    weights = torch.tensor(CLASS_WEIGHTS)
+    weights = torch.tensor(CLASS_WEIGHTS, device=device)
     torch.manual_seed(seed)
     started, step = time.perf_counter(), 0
     progress = tqdm(total=total, desc="training peer")
     for epoch in range(epochs):
         model.train()
         for pixels, labels, _ in make_loader(split, batch_size, shuffle=True, num_workers=0):
-            pixels = augment_batch(pixels, torch.Generator().manual_seed(seed * 1_000_003 + step))
-            loss = F.cross_entropy(model(normalizer(pixels)), labels, weight=weights, label_smoothing=LABEL_SMOOTHING)
+            pixels = augment_batch(pixels.to(device, non_blocking=True),
+                                   torch.Generator().manual_seed(seed * 1_000_003 + step))  # fmt: skip
+            with autocast(device, bf16):
+                logits = model(normalizer(pixels))
+            loss = F.cross_entropy(logits.float(), labels.to(device), weight=weights, label_smoothing=LABEL_SMOOTHING)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -136,11 +148,11 @@ def train(model: torch.nn.Module, split: PreparedSplit, normalizer: PixelNormali
 
 
 def evaluate(model: torch.nn.Module, splits: dict[str, PreparedSplit], normalizer: PixelNormalizer, seed: int,
-             batch_size: int, smoothing_sigmas: tuple[float, ...]) -> dict[str, Any]:  # fmt: skip
+             batch_size: int, smoothing_sigmas: tuple[float, ...], bf16: bool = False) -> dict[str, Any]:  # fmt: skip
     """Classification on validation and test, and localization of both maps with every baseline, thresholds
     and each map's smoothing width from validation: the code, the choices and the frame `run_wsol.py` reports
     with."""
-    predictions = predict_each_split(splits, lambda split: predict(model, split, normalizer, batch_size))
+    predictions = predict_each_split(splits, lambda split: predict(model, split, normalizer, batch_size, bf16))
     results: dict[str, Any] = {"classification": {}}
     for name in ("validation", "test"):
         scores = classification_metrics(predictions[name].labels, softmax(predictions[name].logits), CLASS_NAMES)
@@ -163,12 +175,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--arch", default="resnet10t", help="a timm ResNet")
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier of the ResNet's four stages")
     parser.add_argument("--output_stride", type=int, default=8, choices=(8, 16, 32))
+    # The data flags carry run_wsol.py's names: bench/ablation.py hands a peer the DeiT arms' own.
     parser.add_argument("--image_size", type=int, default=96)
     parser.add_argument("--num_phantoms", type=int, default=1200)
+    parser.add_argument("--num_eval_phantoms", type=int, help="run_wsol's (default: --num_phantoms)")
+    parser.add_argument("--phantom_size", type=int, help="run_wsol's (default: its own)")
+    parser.add_argument("--max_eval_samples", type=int, help="run_wsol's")
+    parser.add_argument("--preprocessing_num_workers", type=int, help="run_wsol's")
+    parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="no", help="bf16 autocast (a GPU run)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda, ...")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--max_seconds", type=float, default=float("inf"),
                         help="wall-clock budget of the whole run (data, training, evaluation), as the DeiT arm's")
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", "--per_device_train_batch_size", dest="batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--cache_dir")
     parser.add_argument("--evaluate_only", action="store_true",
@@ -190,24 +209,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     processor = build_processor(None, args.image_size)
     flags = ["--num_phantoms", str(args.num_phantoms), "--seed", str(args.seed), "--output_dir", str(output_dir)]
-    data = settings_for(*flags, *(["--cache_dir", args.cache_dir] if args.cache_dir else [])).data
+    for name in ("num_eval_phantoms", "phantom_size", "max_eval_samples", "preprocessing_num_workers", "cache_dir"):
+        if getattr(args, name) is not None:
+            flags += [f"--{name}", str(getattr(args, name))]
+    data = settings_for(*flags).data
     splits = prepare_all(data, processor, Accelerator(cpu=True))
-    normalizer = PixelNormalizer(processor)
-    model = build_peer(args.arch, len(CLASS_NAMES), args.output_stride, args.width)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    bf16 = args.mixed_precision == "bf16"
+    normalizer = PixelNormalizer(processor).to(device)
+    model = build_peer(args.arch, len(CLASS_NAMES), args.output_stride, args.width).to(device)
     weights = output_dir / "peer_weights.pt"
     if args.evaluate_only:  # score a finished peer again (new evaluation code), its training record kept
-        model.load_state_dict(torch.load(weights, map_location="cpu"))
+        model.load_state_dict(torch.load(weights, map_location=device))
         training = json.loads((output_dir / "all_results.json").read_text())["training"]
     else:
         # What is left of the run's budget goes to training, less a tenth kept for the evaluation passes.
         train_budget = 0.9 * args.max_seconds - (time.perf_counter() - started)
         training = train(model, splits["train"], normalizer, args.epochs, args.batch_size, args.learning_rate,
-                         train_budget, args.seed)  # fmt: skip
+                         train_budget, args.seed, bf16)  # fmt: skip
         torch.save(model.state_dict(), weights)
     results = evaluate(model, splits, normalizer, args.seed, batch_size=64,
-                       smoothing_sigmas=tuple(args.map_smoothing_sigmas))
+                       smoothing_sigmas=tuple(args.map_smoothing_sigmas), bf16=bf16)
     results["training"] = training
     results["args"] = vars(args)
+    results["environment"] = {"device": str(device), "torch_threads": torch.get_num_threads()}
     (output_dir / "all_results.json").write_text(json.dumps(results, indent=2, default=float))
     if not args.evaluate_only:  # the wall time stays the training run's
         (output_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}")
