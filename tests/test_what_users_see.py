@@ -291,3 +291,26 @@ def test_peer_refuses_a_negative_smoothing_width_before_training(tmp_path, capsy
     assert exit_info.value.code == 2
     assert "--map_smoothing_sigmas must be a finite number >= 0" in capsys.readouterr().err
     assert not (folder / "peer_weights.pt").exists()
+
+
+def test_a_peer_is_handed_the_deit_arms_data_and_batch(tmp_path):
+    """In another regime (the GPU's 224/16 on more phantoms) the peer must see the DeiT arms' images and batch:
+    the ablation hands it those flags, and it honours them."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import ablation
+    import peer_cam
+
+    extra = ["--preset", "deit-tiny", "--num_phantoms", "48", "--num_eval_phantoms", "80", "--phantom_size", "128",
+             "--num_train_epochs", "30", "--per_device_train_batch_size", "16", "--image_size", "64"]  # fmt: skip
+    shared = ablation.data_flags(extra)
+    assert shared == ["--num_phantoms", "48", "--num_eval_phantoms", "80", "--phantom_size", "128",
+                      "--per_device_train_batch_size", "16", "--image_size", "64"]  # fmt: skip
+    folder = tmp_path / "resnet_cam-seed0"
+    peer_cam.main([*shared, "--output_dir", str(folder), "--seed", "0", "--epochs", "1", "--width", "0.25",
+                   "--device", "cpu", "--cache_dir", str(tmp_path / "cache")])  # fmt: skip
+    results = ablation.load_run(folder)
+    assert results["classification"]["test"]["num_samples"] == 20  # a quarter of the 80 evaluation phantoms
+    assert results["training"]["steps"] == 3  # 48 training phantoms in batches of 16
+    assert results["environment"]["device"] == "cpu"
