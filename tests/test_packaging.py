@@ -53,7 +53,7 @@ def test_help_shows_the_value_a_run_will_use():
         return " ".join(done.stdout.split())
 
     default = help_of()
-    assert "--num_train_epochs NUM_TRAIN_EPOCHS, --num-train-epochs NUM_TRAIN_EPOCHS epochs (default: 40)" in default
+    assert "--num_train_epochs NUM_TRAIN_EPOCHS, --num-train-epochs NUM_TRAIN_EPOCHS epochs (default: 50)" in default
     assert "(default: 42)" in default and "(default: 96)" in default  # the seed and the image size a run uses
     official = help_of("--recipe", "official")
     assert "epochs (default: 30)" in official and "(default: 5e-05)" in official and "(default: step)" in official
