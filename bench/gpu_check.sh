@@ -23,7 +23,7 @@
 # arms.tar.gz then holds results, logs and the table (ablation.md), pictures.tar.gz the first arm's seed-0 pictures.
 # COMPILED_VARIANTS="" skips the compiled timings, BENCH_TRAIN_LIMIT=0 the data-path benchmark.
 set -uo pipefail
-MODE=${1:-all}  # all | bench | train
+MODE=${1:-all}  # all | bench | train | arms
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu_out}
 mkdir -p "$OUT"

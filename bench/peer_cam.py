@@ -63,6 +63,14 @@ PEER_MAPS = {"cam": "CAM (ResNet)", "gradcam": "Grad-CAM (ResNet)"}
 # The `cxr` variant's loss, so that the peer learns the same imbalanced task the DeiT arms do.
 CLASS_WEIGHTS = SCM_VARIANTS["cxr"]["class_weights"]
 LABEL_SMOOTHING = SCM_VARIANTS["cxr"]["label_smoothing"]
+# run_wsol.py's data flags a peer passes on as they are (unset: run_wsol's own default), so that it sees the DeiT
+# arms' images; `bench/ablation.py` hands them over under these names.
+FORWARDED_DATA_FLAGS = {
+    "num_eval_phantoms": "sizes validation and test (default: --num_phantoms)",
+    "phantom_size": "phantom side in pixels",
+    "max_eval_samples": "keep the first N of each evaluation split",
+    "preprocessing_num_workers": "processes for the one-time preprocessing map",
+}
 
 
 def build_peer(arch: str, num_labels: int, output_stride: int, width: float) -> torch.nn.Module:
@@ -178,10 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The data flags carry run_wsol.py's names: bench/ablation.py hands a peer the DeiT arms' own.
     parser.add_argument("--image_size", type=int, default=96)
     parser.add_argument("--num_phantoms", type=int, default=1200)
-    parser.add_argument("--num_eval_phantoms", type=int, help="run_wsol's (default: --num_phantoms)")
-    parser.add_argument("--phantom_size", type=int, help="run_wsol's (default: its own)")
-    parser.add_argument("--max_eval_samples", type=int, help="run_wsol's")
-    parser.add_argument("--preprocessing_num_workers", type=int, help="run_wsol's")
+    for name, text in FORWARDED_DATA_FLAGS.items():
+        parser.add_argument(f"--{name}", type=int, help=f"run_wsol's: {text}")
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="no", help="bf16 autocast (a GPU run)")
     parser.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda, ...")
     parser.add_argument("--epochs", type=int, default=40)
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     processor = build_processor(None, args.image_size)
     flags = ["--num_phantoms", str(args.num_phantoms), "--seed", str(args.seed), "--output_dir", str(output_dir)]
-    for name in ("num_eval_phantoms", "phantom_size", "max_eval_samples", "preprocessing_num_workers", "cache_dir"):
+    for name in (*FORWARDED_DATA_FLAGS, "cache_dir"):
         if getattr(args, name) is not None:
             flags += [f"--{name}", str(getattr(args, name))]
     data = settings_for(*flags).data
