@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from deit_scm_cxr.evaluation.metrics import pointing_hits
+from deit_scm_cxr.evaluation.evaluator import epoch_localization
+from deit_scm_cxr.evaluation.metrics import EvaluationSplit, pointing_hits
 from deit_scm_cxr.evaluation.reporting import fit_ood_statistics, mahalanobis_scores
 from deit_scm_cxr.hub.configuration_deit_scm import DeiTSCMConfig
 from deit_scm_cxr.hub.localization import (
@@ -148,6 +149,29 @@ def test_pointing_game_on_hand_made_maps():
     constant = np.ones((40, 40))
     assert pointing_hits([constant, constant], [np.array([[18, 18, 22, 22]]), np.array([[0, 0, 10, 10]])]).tolist() == [
         True, False]  # fmt: skip
+
+
+def test_each_epoch_scores_the_map_that_points_best():
+    """The per-epoch localization (issue 31): every map's pointing game, and the boxes of the map that points
+    best, the coupled map on ties; not always the coupled map, which the scratch recipe does not release."""
+    box = np.array([[0, 0, 19, 19]], dtype=np.float64)  # the top-left quarter of a 40 x 40 frame
+    block = np.zeros((4, 4))
+    block[:2, :2] = 1.0  # heat exactly on the box: its boxes match it
+    plateau = np.full((4, 4), 0.8)
+    plateau[1, 1], plateau[3, 3] = 1.0, 0.7  # peaks in the box, but no threshold gives a box with IoU >= 0.5
+    far = np.zeros((4, 4))
+    far[3, 3] = 1.0  # peaks in the opposite corner
+    maps = {"coupled": np.stack([far, far]), "semantic": np.stack([block, block]), "attention": np.stack([block, far])}
+    split = EvaluationSplit(maps, [box, box], (40, 40), np.ones(2, dtype=bool))
+    scores = epoch_localization(split)
+    assert (scores["pointing_game_coupled"], scores["pointing_game_semantic"], scores["pointing_game_attention"]) == (
+        0.0, 100.0, 50.0)  # fmt: skip
+    assert scores["pointing_game"] == 100.0 and scores["max_box_acc"] == 100.0  # S0's boxes, not F0*S0's
+    # A tie between S0 and F0*S0 goes to F0*S0: its pointing game, and its boxes (none right here).
+    split.maps["coupled"] = np.stack([plateau, plateau])
+    scores = epoch_localization(split)
+    assert scores["pointing_game_coupled"] == scores["pointing_game_semantic"] == 100.0
+    assert scores["pointing_game"] == 100.0 and scores["max_box_acc"] == 0.0
 
 
 # ----------------------------------------------------------------------------- out-of-distribution score

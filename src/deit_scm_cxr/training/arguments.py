@@ -131,8 +131,10 @@ class OptimizationArguments:
     )
     scm_warmup_epochs: Optional[int] = field(default=None, metadata=_help("those epochs as a number (overrides)"))
     early_stopping_patience: int = field(default=0, metadata=_help("epochs without improvement; 0 = off"))
-    metric_for_best_model: Literal["macro_f1", "accuracy", "loss", "max_box_acc"] = field(
-        default="macro_f1", metadata=_help("the validation metric that picks the saved epoch")
+    metric_for_best_model: Literal["macro_f1", "accuracy", "loss", "max_box_acc", "pointing_game"] = field(
+        default="macro_f1",
+        metadata=_help("the validation metric that picks the saved epoch (max_box_acc, pointing_game: of the map "
+                       "that points best that epoch, unsmoothed)"),  # fmt: skip
     )
 
     def __post_init__(self) -> None:
