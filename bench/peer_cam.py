@@ -56,6 +56,7 @@ from deit_scm_cxr.evaluation.metrics import classification_metrics, localization
 from deit_scm_cxr.evaluation.reporting import resample_weights, softmax
 from deit_scm_cxr.hub.configuration_deit_scm import SCM_VARIANTS
 from deit_scm_cxr.hub.localization import SMOOTHING_SIGMAS, check_smoothing
+from deit_scm_cxr.training.arguments import ModelArguments
 from deit_scm_cxr.training.run import settings_for
 
 logger = logging.getLogger("peer_cam")
@@ -63,9 +64,11 @@ PEER_MAPS = {"cam": "CAM (ResNet)", "gradcam": "Grad-CAM (ResNet)"}
 # The `cxr` variant's loss, so that the peer learns the same imbalanced task the DeiT arms do.
 CLASS_WEIGHTS = SCM_VARIANTS["cxr"]["class_weights"]
 LABEL_SMOOTHING = SCM_VARIANTS["cxr"]["label_smoothing"]
+IMAGE_SIZE = int(ModelArguments.image_size)  # run_wsol's default input side (a dataclass field's default)
 # run_wsol.py's data flags a peer passes on as they are (unset: run_wsol's own default), so that it sees the DeiT
 # arms' images; `bench/ablation.py` hands them over under these names.
 FORWARDED_DATA_FLAGS = {
+    "num_phantoms": "phantom training images",
     "num_eval_phantoms": "sizes validation and test (default: --num_phantoms)",
     "phantom_size": "phantom side in pixels",
     "max_eval_samples": "keep the first N of each evaluation split",
@@ -184,8 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier of the ResNet's four stages")
     parser.add_argument("--output_stride", type=int, default=8, choices=(8, 16, 32))
     # The data flags carry run_wsol.py's names: bench/ablation.py hands a peer the DeiT arms' own.
-    parser.add_argument("--image_size", type=int, default=96)
-    parser.add_argument("--num_phantoms", type=int, default=1200)
+    parser.add_argument("--image_size", type=int, default=IMAGE_SIZE, help="input side (run_wsol's default)")
     for name, text in FORWARDED_DATA_FLAGS.items():
         parser.add_argument(f"--{name}", type=int, help=f"run_wsol's: {text}")
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="no", help="bf16 autocast (a GPU run)")
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     processor = build_processor(None, args.image_size)
-    flags = ["--num_phantoms", str(args.num_phantoms), "--seed", str(args.seed), "--output_dir", str(output_dir)]
+    flags = ["--seed", str(args.seed), "--output_dir", str(output_dir)]
     for name in (*FORWARDED_DATA_FLAGS, "cache_dir"):
         if getattr(args, name) is not None:
             flags += [f"--{name}", str(getattr(args, name))]
