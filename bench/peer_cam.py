@@ -52,7 +52,7 @@ from deit_scm_cxr.evaluation.evaluator import (
     mean_prior_box,
     predict_each_split,
 )
-from deit_scm_cxr.evaluation.metrics import classification_metrics, localization_table
+from deit_scm_cxr.evaluation.metrics import classification_metrics, localization_table, pointing_game_per_finding
 from deit_scm_cxr.evaluation.reporting import resample_weights, softmax
 from deit_scm_cxr.hub.configuration_deit_scm import SCM_VARIANTS
 from deit_scm_cxr.hub.localization import SMOOTHING_SIGMAS, check_smoothing
@@ -171,11 +171,16 @@ def evaluate(model: torch.nn.Module, splits: dict[str, PreparedSplit], normalize
     val_boxed = evaluation_split(splits["loc_validation"], predictions["loc_validation"])
     test_boxed = evaluation_split(splits["loc_test"], predictions["loc_test"])
     weights = resample_weights(boxed_patients(splits["loc_test"], predictions["loc_test"]), seed=seed)
+    frames: dict[str, list[np.ndarray]] = {}
     table = localization_table(val_boxed, test_boxed, mean_prior_box(splits["train"]), seed=seed,
                                thresholds=FINE_THRESHOLDS, resample_weights=weights,
-                               smoothing_sigmas=smoothing_sigmas)  # fmt: skip
+                               smoothing_sigmas=smoothing_sigmas, upsampled_test_maps=frames)  # fmt: skip
     chosen = max(PEER_MAPS, key=lambda name: map_choice_score(table[name]["validation"]))  # the DeiT's rule
-    results["localization"] = {"methods": table, "localization_map": chosen, "map_names": PEER_MAPS}
+    results["localization"] = {
+        "methods": table, "localization_map": chosen, "map_names": PEER_MAPS,
+        "pointing_game_per_finding": pointing_game_per_finding(frames[chosen], test_boxed.gt_boxes,
+                                                               test_boxed.gt_findings),
+    }  # fmt: skip
     return results
 
 

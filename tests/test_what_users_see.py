@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from deit_scm_cxr.evaluation.evaluator import epoch_localization
-from deit_scm_cxr.evaluation.metrics import EvaluationSplit, pointing_hits
+from deit_scm_cxr.evaluation.metrics import EvaluationSplit, pointing_game_per_finding, pointing_hits
 from deit_scm_cxr.evaluation.reporting import fit_ood_statistics, mahalanobis_scores
 from deit_scm_cxr.hub.configuration_deit_scm import DeiTSCMConfig
 from deit_scm_cxr.hub.localization import (
     GROUND_TRUTH_BOX_COLOR,
     PREDICTED_BOX_COLOR,
+    LocalizationInputError,
     boxes_with_scores,
     overlay_heatmap,
     scoremap_to_boxes,
@@ -149,6 +150,25 @@ def test_pointing_game_on_hand_made_maps():
     constant = np.ones((40, 40))
     assert pointing_hits([constant, constant], [np.array([[18, 18, 22, 22]]), np.array([[0, 0, 10, 10]])]).tolist() == [
         True, False]  # fmt: skip
+
+
+def test_pointing_game_per_finding_counts_a_hit_only_in_that_findings_box():
+    def peak_at(x: int, y: int) -> np.ndarray:
+        scoremap = np.zeros((40, 40))
+        scoremap[y, x] = 1.0
+        return scoremap
+
+    boxes = [np.array([[0, 0, 9, 9], [20, 20, 39, 39]]), np.array([[0, 0, 9, 9]]), np.array([[10, 0, 30, 5]])]
+    findings = [["Nodule", "Mass"], ["Nodule"], ["Atelectasis"]]
+    # Image 0 points into its Mass box, not its Nodule box: a hit for Mass only.
+    per_finding = pointing_game_per_finding([peak_at(30, 30), peak_at(5, 5), peak_at(20, 20)], boxes, findings)
+    assert per_finding == {
+        "Atelectasis": {"images": 1, "pointing_game": 0.0},
+        "Mass": {"images": 1, "pointing_game": 100.0},
+        "Nodule": {"images": 2, "pointing_game": 50.0},
+    }
+    with pytest.raises(LocalizationInputError, match="image 0: 2 boxes, 1 findings"):
+        pointing_game_per_finding([peak_at(0, 0)], boxes[:1], [["Nodule"]])
 
 
 def test_each_epoch_scores_the_map_that_points_best():

@@ -23,6 +23,7 @@ from deit_scm_cxr.evaluation.metrics import (
     cxr_protocol,
     localization_table,
     map_choice_score,
+    pointing_game_per_finding,
     pointing_hits,
 )
 from deit_scm_cxr.evaluation.reporting import (
@@ -287,6 +288,9 @@ def localization_results(
         "maps and boxes in the 224x224 frame of wsolevaluation",
         "methods": table,
         "cxr_protocol_at_calibrated_threshold": cxr_protocol(predicted, test_boxed.gt_boxes, test_boxed.gt_findings),
+        "pointing_game_per_finding": pointing_game_per_finding(
+            frame_maps[chosen], test_boxed.gt_boxes, test_boxed.gt_findings
+        ),
     }
     return localization, chosen, float(threshold)
 

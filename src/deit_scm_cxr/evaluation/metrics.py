@@ -381,12 +381,46 @@ def pointing_hits(maps: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray]) ->
     """
     hits = np.zeros(len(maps), dtype=bool)
     for index, (scoremap, boxes) in enumerate(zip(maps, gt_boxes)):
-        scoremap = np.asarray(scoremap)
-        rows, columns = np.nonzero(scoremap == scoremap.max())
-        y, x = int(np.rint(rows.mean())), int(np.rint(columns.mean()))
-        boxes = _as_boxes(boxes)
-        hits[index] = bool(((boxes[:, 0] <= x) & (x <= boxes[:, 2]) & (boxes[:, 1] <= y) & (y <= boxes[:, 3])).any())
+        hits[index] = bool(_boxes_holding(_map_peak(scoremap), _as_boxes(boxes)).any())
     return hits
+
+
+def _map_peak(scoremap: np.ndarray) -> tuple[int, int]:
+    """The point a map points at (x, y): its maximum, the rounded centre of mass of the pixels tied there."""
+    scoremap = np.asarray(scoremap)
+    rows, columns = np.nonzero(scoremap == scoremap.max())
+    return int(np.rint(columns.mean())), int(np.rint(rows.mean()))
+
+
+def _boxes_holding(point: tuple[int, int], boxes: np.ndarray) -> np.ndarray:
+    """Which of the (K, 4) inclusive xyxy boxes hold the point: (K,) bool."""
+    x, y = point
+    return (boxes[:, 0] <= x) & (x <= boxes[:, 2]) & (boxes[:, 1] <= y) & (y <= boxes[:, 3])
+
+
+def pointing_game_per_finding(
+    maps: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray], gt_findings: Sequence[Sequence[str]]
+) -> dict[str, dict[str, float]]:
+    """The pointing game (`pointing_hits`) of each finding: among the images with that finding, the share
+    (%) whose map peaks inside one of that finding's boxes. It tells which findings a map misses: a compact
+    nodule, or atelectasis whose indirect signs (a raised hemidiaphragm) lie outside its box.
+    Returns {finding: {"images": n, "pointing_game": %}}."""
+    if not len(maps) == len(gt_boxes) == len(gt_findings):
+        raise LocalizationInputError(
+            f"{len(maps)} maps, {len(gt_boxes)} box lists and {len(gt_findings)} finding lists"
+        )
+    hits: dict[str, list[bool]] = {}
+    for index, (scoremap, boxes, names) in enumerate(zip(maps, gt_boxes, gt_findings)):
+        boxes = _as_boxes(boxes)
+        if len(boxes) != len(names):
+            raise LocalizationInputError(f"image {index}: {len(boxes)} boxes, {len(names)} findings")
+        inside = _boxes_holding(_map_peak(scoremap), boxes)
+        for finding in sorted(set(names)):
+            hits.setdefault(finding, []).append(bool(inside[[n == finding for n in names]].any()))
+    return {
+        finding: {"images": len(found), "pointing_game": 100.0 * float(np.mean(found))}
+        for finding, found in sorted(hits.items())
+    }
 
 
 def localization_intervals(
