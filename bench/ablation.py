@@ -81,6 +81,9 @@ ARMS: dict[str, list[str]] = {
     # 60 epochs: the 40 -> 50 step raised the validation pointing game on every seed; does the next 10 (about
     # 1.5 minutes more on two cores, still inside the 10-minute budget) raise it again?
     "cxr_e60": ["--scm_variant", "cxr", "--num_train_epochs", "60"],
+    # The SCM phase also trains the pooled S0, the logits and map inference uses (`semantic_loss_weight`): does
+    # it keep the classifier through the switch (seed 2: validation macro F1 0.92 -> 0.53) and S0 on the finding?
+    "cxr_s0loss": ["--scm_variant", "cxr", "--config_overrides", "semantic_loss_weight=1.0"],
 }
 # Peers: what a practitioner would train instead, on the same seeds' data and budget (`bench/peer_cam.py`).
 PEERS: dict[str, list[str]] = {

@@ -187,6 +187,11 @@ class DeiTSCMConfig(PretrainedConfig):
             already looks at objects. From scratch nothing asks the CLS query to look anywhere in
             particular (only the SCM diffusion reads F0), so F0 settles on a fixed spot; a CLS loss makes
             the CLS token gather the evidence of the class, i.e. attend to the finding.
+        semantic_loss_weight (`float`, defaults to 0.0): weight of an auxiliary cross-entropy on the pooled
+            S0 (the logits inference uses) added to the loss while the SCM blocks run; 0 (the paper) trains
+            only the pooled calibrated maps then. Why: inference skips the blocks and classifies and
+            localizes with S0, which the SCM phase otherwise trains only through the diffusion; from
+            scratch the switch to that objective knocked one seed's validation macro F1 from 0.92 to 0.53.
         attention_locality (`float`, defaults to 0.0): a learnable penalty on attention logits that grows with
             the distance between two patches on the grid, -m_h * d(i, j) (the CLS token is at distance 0 from
             every patch), per head h with slopes starting at attention_locality * 4^-h; 0 (DeiT, the paper)
@@ -245,6 +250,7 @@ class DeiTSCMConfig(PretrainedConfig):
         scm_lse_learnable: bool = False,
         scm_coupling: Optional[str] = None,
         cls_loss_weight: float = 0.0,
+        semantic_loss_weight: float = 0.0,
         calibration_temperature: float = 1.0,
         attention_locality: float = 0.0,
         scm_detach_attention: bool = False,
@@ -341,6 +347,9 @@ class DeiTSCMConfig(PretrainedConfig):
             raise ValueError(f"calibration_temperature must be a finite number > 0, got {temperature!r}")
         if not (isinstance(self.cls_loss_weight, (int, float)) and 0.0 <= float(self.cls_loss_weight) < float("inf")):
             raise ValueError(f"cls_loss_weight must be a finite number >= 0, got {self.cls_loss_weight!r}")
+        weight = self.semantic_loss_weight
+        if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and 0.0 <= float(weight) < float("inf")):
+            raise ValueError(f"semantic_loss_weight must be a finite number >= 0, got {weight!r}")
         if not (isinstance(self.attention_locality, (int, float)) and 0.0 <= float(self.attention_locality) < 1e3):
             raise ValueError(f"attention_locality must be a number in [0, 1000), got {self.attention_locality!r}")
         if not isinstance(self.scm_detach_attention, bool):

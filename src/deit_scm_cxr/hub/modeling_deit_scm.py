@@ -526,6 +526,8 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
       average, or log-sum-exp: `config.scm_pooling`).
     * `config.cls_loss_weight > 0`: a linear classifier on the CLS token adds its weighted
       cross-entropy to the loss (it trains F0 from scratch); logits stay the pooled maps.
+    * `config.semantic_loss_weight > 0`: while the blocks run, the cross-entropy of the pooled S0 (the
+      inference logits) is added at that weight; logits stay SCM's.
     * Inference: blocks skipped; logits = pooled S0, with the same pooling; localization map of class c
       is F0 * S0[c].
     """
@@ -578,11 +580,14 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
         gpu_path = resolve_solver(self.config.scm_solver, pixel_values.device) == "dense"
         attention = minmax_normalize(_wide(cls_attention[:, 1:]), short_backward=gpu_path)
         calibrated = None
+        semantic_logits = None  # the pooled S0 beside SCM's logits, for `config.semantic_loss_weight`
         if self.training if run_scm is None else run_scm:
             guide = attention.detach() if self.config.scm_detach_attention else attention
             final_semantic, calibrated = self.scm(semantic, guide)
             logits = self.pooling(final_semantic)
             calibrated = calibrated.view(-1, height, width)
+            if float(self.config.semantic_loss_weight) > 0 and self.config.scm_num_blocks > 0:
+                semantic_logits = self.pooling(semantic)
         else:
             logits = self.pooling(semantic)
         attention = attention.view(-1, 1, height, width)
@@ -591,7 +596,7 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
             output_pooled_features = self.config.ood_threshold is not None
         pooled = hidden[:, 1:].mean(dim=1) if output_pooled_features else None
         output = DeiTSCMImageClassifierOutput(
-            loss=self.total_loss(logits, cls_logits, labels) if labels is not None else None,
+            loss=self.total_loss(logits, cls_logits, labels, semantic_logits) if labels is not None else None,
             logits=logits,
             coupled_maps=couple(attention, semantic, self.config.scm_coupling),
             attention_maps=attention[:, 0],
@@ -624,13 +629,19 @@ class DeiTSCMForImageClassification(DeiTSCMPreTrainedModel):
         return distances.amin(dim=-1).to(features.dtype)
 
     def total_loss(
-        self, logits: torch.Tensor, cls_logits: Optional[torch.Tensor], labels: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        cls_logits: Optional[torch.Tensor],
+        labels: torch.Tensor,
+        semantic_logits: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The loss of the pooled class maps, plus the CLS token's at `config.cls_loss_weight` when it has a
-        classifier."""
+        classifier, plus the pooled S0's at `config.semantic_loss_weight` when the SCM blocks ran."""
         loss = self.compute_loss(logits, labels)
         if cls_logits is not None:
             loss = loss + float(self.config.cls_loss_weight) * self.compute_loss(cls_logits, labels)
+        if semantic_logits is not None:
+            loss = loss + float(self.config.semantic_loss_weight) * self.compute_loss(semantic_logits, labels)
         return loss
 
     def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
