@@ -731,6 +731,30 @@ def test_cls_loss_adds_a_weighted_cross_entropy_on_the_cls_token():
         DeiTSCMConfig(cls_loss_weight=-1.0)
 
 
+def test_semantic_loss_adds_the_pooled_s0_cross_entropy_while_scm_runs():
+    torch.manual_seed(0)
+    pixels, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+    plain = DeiTSCMForImageClassification(DeiTSCMConfig.from_preset("deit-micro", "cxr", image_size=32)).eval()
+    config = DeiTSCMConfig.from_preset("deit-micro", "cxr", image_size=32, semantic_loss_weight=0.5)
+    model = DeiTSCMForImageClassification(config).eval()
+    model.load_state_dict(plain.state_dict())
+    weights, smoothing = torch.tensor(config.class_weights), config.label_smoothing
+    with_scm = model(pixels, labels=labels, run_scm=True)
+    s0_logits = plain(pixels).logits  # inference: the pooled S0, no blocks
+    expected = F.cross_entropy(with_scm.logits, labels, weight=weights, label_smoothing=smoothing)
+    expected = expected + 0.5 * F.cross_entropy(s0_logits, labels, weight=weights, label_smoothing=smoothing)
+    torch.testing.assert_close(with_scm.loss, expected)
+    # SCM's logits are unchanged: the extra term only trains.
+    torch.testing.assert_close(with_scm.logits, plain(pixels, run_scm=True).logits)
+    # Without the blocks (the warm-up, inference) the loss is the plain one: S0's logits are the logits then.
+    without = model(pixels, labels=labels, run_scm=False)
+    plain_loss = F.cross_entropy(s0_logits, labels, weight=weights, label_smoothing=smoothing)
+    torch.testing.assert_close(without.loss, plain_loss)
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="semantic_loss_weight"):
+            DeiTSCMConfig(semantic_loss_weight=bad)
+
+
 def test_scm_detach_attention_stops_the_scm_gradient_into_f0_only():
     """With `scm_detach_attention`, the loss through SCM no longer reaches the last layer's CLS query (whose only
     other use, the CLS token's output, no loss reads here); the forward pass is unchanged."""
