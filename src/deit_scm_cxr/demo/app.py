@@ -336,9 +336,11 @@ def build_demo(model: str = DEFAULT_MODEL, examples_dir: Optional[Path] = None) 
         selector = gr.Dropdown(label="Image", choices=[], elem_id="selector")
         with gr.Row():
             label = gr.Label(num_top_classes=3, label="Class probabilities", elem_id="label")
+            # No label badge: it would sit over the picture's own header (its first line: map and threshold).
             overlay = gr.Image(
-                label="Heatmap and boxes (original pixels)", type="numpy", format="jpeg", elem_id="overlay"
-            )
+                label="Heatmap and boxes (original pixels)", show_label=False, type="numpy", format="jpeg",
+                elem_id="overlay",
+            )  # fmt: skip
         summary = gr.Markdown(elem_id="summary")
         download = gr.File(label="Result (JSON)", elem_id="download")
         errors = gr.Markdown(elem_id="errors")
