@@ -410,10 +410,7 @@ def pointing_game_per_finding(
             f"{len(maps)} maps, {len(gt_boxes)} box lists and {len(gt_findings)} finding lists"
         )
     hits: dict[str, list[bool]] = {}
-    for index, (scoremap, boxes, names) in enumerate(zip(maps, gt_boxes, gt_findings)):
-        boxes = _as_boxes(boxes)
-        if len(boxes) != len(names):
-            raise LocalizationInputError(f"image {index}: {len(boxes)} boxes, {len(names)} findings")
+    for scoremap, boxes, names in zip(maps, _boxes_of_findings(gt_boxes, gt_findings), gt_findings):
         inside = _boxes_holding(_map_peak(scoremap), boxes)
         for finding in sorted(set(names)):
             hits.setdefault(finding, []).append(bool(inside[[n == finding for n in names]].any()))
@@ -468,10 +465,7 @@ def cxr_protocol(
         raise LocalizationInputError(
             f"{len(predicted_boxes)} predicted, {len(gt_boxes)} ground-truth and {len(gt_findings)} finding lists"
         )
-    for index, (truth, names) in enumerate(zip(gt_boxes, gt_findings)):
-        count = len(check_boxes(truth, index, allow_empty=True))
-        if count != len(names):
-            raise LocalizationInputError(f"image {index}: {count} boxes, {len(names)} findings")
+    _boxes_of_findings(gt_boxes, gt_findings)
     for index, predicted in enumerate(predicted_boxes):
         check_boxes(predicted, index, allow_empty=True)
     for level in (*iobb_thresholds, *iou_thresholds):
@@ -486,6 +480,17 @@ def cxr_protocol(
         }
         for finding in findings
     }
+
+
+def _boxes_of_findings(gt_boxes: Sequence[np.ndarray], gt_findings: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    """Each image's checked (K, 4) boxes, one per finding name, else `LocalizationInputError` naming the image."""
+    checked = []
+    for index, (truth, names) in enumerate(zip(gt_boxes, gt_findings)):
+        boxes = check_boxes(truth, index, allow_empty=True)
+        if len(boxes) != len(names):
+            raise LocalizationInputError(f"image {index}: {len(boxes)} boxes, {len(names)} findings")
+        checked.append(boxes)
+    return checked
 
 
 def _finding_at_level(
