@@ -84,6 +84,9 @@ ARMS: dict[str, list[str]] = {
     # The SCM phase also trains the pooled S0, the logits and map inference uses (`semantic_loss_weight`): does
     # it keep the classifier through the switch (seed 2: validation macro F1 0.92 -> 0.53) and S0 on the finding?
     "cxr_s0loss": ["--scm_variant", "cxr", "--config_overrides", "semantic_loss_weight=1.0"],
+    # Softer still (r 2): r 10 -> 5 -> 3 improved S0's boxes, pixels and pointing each time, and GAP (r -> 0)
+    # collapses S0; where between 3 and GAP does the trend turn?
+    "cxr_lse2": ["--scm_variant", "cxr", "--config_overrides", "scm_lse_r=2"],
 }
 # Peers: what a practitioner would train instead, on the same seeds' data and budget (`bench/peer_cam.py`).
 PEERS: dict[str, list[str]] = {
